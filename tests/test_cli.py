@@ -1,0 +1,57 @@
+"""The `dist-bot` command as users run it: the installed console script and `python -m dist_bot`."""
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from dist_bot.models import MODEL_NAMES
+
+REPO = Path(__file__).resolve().parents[1]
+DIST_BOT = Path(sys.executable).parent / "dist-bot"  # the console script pip installed beside python
+
+
+def run(*args: str, entry: tuple[str, ...] = (str(DIST_BOT),)) -> subprocess.CompletedProcess:
+    return subprocess.run([*entry, *args], capture_output=True, text=True, cwd=REPO, timeout=120)
+
+
+def test_models_table_lists_every_variant_with_measured_size_and_cost():
+    if not DIST_BOT.exists():
+        pytest.fail(f"console script {DIST_BOT} is missing: run `bash scripts/setup.sh` (pip install -e .)")
+    out = run("models")
+    assert out.returncode == 0, out.stderr
+    rows = {line.split()[0]: line.split() for line in out.stdout.splitlines()[2:]}
+    assert list(rows) == list(MODEL_NAMES)
+    assert rows["resnet50d"][1] == "25,576,264" and rows["resnet50a"][1] == "25,557,032"
+    assert float(rows["resnet50d"][3]) == pytest.approx(4.33, abs=0.01)
+    assert float(rows["resnet50a"][3]) == pytest.approx(3.86, abs=0.01)
+
+
+def test_python_dash_m_config_prints_the_resolved_yaml():
+    out = run(
+        "config",
+        "configs/resnet50d_bs1024.yaml",
+        "schedule.epochs=90",
+        entry=(sys.executable, "-m", "dist_bot"),
+    )
+    assert out.returncode == 0, out.stderr
+    assert (
+        "  epochs: 90\n" in out.stdout
+        and "  name: resnet50d\n" in out.stdout
+        and "precision: fp16\n" in out.stdout
+    )
+
+
+def test_config_errors_are_one_clear_line_and_exit_status_2():
+    out = run(
+        "config", "configs/resnet50d_bs1024.yaml", "optim.lr=0.4", entry=(sys.executable, "-m", "dist_bot")
+    )
+    assert out.returncode == 2
+    assert "Traceback" not in out.stderr
+    assert "unknown config key 'optim.lr'" in out.stderr and "base_lr_per_256" in out.stderr
+
+
+def test_unknown_command_is_rejected():
+    out = run("trian", entry=(sys.executable, "-m", "dist_bot"))
+    assert out.returncode == 2 and "invalid choice: 'trian'" in out.stderr

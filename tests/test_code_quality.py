@@ -1,0 +1,73 @@
+"""Lint, formatting and the house layering rule: dist_bot's imports only point down."""
+
+import ast
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+PACKAGE = REPO / "dist_bot"
+
+# Lowest first. A module may import from its own layer or any layer below it, never above.
+LAYERS: list[set[str]] = [
+    {"config"},
+    {"models", "data", "recipe"},
+    {"distributed"},
+    {"checkpoint", "tracking", "engine"},
+    {"bench", "report"},
+    {"cli", "__main__"},
+]
+
+
+def layer_of(module: str) -> int:
+    top = module.split(".")[0]
+    for i, layer in enumerate(LAYERS):
+        if top in layer:
+            return i
+    raise AssertionError(f"dist_bot.{module} has no layer: add it to LAYERS in {Path(__file__).name}")
+
+
+def dist_bot_imports(path: Path) -> set[str]:
+    """The dist_bot submodules a file imports (absolute or relative)."""
+    rel = path.relative_to(PACKAGE).with_suffix("")
+    package_parts = rel.parts[:-1]  # models/profile.py and models/__init__.py both live in "models"
+    found = set()
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.ImportFrom):
+            if node.level:
+                base = list(package_parts[: len(package_parts) - (node.level - 1)])
+                target = ".".join(base + ([node.module] if node.module else []))
+                found |= {target} if target else {a.name for a in node.names}
+            elif node.module and node.module.startswith("dist_bot."):
+                found.add(node.module.removeprefix("dist_bot."))
+            elif node.module == "dist_bot":
+                found |= {a.name for a in node.names if a.name != "__version__"}
+        elif isinstance(node, ast.Import):
+            found |= {a.name.removeprefix("dist_bot.") for a in node.names if a.name.startswith("dist_bot.")}
+    return found
+
+
+@pytest.mark.parametrize("path", sorted(PACKAGE.rglob("*.py")), ids=lambda p: str(p.relative_to(REPO)))
+def test_imports_point_down(path):
+    rel = path.relative_to(PACKAGE).with_suffix("")
+    if rel.parts == ("__init__",):
+        return  # the package root holds only the version
+    me = layer_of(".".join(rel.parts))
+    upward = [m for m in dist_bot_imports(path) if layer_of(m) > me]
+    assert not upward, f"{rel} (layer {me}) imports from a higher layer: {upward}"
+
+
+def test_ruff_check():
+    out = subprocess.run(
+        [sys.executable, "-m", "ruff", "check", "."], cwd=REPO, capture_output=True, text=True
+    )
+    assert out.returncode == 0, out.stdout + out.stderr
+
+
+def test_ruff_format():
+    out = subprocess.run(
+        [sys.executable, "-m", "ruff", "format", "--check", "."], cwd=REPO, capture_output=True, text=True
+    )
+    assert out.returncode == 0, "run `ruff format .`:\n" + out.stdout + out.stderr

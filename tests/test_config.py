@@ -1,0 +1,204 @@
+"""The typed config: defaults, recipes with bases, dotted overrides, clear errors, lossless YAML."""
+
+import ast
+import inspect
+from pathlib import Path
+
+import pytest
+import yaml
+
+from dist_bot import config as config_module
+from dist_bot.config import Config, ConfigError, all_keys, from_dict, load_config, to_yaml
+
+REPO = Path(__file__).resolve().parents[1]
+RECIPES = sorted((REPO / "configs").glob("**/*.yaml"))
+
+
+def write(path: Path, text: str) -> Path:
+    path.write_text(text)
+    return path
+
+
+def test_defaults_are_the_papers_tricks():
+    cfg = Config()
+    assert cfg.model.zero_gamma and cfg.optim.no_bias_decay and cfg.optim.nesterov
+    assert (cfg.optim.base_lr_per_256, cfg.optim.ref_batch, cfg.optim.momentum) == (0.1, 256, 0.9)
+    assert cfg.optim.weight_decay == 1e-4
+    assert (cfg.schedule.warmup_epochs, cfg.schedule.decay) == (5.0, "cosine")
+    assert (cfg.loss.label_smoothing, cfg.loss.smoothing_form) == (0.1, "paper")
+    assert cfg.loss.distill.temperature == 20.0
+    assert cfg.strategy == "ddp"
+
+
+def test_recipe_and_overrides_resolve_in_order(tmp_path):
+    write(
+        tmp_path / "base.yaml", "model: {name: resnet50d}\nschedule: {epochs: 90}\ndata: {batch_size: 64}\n"
+    )
+    child = write(tmp_path / "child.yaml", "base: base.yaml\nschedule: {epochs: 200}\nprecision: fp16\n")
+    cfg = load_config(child, ["data.batch_size=128", "optim.base_lr_per_256=0.2", "loss.mixup_alpha=0.2"])
+    assert cfg.model.name == "resnet50d"  # from the base
+    assert cfg.schedule.epochs == 200  # child beats base
+    assert cfg.data.batch_size == 128  # override beats both
+    assert cfg.optim.base_lr_per_256 == 0.2 and isinstance(cfg.optim.base_lr_per_256, float)
+    assert cfg.precision == "fp16"
+    assert cfg.schedule.warmup_epochs == 5.0  # untouched: the default
+    assert cfg.run.name == "child"  # a run is named after its recipe unless told otherwise
+
+
+def test_base_chain_cycle_is_reported(tmp_path):
+    write(tmp_path / "a.yaml", "base: b.yaml\n")
+    write(tmp_path / "b.yaml", "base: a.yaml\n")
+    with pytest.raises(ConfigError, match=r"cycle: a.yaml -> b.yaml -> a.yaml"):
+        load_config(tmp_path / "a.yaml")
+
+
+def test_override_values_are_typed_by_the_schema():
+    cfg = load_config(
+        None,
+        [
+            "optim.weight_decay=5e-5",  # YAML 1.1 reads this as a string; the schema says float
+            "run.name=007",  # a string field stays verbatim
+            "model.num_classes=10",
+            "data.val_batch_size=null",
+            "data.mean=[0.5,0.5,0.5]",
+            "wandb.tags=[ablation,cosine]",
+            "optim.grad_clip_norm=1",  # int accepted for an optional float
+        ],
+    )
+    assert cfg.optim.weight_decay == 5e-5
+    assert cfg.run.name == "007"
+    assert cfg.model.num_classes == 10
+    assert cfg.data.val_batch_size is None
+    assert cfg.data.mean == (0.5, 0.5, 0.5)
+    assert cfg.wandb.tags == ("ablation", "cosine")
+    assert cfg.optim.grad_clip_norm == 1.0 and isinstance(cfg.optim.grad_clip_norm, float)
+
+
+@pytest.mark.parametrize(
+    ("override", "message"),
+    [
+        ("optim.lr=0.4", r"unknown config key 'optim.lr'\. .*Valid keys at 'optim': name, base_lr_per_256"),
+        ("precison=fp16", r"unknown config key 'precison'\. Did you mean precision\?"),
+        ("optim.epochs=90", r"unknown config key 'optim.epochs'\. Did you mean schedule.epochs"),
+        ("modle.name=resnet50d", r"Did you mean model.name"),
+        ("schedule.epochs=ninety", r"'schedule.epochs' expects an integer, got 'ninety'"),
+        ("schedule.epochs=90.5", r"'schedule.epochs' expects an integer, got 90.5"),
+        ("model.zero_gamma=1", r"'model.zero_gamma' expects true or false, got 1"),
+        ("optim.momentum=fast", r"'optim.momentum' expects a number, got 'fast'"),
+        (
+            "precision=fp61",
+            r"'precision' must be one of 'fp32', 'fp16', 'bf16', got 'fp61'\. Did you mean 'fp16'\?",
+        ),
+        ("strategy=zero", r"'strategy' must be one of 'ddp', 'fsdp', 'deepspeed'"),
+        ("data.mean=0.5", r"'data.mean' expects a list of a number"),
+        ("optim=sgd", r"'optim' is a section, not a value"),
+        ("schedule.epochs", r"not key=value"),
+        ("data.batch_size=0", r"data.batch_size=0 is out of range: it must lie in \[1, inf\)"),
+        ("loss.label_smoothing=1.0", r"loss.label_smoothing=1.0 is out of range"),
+        ("schedule.warmup_epochs=500", r"warmup_epochs=500.0 exceeds schedule.epochs=120"),
+    ],
+)
+def test_bad_overrides_fail_with_a_message_that_names_the_fix(override, message):
+    with pytest.raises(ConfigError, match=message):
+        load_config(None, [override])
+
+
+def test_misspelt_key_in_a_recipe_is_an_error(tmp_path):
+    recipe = write(tmp_path / "r.yaml", "schedule:\n  epoch: 90\n")
+    with pytest.raises(
+        ConfigError, match=r"unknown config key 'schedule.epoch'\. Did you mean schedule.epochs"
+    ):
+        load_config(recipe)
+
+
+@pytest.mark.parametrize(
+    ("text", "message"),
+    [
+        ("- a\n- b\n", "must be a mapping"),
+        ("model: [1, 2]\n", "section 'model' must be a mapping"),
+        ("model: {name: [unclosed\n", "not valid YAML"),
+        ("base: 3\n", "'base' must be a path"),
+        ("base: missing.yaml\n", r"missing.yaml does not exist"),
+    ],
+)
+def test_malformed_recipes_are_reported(tmp_path, text, message):
+    with pytest.raises(ConfigError, match=message):
+        load_config(write(tmp_path / "r.yaml", text))
+
+
+def test_recipes_are_data_not_code(tmp_path):
+    recipe = write(tmp_path / "r.yaml", "run: {name: !!python/object/apply:os.system [echo pwned]}\n")
+    with pytest.raises(ConfigError, match="not valid YAML"):
+        load_config(recipe)
+
+
+def test_yaml_round_trip_is_lossless():
+    cfg = load_config(
+        None,
+        [
+            "model.num_classes=10",
+            "optim.base_lr_per_256=0.30000000000000004",  # needs every digit
+            "optim.weight_decay=5e-5",
+            "data.path=/data/imagenet",
+            "data.mean=[0.1,0.2,0.3]",
+            "schedule.step_milestones=[2,4]",
+            "wandb.tags=[a,b]",
+            "run.name=007",
+            "precision=bf16",
+        ],
+    )
+    text = to_yaml(cfg)
+    again = from_dict(yaml.safe_load(text))
+    assert again == cfg
+    assert to_yaml(again) == text
+
+
+def test_resolved_config_round_trips_through_a_recipe_file(tmp_path):
+    cfg = load_config(REPO / "configs" / "resnet50d_bs1024.yaml", ["schedule.epochs=10", "data.path=/data"])
+    path = write(tmp_path / "config.yaml", to_yaml(cfg))
+    assert load_config(path) == cfg
+
+
+@pytest.mark.parametrize("recipe", RECIPES, ids=[p.name for p in RECIPES])
+def test_every_shipped_recipe_loads(recipe):
+    cfg = load_config(recipe)
+    assert cfg.run.name == recipe.stem
+
+
+def test_paper_recipes_hold_the_papers_numbers():
+    eff = load_config(REPO / "configs" / "resnet50d_bs1024.yaml")
+    assert eff.model.name == "resnet50d" and eff.precision == "fp16"
+    assert eff.data.batch_size * 8 == 1024 and eff.optim.base_lr_per_256 * 1024 / 256 == pytest.approx(0.4)
+    assert (eff.schedule.epochs, eff.schedule.warmup_epochs, eff.schedule.decay) == (200, 5.0, "cosine")
+    assert (eff.loss.label_smoothing, eff.loss.mixup_alpha) == (0.1, 0.2)
+    base = load_config(REPO / "configs" / "resnet50_baseline_bs256.yaml")
+    assert base.model.name == "resnet50a" and not base.model.zero_gamma and not base.optim.no_bias_decay
+    assert (base.schedule.decay, base.schedule.step_milestones, base.schedule.warmup_epochs) == (
+        "step",
+        (30, 60, 90),
+        0,
+    )
+    assert base.loss.label_smoothing == 0 and base.loss.mixup_alpha == 0 and base.precision == "fp32"
+
+
+def test_every_default_has_a_one_line_comment():
+    """The schema is the documentation: each field's line in config.py ends with a `# ...` comment."""
+    source = inspect.getsource(config_module)
+    lines = source.splitlines()
+    dataclass_nodes = [
+        n
+        for n in ast.parse(source).body
+        if isinstance(n, ast.ClassDef)
+        and any(getattr(d, "id", None) == "dataclass" for d in n.decorator_list)
+    ]
+    assert len(dataclass_nodes) >= 10
+    undocumented = [
+        f"{node.name}.{stmt.target.id}"
+        for node in dataclass_nodes
+        for stmt in node.body
+        if isinstance(stmt, ast.AnnAssign)
+        and "default_factory" not in lines[stmt.lineno - 1]  # a section: its own fields carry the comments
+        and "# " not in lines[stmt.lineno - 1]
+    ]
+    assert not undocumented, f"config fields without a comment: {undocumented}"
+    assert len(all_keys()) > 60
