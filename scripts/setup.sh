@@ -25,7 +25,12 @@ fi
 start=$SECONDS
 echo "setup: installing into $VENV (first time: a few minutes; torch alone is several GB)" >&2
 [[ -x "$VENV/bin/python" ]] || "$PYTHON" -m venv "$VENV"
-pip=("$VENV/bin/python" -m pip install --quiet --disable-pip-version-check -c requirements.lock)
+pip=(pip_install -c requirements.lock)
+pip_install() {
+    # This machine's pip config lists local wheel mirrors that lack most projects: drop pip's noise about them.
+    "$VENV/bin/python" -m pip install --quiet --disable-pip-version-check "$@" \
+        2> >(grep -v "is ignored: it is neither a file nor a directory" >&2)
+}
 "${pip[@]}" pip setuptools wheel
 # DeepSpeed's source build imports torch, so torch goes in first and DeepSpeed builds against it
 # without build isolation (an isolated build would download a second, unpinned torch).
