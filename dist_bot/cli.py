@@ -1,7 +1,10 @@
 """The `dist-bot` command.
 
+    dist-bot train CONFIG [key=value ...]       train (one process, or every process under torchrun / srun)
+    dist-bot eval CONFIG checkpoint=PATH [key=value ...]   top-1/top-5 of a checkpoint on data.path's val/
     dist-bot models [--image-size 224]          every model: parameters and multiply-adds
     dist-bot config CONFIG [key=value ...]      the resolved config of a recipe plus overrides, as YAML
+    dist-bot data digits OUT_DIR                write the bundled handwritten digits as an ImageFolder
 
 Bad input (an unknown key, a wrongly typed value, an unknown model) ends with one line on stderr that
 names the problem and the fix, and exit status 2, like argparse's own usage errors.
@@ -10,10 +13,12 @@ names the problem and the fix, and exit status 2, like argparse's own usage erro
 from __future__ import annotations
 
 import argparse
+import json
+import logging
 import sys
 
 from dist_bot import __version__
-from dist_bot.config import ConfigError, load_config, to_yaml
+from dist_bot.config import ConfigError, UserError, load_config, to_yaml
 
 
 def cmd_models(args: argparse.Namespace) -> int:
@@ -29,10 +34,95 @@ def cmd_config(args: argparse.Namespace) -> int:
     return 0
 
 
+def _setup_logging(rank: int) -> None:
+    logging.basicConfig(
+        level=logging.INFO if rank == 0 else logging.WARNING,
+        format=f"%(asctime)s [rank {rank}] %(levelname)s %(name)s: %(message)s",
+        datefmt="%H:%M:%S",
+    )
+
+
+def cmd_train(args: argparse.Namespace) -> int:
+    from dist_bot.distributed.env import init_distributed, shutdown
+    from dist_bot.engine import REQUEUE_EXIT_CODE, Preempted, Trainer
+
+    cfg = load_config(args.config, args.overrides)
+    env = init_distributed(cfg.dist.backend, cfg.dist.timeout_min)
+    _setup_logging(env.rank)
+    try:
+        Trainer(cfg, env).fit()
+    except Preempted:
+        if env.is_main:
+            print(f"checkpointed; exiting with status {REQUEUE_EXIT_CODE} so the launcher requeues", flush=True)
+        return REQUEUE_EXIT_CODE
+    finally:
+        shutdown()
+    return 0
+
+
+def cmd_eval(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    import torch
+
+    from dist_bot.checkpoint import load_checkpoint
+    from dist_bot.data import make_loaders
+    from dist_bot.distributed.env import init_distributed, shutdown
+    from dist_bot.engine import evaluate
+    from dist_bot.models import build_model
+
+    ckpt = [o for o in args.overrides if o.startswith("checkpoint=")]
+    if len(ckpt) != 1:
+        raise ConfigError("dist-bot eval needs exactly one checkpoint=PATH argument")
+    cfg = load_config(args.config, [o for o in args.overrides if o not in ckpt])
+    env = init_distributed(cfg.dist.backend, cfg.dist.timeout_min)
+    _setup_logging(env.rank)
+    try:
+        state = load_checkpoint(Path(ckpt[0].partition("=")[2]))
+        _, val = make_loaders(cfg, env)
+        if state["num_classes"] != val.num_classes:
+            raise ConfigError(f"the checkpoint predicts {state['num_classes']} classes, the data has {val.num_classes}")
+        model = build_model(state["model_name"], state["num_classes"]).to(env.device)
+        model.load_state_dict(state["strategy"]["model"])
+        if cfg.model.channels_last:
+            model = model.to(memory_format=torch.channels_last)
+        result = evaluate(model, val, env, cfg.precision)
+        if env.is_main:
+            print(json.dumps({"split": "val", "checkpoint": ckpt[0].partition("=")[2], **result}), flush=True)
+    finally:
+        shutdown()
+    return 0
+
+
+def cmd_data(args: argparse.Namespace) -> int:
+    from dist_bot.datasets import write_digits
+
+    counts = write_digits(args.out_dir, size=args.size)
+    print(json.dumps({"dataset": "digits", "path": args.out_dir, **counts}))
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="dist-bot", description=__doc__.split("\n")[0])
     parser.add_argument("--version", action="version", version=f"dist-bot {__version__}")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    p = sub.add_parser("train", help="train a recipe (under torchrun/srun: every process runs this)")
+    p.add_argument("config", help="recipe YAML, e.g. configs/demo.yaml")
+    p.add_argument("overrides", nargs="*", metavar="key=value", help="dotted overrides, e.g. data.path=/data")
+    p.set_defaults(func=cmd_train)
+
+    p = sub.add_parser("eval", help="evaluate a checkpoint on the validation set")
+    p.add_argument("config", help="recipe YAML giving the data and precision")
+    p.add_argument("overrides", nargs="*", metavar="key=value", help="checkpoint=PATH, then dotted overrides")
+    p.set_defaults(func=cmd_eval)
+
+    p = sub.add_parser("data", help="make demo datasets")
+    dsub = p.add_subparsers(dest="data_command", required=True, metavar="DATASET")
+    d = dsub.add_parser("digits", help="scikit-learn's handwritten digits as JPEG class folders (train/ and val/)")
+    d.add_argument("out_dir", help="new folder to write")
+    d.add_argument("--size", type=int, default=32, help="image size in pixels (default 32)")
+    d.set_defaults(func=cmd_data)
 
     p = sub.add_parser("models", help="list every model with its parameters and multiply-adds")
     p.add_argument("--image-size", type=int, default=224, help="input resolution in pixels (default 224)")
@@ -41,9 +131,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("config", help="print the resolved config of a recipe and overrides as YAML")
     p.add_argument("config", help="recipe YAML, e.g. configs/resnet50d_bs1024.yaml")
-    p.add_argument(
-        "overrides", nargs="*", metavar="key=value", help="dotted overrides, e.g. schedule.epochs=90"
-    )
+    p.add_argument("overrides", nargs="*", metavar="key=value", help="dotted overrides, e.g. schedule.epochs=90")
     p.set_defaults(func=cmd_config)
     return parser
 
@@ -52,6 +140,6 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         return args.func(args)
-    except ConfigError as e:
+    except UserError as e:
         print(f"dist-bot {args.command}: error: {e}", file=sys.stderr)
         return 2

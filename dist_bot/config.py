@@ -33,7 +33,12 @@ Strategy = Literal["ddp", "fsdp", "deepspeed"]
 WandbMode = Literal["auto", "online", "offline", "disabled"]
 
 
-class ConfigError(ValueError):
+class UserError(Exception):
+    """Bad input or a run that cannot go on: the message names the problem and the fix. The CLI prints it as
+    one line without a traceback; every such error in dist_bot derives from this class."""
+
+
+class ConfigError(UserError, ValueError):
     """A recipe or override that does not fit the schema; the message says which key and how to fix it."""
 
 
@@ -54,10 +59,12 @@ class DataConfig:
     image_size: int = 224  # training crop in pixels (validation center crop too)
     val_resize_ratio: float = 0.875  # validation resizes the shorter side to image_size / this, then crops
     batch_size: int = 32  # images per process per step (global batch = this x world size x accumulation)
+    global_batch_size: int | None = None  # if set, batch_size = this / (processes x accumulation), exactly
     val_batch_size: int | None = None  # images per process per validation step; None: same as batch_size
     workers: int = 4  # decoding workers (processes or threads) per process
     min_crop_area: float = 0.08  # RandomResizedCrop keeps 8-100 % of the image area (paper 2.1)
-    color_jitter: float = 0.4  # brightness, saturation and hue scaled in [1 - x, 1 + x]; 0 turns it off
+    hflip: bool = True  # random horizontal flip in training
+    color_jitter: float = 0.4  # brightness, contrast, saturation scaled in [1 - x, 1 + x] (GluonCV); 0: off
     pca_lighting: float = 0.1  # std of the AlexNet-style PCA lighting noise; 0 turns it off
     mean: tuple[float, ...] = (0.485, 0.456, 0.406)  # per-channel normalisation mean, RGB in [0, 1]
     std: tuple[float, ...] = (0.229, 0.224, 0.225)  # per-channel normalisation std, RGB in [0, 1]
@@ -66,7 +73,7 @@ class DataConfig:
 
 @dataclass
 class OptimConfig:
-    name: Literal["sgd", "lars"] = "sgd"  # sgd: the paper's Nesterov SGD; lars: for batches far above 1024
+    name: Literal["sgd"] = "sgd"  # the paper's SGD (Nesterov momentum below); LARS is not implemented yet
     base_lr_per_256: float = 0.1  # linear scaling: lr = base_lr_per_256 x global_batch / ref_batch (3.1)
     ref_batch: int = 256  # the batch size at which the learning rate equals base_lr_per_256
     momentum: float = 0.9  # SGD momentum
@@ -130,6 +137,7 @@ class RunConfig:
     checkpoint_every_epochs: int = 1  # checkpoint frequency in epochs (also on preemption signals)
     eval_every_epochs: int = 1  # validation frequency in epochs (always after the last epoch)
     log_every_steps: int = 50  # training metrics line frequency in optimizer steps
+    stop_after_steps: int | None = None  # checkpoint and exit for requeue (status 75) after this many steps
 
 
 @dataclass
@@ -169,6 +177,7 @@ _RANGES: dict[str, str] = {
     "data.val_resize_ratio": "(0, 1]",
     "data.batch_size": "[1, inf)",
     "data.val_batch_size": "[1, inf)",
+    "data.global_batch_size": "[1, inf)",
     "data.workers": "[0, inf)",
     "data.min_crop_area": "(0, 1]",
     "data.color_jitter": "[0, 1]",
@@ -198,6 +207,7 @@ _RANGES: dict[str, str] = {
     "run.checkpoint_every_epochs": "[1, inf)",
     "run.eval_every_epochs": "[1, inf)",
     "run.log_every_steps": "[1, inf)",
+    "run.stop_after_steps": "[1, inf)",
 }
 
 
@@ -219,9 +229,7 @@ def check_ranges(cfg: Config) -> None:
             f"{cfg.schedule.epochs}: shorten the warmup or train longer"
         )
     if len(cfg.data.mean) != 3 or len(cfg.data.std) != 3:
-        raise ConfigError(
-            "data.mean and data.std need one value per RGB channel, e.g. data.std=[0.229,0.224,0.225]"
-        )
+        raise ConfigError("data.mean and data.std need one value per RGB channel, e.g. data.std=[0.229,0.224,0.225]")
 
 
 # --------------------------------------------------------------------------------------------------
@@ -295,9 +303,7 @@ def _coerce(value: Any, t: Any, key: str) -> Any:
             return value
         close = difflib.get_close_matches(str(value), [str(c) for c in choices], n=1)
         hint = f" Did you mean {close[0]!r}?" if close else ""
-        raise ConfigError(
-            f"config key '{key}' must be one of {', '.join(map(repr, choices))}, got {value!r}.{hint}"
-        )
+        raise ConfigError(f"config key '{key}' must be one of {', '.join(map(repr, choices))}, got {value!r}.{hint}")
     if origin is tuple:
         if not isinstance(value, list | tuple):
             raise bad
@@ -418,9 +424,7 @@ def _leaf_type(key: str) -> Any:
             raise _unknown_key(key, cls if dataclasses.is_dataclass(cls) else Config, prefix)
         cls = _hints(cls)[part]
     if dataclasses.is_dataclass(cls):
-        raise ConfigError(
-            f"'{key}' is a section, not a value: set one of its keys, e.g. {all_keys(cls, key + '.')[0]}"
-        )
+        raise ConfigError(f"'{key}' is a section, not a value: set one of its keys, e.g. {all_keys(cls, key + '.')[0]}")
     return cls
 
 

@@ -36,17 +36,11 @@ def test_python_dash_m_config_prints_the_resolved_yaml():
         entry=(sys.executable, "-m", "dist_bot"),
     )
     assert out.returncode == 0, out.stderr
-    assert (
-        "  epochs: 90\n" in out.stdout
-        and "  name: resnet50d\n" in out.stdout
-        and "precision: fp16\n" in out.stdout
-    )
+    assert "  epochs: 90\n" in out.stdout and "  name: resnet50d\n" in out.stdout and "precision: fp16\n" in out.stdout
 
 
 def test_config_errors_are_one_clear_line_and_exit_status_2():
-    out = run(
-        "config", "configs/resnet50d_bs1024.yaml", "optim.lr=0.4", entry=(sys.executable, "-m", "dist_bot")
-    )
+    out = run("config", "configs/resnet50d_bs1024.yaml", "optim.lr=0.4", entry=(sys.executable, "-m", "dist_bot"))
     assert out.returncode == 2
     assert "Traceback" not in out.stderr
     assert "unknown config key 'optim.lr'" in out.stderr and "base_lr_per_256" in out.stderr

@@ -31,9 +31,7 @@ def test_defaults_are_the_papers_tricks():
 
 
 def test_recipe_and_overrides_resolve_in_order(tmp_path):
-    write(
-        tmp_path / "base.yaml", "model: {name: resnet50d}\nschedule: {epochs: 90}\ndata: {batch_size: 64}\n"
-    )
+    write(tmp_path / "base.yaml", "model: {name: resnet50d}\nschedule: {epochs: 90}\ndata: {batch_size: 64}\n")
     child = write(tmp_path / "child.yaml", "base: base.yaml\nschedule: {epochs: 200}\nprecision: fp16\n")
     cfg = load_config(child, ["data.batch_size=128", "optim.base_lr_per_256=0.2", "loss.mixup_alpha=0.2"])
     assert cfg.model.name == "resnet50d"  # from the base
@@ -105,9 +103,7 @@ def test_bad_overrides_fail_with_a_message_that_names_the_fix(override, message)
 
 def test_misspelt_key_in_a_recipe_is_an_error(tmp_path):
     recipe = write(tmp_path / "r.yaml", "schedule:\n  epoch: 90\n")
-    with pytest.raises(
-        ConfigError, match=r"unknown config key 'schedule.epoch'\. Did you mean schedule.epochs"
-    ):
+    with pytest.raises(ConfigError, match=r"unknown config key 'schedule.epoch'\. Did you mean schedule.epochs"):
         load_config(recipe)
 
 
@@ -188,8 +184,7 @@ def test_every_default_has_a_one_line_comment():
     dataclass_nodes = [
         n
         for n in ast.parse(source).body
-        if isinstance(n, ast.ClassDef)
-        and any(getattr(d, "id", None) == "dataclass" for d in n.decorator_list)
+        if isinstance(n, ast.ClassDef) and any(getattr(d, "id", None) == "dataclass" for d in n.decorator_list)
     ]
     assert len(dataclass_nodes) >= 10
     undocumented = [

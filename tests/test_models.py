@@ -120,9 +120,7 @@ def test_resnet_a_strides_in_the_first_1x1_and_b_in_the_3x3():
 
 def test_resnet_c_deep_stem_and_d_avg_pool_shortcut():
     c, d = build_model("resnet50c"), build_model("resnet50d")
-    stem_convs = [
-        (m.in_channels, m.out_channels, m.kernel_size, m.stride) for m in c.stem if isinstance(m, nn.Conv2d)
-    ]
+    stem_convs = [(m.in_channels, m.out_channels, m.kernel_size, m.stride) for m in c.stem if isinstance(m, nn.Conv2d)]
     assert stem_convs == [(3, 32, (3, 3), (2, 2)), (32, 32, (3, 3), (1, 1)), (32, 64, (3, 3), (1, 1))]
     # the 3x3 convs stride (as in B); the shortcuts downsample by pooling, never by a strided 1x1 conv
     assert strides_2(d) == ["stem.conv1", "layer2.0.conv2", "layer3.0.conv2", "layer4.0.conv2"]

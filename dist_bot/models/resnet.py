@@ -104,11 +104,7 @@ def make_downsample(cin: int, cout: int, stride: int, spec: VariantSpec) -> nn.S
     if spec.avg_down:
         # ResNet-D: average first, so the 1x1 conv sees every input position instead of a quarter of them.
         # ceil_mode/count_include_pad match GluonCV and timm (identical on even feature maps).
-        pool = (
-            nn.AvgPool2d(2, stride=stride, ceil_mode=True, count_include_pad=False)
-            if stride > 1
-            else nn.Identity()
-        )
+        pool = nn.AvgPool2d(2, stride=stride, ceil_mode=True, count_include_pad=False) if stride > 1 else nn.Identity()
         layers = OrderedDict(pool=pool, conv=conv1x1(cin, cout), bn=nn.BatchNorm2d(cout))
     else:
         layers = OrderedDict(conv=conv1x1(cin, cout, stride), bn=nn.BatchNorm2d(cout))

@@ -1,0 +1,69 @@
+"""An ImageNet-layout folder: ``<root>/{train,val}/<class>/<image>``; checked before anything is trained."""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+from ..config import UserError
+
+IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff", ".ppm", ".pgm")
+
+
+class DataError(UserError, ValueError):
+    """The data folder is missing, empty, or laid out wrongly; the message names the path and the fix."""
+
+
+@dataclass(frozen=True)
+class ImageList:
+    root: Path
+    classes: tuple[str, ...]  # class folder names, sorted: the label of classes[i] is i
+    samples: tuple[tuple[str, int], ...]  # (path, label), sorted by path: a fixed order every run
+
+    def __len__(self) -> int:
+        return len(self.samples)
+
+
+def scan_split(root: Path, split: str, classes: tuple[str, ...] | None = None) -> ImageList:
+    """List the images of ``root/split``; ``classes`` (from train) fixes the labels of val."""
+    d = root / split
+    if not d.is_dir():
+        raise DataError(
+            f"data.path={root} has no '{split}/' folder: it must hold train/ and val/, each with one "
+            f"sub-folder of images per class (ImageNet layout)"
+        )
+    found = tuple(sorted(e.name for e in os.scandir(d) if e.is_dir()))
+    if not found:
+        raise DataError(f"{d} has no class folders: put each class's images in {d}/<class name>/")
+    if classes is None:
+        classes = found
+    else:
+        unknown = sorted(set(found) - set(classes))
+        if unknown:
+            raise DataError(f"{d} has classes that train/ lacks: {', '.join(unknown[:5])}; the splits must match")
+    samples = []
+    for label, name in enumerate(classes):
+        cdir = d / name
+        if not cdir.is_dir():
+            continue  # a class absent from val is allowed (it just has no val images)
+        files = sorted(e.path for e in os.scandir(cdir) if e.is_file() and e.name.lower().endswith(IMAGE_EXTENSIONS))
+        if not files:
+            raise DataError(
+                f"class folder {cdir} has no images (looked for {', '.join(IMAGE_EXTENSIONS)}): "
+                "remove the folder or add its images"
+            )
+        samples += [(f, label) for f in files]
+    return ImageList(d, classes, tuple(samples))
+
+
+def scan_dataset(path: str | None) -> tuple[ImageList, ImageList]:
+    """train and val image lists of ``data.path``, with one class table for both."""
+    if not path:
+        raise DataError("data.path is not set: pass data.path=/path/to/imagenet (a folder holding train/ and val/)")
+    root = Path(path).expanduser()
+    if not root.is_dir():
+        raise DataError(f"data.path={path} does not exist or is not a folder")
+    train = scan_split(root, "train")
+    val = scan_split(root, "val", train.classes)
+    return train, val

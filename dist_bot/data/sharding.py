@@ -1,0 +1,68 @@
+"""Exact sharding: every sample once per epoch across all processes, in an order fixed by (seed, epoch).
+
+An epoch is a sequence of optimizer steps. Step s takes the next G = batch x world x accumulation indices
+of the epoch's permutation; process r takes every world-th of them (shares differ by at most one) and
+splits its share into micro-batches. The last step of an epoch is shorter; when it would leave fewer than
+two samples per micro-batch it is folded into the step before. Every process runs the same number of
+steps (so collectives line up) and the engine weights each micro-batch's mean loss by
+``len(micro) x world / step_size`` so that the gradient is exactly the mean over the step's samples.
+"""
+
+from __future__ import annotations
+
+import itertools
+from dataclasses import dataclass
+
+import numpy as np
+
+MIN_PER_MICRO_BATCH = 2  # BatchNorm needs more than one value per channel in training
+
+
+@dataclass(frozen=True)
+class Step:
+    micro_batches: tuple[tuple[int, ...], ...]  # this process's sample indices, one tuple per micro-batch
+    step_size: int  # samples in this step over all processes
+
+
+def epoch_order(num_samples: int, seed: int, epoch: int, shuffle: bool) -> np.ndarray:
+    if not shuffle:
+        return np.arange(num_samples)
+    return np.random.default_rng([seed, epoch]).permutation(num_samples)
+
+
+def plan_epoch(
+    num_samples: int,
+    batch_size: int,
+    rank: int,
+    world_size: int,
+    accum: int,
+    seed: int,
+    epoch: int,
+    shuffle=True,
+) -> list[Step]:
+    """The steps of one training epoch for process ``rank``."""
+    per_step = batch_size * world_size * accum
+    order = epoch_order(num_samples, seed, epoch, shuffle)
+    bounds = [*range(0, num_samples, per_step), num_samples]
+    if len(bounds) > 2 and bounds[-1] - bounds[-2] < MIN_PER_MICRO_BATCH * world_size * accum:
+        del bounds[-2]  # fold a too-short last step into the previous one
+    if num_samples < MIN_PER_MICRO_BATCH * world_size:
+        raise ValueError(
+            f"{num_samples} training samples cannot feed {world_size} processes with at least "
+            f"{MIN_PER_MICRO_BATCH} each: use more data or fewer processes"
+        )
+    steps = []
+    for lo, hi in itertools.pairwise(bounds):
+        share = order[lo:hi][rank::world_size]
+        chunks = np.array_split(share, min(accum, max(1, len(share) // MIN_PER_MICRO_BATCH)))
+        steps.append(Step(tuple(tuple(int(i) for i in c) for c in chunks if len(c)), hi - lo))
+    return steps
+
+
+def shard_eval(num_samples: int, batch_size: int, rank: int, world_size: int) -> list[tuple[int, ...]]:
+    """Validation batches of process ``rank``: every world-th sample, no padding, nothing dropped.
+
+    Shares differ by at most one sample, so processes may run different numbers of batches: evaluation
+    must not use collectives per batch (the engine sums counts once at the end)."""
+    share = list(range(rank, num_samples, world_size))
+    return [tuple(share[i : i + batch_size]) for i in range(0, len(share), batch_size)]

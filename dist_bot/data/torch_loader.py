@@ -1,0 +1,150 @@
+"""The torchvision loader: PIL decoding in DataLoader workers, exact sharding, augmentation seeded per sample.
+
+Each sample's augmentation is drawn from a generator seeded by (seed, epoch, index), so a batch is the same
+whatever the number of workers, and a resumed run sees exactly the images it would have seen.
+"""
+
+from __future__ import annotations
+
+import logging
+import warnings
+
+import numpy as np
+import torch
+from PIL import Image, UnidentifiedImageError
+
+from ..config import UserError
+from .folder import ImageList
+from .sharding import Step, plan_epoch, shard_eval
+from .transforms import normalize, pca_lighting
+
+log = logging.getLogger(__name__)
+
+
+class BadImageError(UserError, RuntimeError):
+    """An image file that cannot be decoded (named in the message)."""
+
+
+def load_rgb(path: str) -> Image.Image:
+    """Decode an image file to RGB (grayscale, CMYK and palette images are converted)."""
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            with Image.open(path) as im:
+                return im.convert("RGB")
+    except (OSError, UnidentifiedImageError, ValueError, Image.DecompressionBombWarning) as e:
+        raise BadImageError(
+            f"cannot read image {path}: {e}. Remove or replace the file, or set data.skip_bad_images=true "
+            "to skip unreadable images (they are counted and reported)"
+        ) from None
+
+
+class ImageDataset(torch.utils.data.Dataset):
+    """(uint8 CHW image, label, ok, lighting noise) for a key (index, sample_seed); ``ok`` is 0 for a skipped
+    bad image."""
+
+    def __init__(self, images: ImageList, transform, skip_bad: bool):
+        self.images, self.transform, self.skip_bad = images, transform, skip_bad
+
+    def __len__(self) -> int:
+        return len(self.images)
+
+    def __getitem__(self, key: tuple[int, int]):
+        index, sample_seed = key
+        for attempt in range(len(self.images)):
+            path, label = self.images.samples[(index + attempt) % len(self.images)]
+            try:
+                img = load_rgb(path)
+                break
+            except BadImageError as e:
+                if not self.skip_bad:
+                    raise
+                log.warning("skipping: %s", e)
+        else:
+            raise BadImageError(f"no readable image in {self.images.root}")
+        with torch.random.fork_rng(devices=[]):  # the process-wide RNG stays untouched
+            torch.manual_seed(sample_seed)
+            x = self.transform(img)
+            lighting = torch.randn(3)  # PCA lighting's alpha / std, applied on the device
+        # A skipped bad image is replaced by the next readable one: counted, not silently used.
+        return x, label, int(attempt == 0), lighting
+
+
+def sample_seed(seed: int, epoch: int, index: int) -> int:
+    return int(np.random.SeedSequence([seed, epoch, index]).generate_state(1)[0])
+
+
+class TorchLoader:
+    """Iterates (images, labels) on the device: float, normalized, in the model's memory format.
+
+    Training: ``set_epoch(e, start_step)`` fixes the order; ``steps`` describes each optimizer step's
+    micro-batches for the engine. Validation: exact shards, no padding (``samples`` = this process's images).
+    """
+
+    def __init__(self, images: ImageList, transform, cfg, env, train: bool):
+        self.images, self.cfg, self.env, self.train = images, cfg, env, train
+        self.dataset = ImageDataset(images, transform, cfg.data.skip_bad_images)
+        self.device = env.device
+        self.memory_format = torch.channels_last if cfg.model.channels_last else torch.contiguous_format
+        self.epoch, self.start_step = 0, 0
+        self.bad_images = 0  # skipped in the current epoch on this process
+        self.steps: list[Step] = []
+        self.set_epoch(0)
+
+    @property
+    def num_classes(self) -> int:
+        return len(self.images.classes)
+
+    def set_epoch(self, epoch: int, start_step: int = 0) -> None:
+        self.epoch, self.start_step = epoch, start_step
+        if self.train:
+            d, o = self.cfg.data, self.cfg.optim
+            self.steps = plan_epoch(
+                len(self.images),
+                d.batch_size,
+                self.env.rank,
+                self.env.world_size,
+                o.grad_accum_steps,
+                self.cfg.run.seed,
+                epoch,
+            )
+
+    def __len__(self) -> int:
+        """Optimizer steps per epoch (training) or batches on this process (validation)."""
+        if self.train:
+            return len(self.steps)
+        return len(self._eval_batches())
+
+    @property
+    def samples(self) -> int:
+        """Images this process reads in one pass (validation: its exact share)."""
+        return sum(len(b) for b in self._batches())
+
+    def _eval_batches(self) -> list[tuple[int, ...]]:
+        bs = self.cfg.data.val_batch_size or self.cfg.data.batch_size
+        return shard_eval(len(self.images), bs, self.env.rank, self.env.world_size)
+
+    def _batches(self) -> list[tuple[int, ...]]:
+        if not self.train:
+            return self._eval_batches()
+        return [mb for step in self.steps[self.start_step :] for mb in step.micro_batches]
+
+    def __iter__(self):
+        seed, epoch = self.cfg.run.seed, self.epoch
+        batches = [[(i, sample_seed(seed, epoch, i)) for i in b] for b in self._batches()]
+        loader = torch.utils.data.DataLoader(
+            self.dataset,
+            batch_sampler=batches,
+            num_workers=self.cfg.data.workers,
+            pin_memory=self.device.type == "cuda",
+            persistent_workers=False,
+            prefetch_factor=4 if self.cfg.data.workers > 0 else None,
+        )
+        self.bad_images = 0
+        for images, labels, ok, lighting in loader:
+            self.bad_images += int((ok == 0).sum())
+            x = images.to(self.device, non_blocking=True).float().div_(255)
+            if self.train and self.cfg.data.pca_lighting > 0:
+                x = pca_lighting(x, lighting * self.cfg.data.pca_lighting)
+            x = normalize(x, self.cfg.data.mean, self.cfg.data.std).contiguous(memory_format=self.memory_format)
+            yield x, labels.to(self.device, non_blocking=True)

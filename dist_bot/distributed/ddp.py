@@ -1,0 +1,71 @@
+"""DistributedDataParallel: every process holds the whole model; gradients are averaged in backward."""
+
+from __future__ import annotations
+
+import contextlib
+
+import torch
+from torch import nn
+from torch.nn.parallel import DistributedDataParallel
+
+from ..recipe.precision import make_grad_scaler
+from .env import DistEnv
+
+
+class DDPStrategy:
+    def __init__(self, model: nn.Module, optimizer: torch.optim.Optimizer, env: DistEnv, cfg):
+        self.module, self.optimizer, self.env = model, optimizer, env
+        self.grad_clip_norm = cfg.optim.grad_clip_norm
+        self.scaler = make_grad_scaler(cfg.precision, env.device, cfg.loss_scale)
+        if env.distributed:
+            self.model = DistributedDataParallel(
+                model, device_ids=[env.device.index] if env.device.type == "cuda" else None
+            )
+        else:
+            self.model = model
+
+    def backward(self, loss: torch.Tensor) -> None:
+        self.scaler.scale(loss).backward()
+
+    def step(self) -> bool:
+        scale_before = self.scaler.get_scale() if self.scaler.is_enabled() else None
+        if self.grad_clip_norm is not None:
+            self.scaler.unscale_(self.optimizer)  # clip the true gradients, not the scaled ones
+            nn.utils.clip_grad_norm_(self.module.parameters(), self.grad_clip_norm)
+        self.scaler.step(self.optimizer)  # skipped by the scaler when a gradient is inf/NaN
+        self.scaler.update()
+        self.optimizer.zero_grad(set_to_none=True)
+        # Gradients were all-reduced before the scaler looked at them, so every rank decides the same.
+        return scale_before is None or self.scaler.get_scale() >= scale_before
+
+    def no_sync(self) -> contextlib.AbstractContextManager:
+        return self.model.no_sync() if isinstance(self.model, DistributedDataParallel) else contextlib.nullcontext()
+
+    def set_lr(self, lr: float) -> None:
+        for group in self.optimizer.param_groups:
+            group["lr"] = lr
+
+    @property
+    def loss_scale(self) -> float:
+        return self.scaler.get_scale() if self.scaler.is_enabled() else 1.0
+
+    def eval_model(self) -> nn.Module:
+        # The bare module: DDP's forward would broadcast buffers, a collective that hangs when ranks run
+        # different numbers of validation batches (exact evaluation shards unevenly).
+        return self.module
+
+    def state_dict(self) -> dict:
+        return {
+            "model": self.module.state_dict(),
+            "optimizer": self.optimizer.state_dict(),
+            "scaler": self.scaler.state_dict(),
+        }
+
+    def load_state_dict(self, state: dict) -> None:
+        self.module.load_state_dict(state["model"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        if state.get("scaler"):
+            self.scaler.load_state_dict(state["scaler"])
+
+    def full_model_state(self) -> dict[str, torch.Tensor]:
+        return self.module.state_dict()

@@ -1,0 +1,133 @@
+"""Who am I: rank and world size from torchrun, from Slurm (`srun`, one task per GPU) or a plain process.
+
+torchrun (and submitit's TorchDistributedEnvironment) export RANK/WORLD_SIZE/LOCAL_RANK/MASTER_ADDR/PORT.
+Under `srun` without torchrun we derive them from SLURM_PROCID, SLURM_NTASKS, SLURM_LOCALID and the first
+host of SLURM_JOB_NODELIST. Data is always sharded by the GLOBAL rank.
+"""
+
+from __future__ import annotations
+
+import datetime
+import os
+import re
+import subprocess
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+
+
+@dataclass(frozen=True)
+class DistEnv:
+    rank: int = 0
+    world_size: int = 1
+    local_rank: int = 0
+    device: torch.device = torch.device("cpu")  # noqa: RUF009 - immutable, safe as a shared default
+    source: str = "single"  # torchrun | slurm | single
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    @property
+    def distributed(self) -> bool:
+        return self.world_size > 1
+
+
+def first_slurm_host(nodelist: str) -> str:
+    """First host name of a Slurm node list: 'node[3-5,9],gpu01' -> 'node3'."""
+    try:  # scontrol knows every syntax Slurm accepts
+        out = subprocess.run(["scontrol", "show", "hostnames", nodelist], capture_output=True, text=True, timeout=10)
+        if out.returncode == 0 and out.stdout.split():
+            return out.stdout.split()[0]
+    except (OSError, subprocess.TimeoutExpired):
+        pass
+    m = re.match(r"([^,\[]+)(?:\[([^\]]+)\])?", nodelist)
+    if not m:
+        raise ValueError(f"cannot read the Slurm node list {nodelist!r}")
+    prefix, ranges = m.groups()
+    if not ranges:
+        return prefix
+    first = ranges.split(",")[0].split("-")[0]
+    return prefix + first
+
+
+def read_launch_env(environ: dict[str, str] | None = None) -> dict[str, str | int]:
+    """rank, world_size, local_rank, master_addr, master_port and the launcher, from the environment."""
+    env = os.environ if environ is None else environ
+    if "RANK" in env and "WORLD_SIZE" in env:  # torchrun, submitit, or anything setting the torch variables
+        return {
+            "source": "torchrun",
+            "rank": int(env["RANK"]),
+            "world_size": int(env["WORLD_SIZE"]),
+            "local_rank": int(env.get("LOCAL_RANK", 0)),
+            "master_addr": env.get("MASTER_ADDR", "127.0.0.1"),
+            "master_port": env.get("MASTER_PORT", "29500"),
+        }
+    if int(env.get("SLURM_NTASKS", "1")) > 1 and "SLURM_PROCID" in env:  # srun, one task per process
+        job = int(env.get("SLURM_JOB_ID", "0"))
+        return {
+            "source": "slurm",
+            "rank": int(env["SLURM_PROCID"]),
+            "world_size": int(env["SLURM_NTASKS"]),
+            "local_rank": int(env.get("SLURM_LOCALID", 0)),
+            "master_addr": env.get("MASTER_ADDR") or first_slurm_host(env.get("SLURM_JOB_NODELIST", "127.0.0.1")),
+            # a port derived from the job id, so two jobs sharing a node do not collide
+            "master_port": env.get("MASTER_PORT", str(20000 + job % 20000)),
+        }
+    return {
+        "source": "single",
+        "rank": 0,
+        "world_size": 1,
+        "local_rank": 0,
+        "master_addr": "",
+        "master_port": "",
+    }
+
+
+def init_distributed(backend: str = "auto", timeout_min: float = 30.0) -> DistEnv:
+    """Join the process group (when there is more than one process) and pick this process's device."""
+    launch = read_launch_env()
+    rank, world, local = int(launch["rank"]), int(launch["world_size"]), int(launch["local_rank"])
+    if torch.cuda.is_available():
+        device = torch.device("cuda", local % torch.cuda.device_count())
+        torch.cuda.set_device(device)
+    else:
+        device = torch.device("cpu")
+    if world > 1 and not dist.is_initialized():
+        if backend == "auto":
+            backend = "nccl" if device.type == "cuda" else "gloo"
+        os.environ.setdefault("MASTER_ADDR", str(launch["master_addr"]))
+        os.environ.setdefault("MASTER_PORT", str(launch["master_port"]))
+        dist.init_process_group(
+            backend,
+            init_method="env://",
+            rank=rank,
+            world_size=world,
+            timeout=datetime.timedelta(minutes=timeout_min),
+            device_id=device if device.type == "cuda" else None,
+        )
+    return DistEnv(rank, world, local, device, str(launch["source"]))
+
+
+def shutdown() -> None:
+    """Leave the process group cleanly (an exit-time abort can turn a good run's exit status into 1)."""
+    if dist.is_initialized():
+        dist.destroy_process_group()
+
+
+def all_reduce_sum(values: list[float], env: DistEnv) -> list[float]:
+    """Sum a few numbers over all processes (float64, so sample counts stay exact)."""
+    t = torch.tensor(values, dtype=torch.float64, device=env.device)
+    if env.distributed:
+        dist.all_reduce(t)
+    return t.tolist()
+
+
+def any_rank(flag: bool, env: DistEnv) -> bool:
+    """True on every process if it is True on any (e.g. a preemption signal that reached only one rank)."""
+    if not env.distributed:
+        return flag
+    t = torch.tensor([int(flag)], device=env.device)
+    dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    return bool(t.item())
