@@ -286,7 +286,14 @@ class Trainer:
     def _on_signal(self, signum, frame) -> None:
         self.stop_requested = True  # finish the current step, then checkpoint (see train_epoch)
 
-    def train_epoch(self) -> None:
+    def should_stop(self) -> bool:
+        """A preemption signal on any rank, or run.stop_after_steps reached (agreed by all ranks)."""
+        after = self.cfg.run.stop_after_steps
+        reached = after is not None and self.global_step - self.start_global_step >= after
+        return any_rank(self.stop_requested or reached, self.env)
+
+    def train_epoch(self) -> bool:
+        """Train the rest of the epoch; True when stopped early (the caller checkpoints and exits)."""
         cfg, loader = self.cfg, self.train_loader
         loader.set_epoch(self.epoch, self.epoch_step)
         self.strategy.model.train()
@@ -301,18 +308,18 @@ class Trainer:
                 self.guard.update(self.strategy.loss_scale, skipped=not ok)
             self.epoch_step += 1
             self.global_step += 1
-            session_steps = self.global_step - self.start_global_step
             done = self.epoch_step == len(loader)
             if self.epoch_step % cfg.run.log_every_steps == 0 or done:
                 self.log_train(loss_sum, samples, time.perf_counter() - t0)
                 loss_sum, samples, t0 = torch.zeros_like(loss_sum), 0, time.perf_counter()
-            stop_after = cfg.run.stop_after_steps is not None and session_steps >= cfg.run.stop_after_steps
-            if any_rank(self.stop_requested or stop_after, self.env):
-                if not done and samples:  # the partial interval's loss must be finite before it is saved
+            # at the epoch's last step the stop waits for the epoch end (BN sync, evaluation, checkpoint)
+            if not done and self.should_stop():
+                if samples:  # the partial interval's loss must be finite before it is saved
                     self.log_train(loss_sum, samples, time.perf_counter() - t0)
-                raise Preempted
+                return True
         if loader.bad_images:
             log.warning("rank %d skipped %d unreadable images this epoch", self.env.rank, loader.bad_images)
+        return False
 
     def fit(self) -> dict:
         cfg, env = self.cfg, self.env
@@ -334,15 +341,16 @@ class Trainer:
         result = {}
         try:
             while self.epoch < epochs:
-                try:
-                    self.train_epoch()
-                except Preempted:
+                if self.train_epoch():
                     self.save()
-                    raise
+                    raise Preempted
                 self.epoch, self.epoch_step = self.epoch + 1, 0
                 last = self.epoch == epochs
+                # BN statistics averaged over ranks at every epoch end, so evaluation and checkpoint agree.
+                # (A preemption checkpoint keeps rank 0's: DDP broadcasts those at the next forward anyway.)
+                eval_model = self.strategy.eval_model()
                 if self.epoch % cfg.run.eval_every_epochs == 0 or last:
-                    result = evaluate(self.strategy.eval_model(), self.val_loader, env, cfg.precision)
+                    result = evaluate(eval_model, self.val_loader, env, cfg.precision)
                     result = {"split": "val", "epoch": self.epoch - 1, "step": self.global_step} | result
                     self.tracker.log(result)
                     if env.is_main:
@@ -351,8 +359,11 @@ class Trainer:
                             f"loss {result['loss']:.4f} ({result['samples']} images)",
                             flush=True,
                         )
-                if self.epoch % cfg.run.checkpoint_every_epochs == 0 or last:
+                stop = not last and self.should_stop()
+                if self.epoch % cfg.run.checkpoint_every_epochs == 0 or last or stop:
                     self.save()
+                if stop:
+                    raise Preempted
         finally:
             for s, h in old.items():
                 signal.signal(s, h)

@@ -32,7 +32,8 @@ class Strategy(Protocol):
         """Current fp16 loss scale (1.0 when not scaling)."""
 
     def eval_model(self) -> nn.Module:
-        """The plain module with full weights, for evaluation (no collectives in its forward)."""
+        """The plain module with full weights and synced BN statistics, for evaluation (no collectives in its
+        forward). A collective itself: every process calls it."""
 
     def state_dict(self) -> dict:
         """Model, optimizer and scaler state for a checkpoint."""

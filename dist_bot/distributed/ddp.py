@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 
 import torch
+import torch.distributed as dist
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
@@ -50,8 +51,15 @@ class DDPStrategy:
         return self.scaler.get_scale() if self.scaler.is_enabled() else 1.0
 
     def eval_model(self) -> nn.Module:
-        # The bare module: DDP's forward would broadcast buffers, a collective that hangs when ranks run
-        # different numbers of validation batches (exact evaluation shards unevenly).
+        """The bare module, with BN running statistics averaged over processes (a collective: call it on
+        every process). DDP's own forward would broadcast buffers per batch, which hangs when ranks run
+        different numbers of validation batches (exact evaluation shards unevenly); and each rank's last
+        training forward updated its statistics from its own images only."""
+        if self.env.distributed:
+            for buf in self.module.buffers():
+                if buf.is_floating_point():
+                    dist.all_reduce(buf)
+                    buf.div_(self.env.world_size)
         return self.module
 
     def state_dict(self) -> dict:

@@ -1,0 +1,66 @@
+"""Shared fixtures: small real datasets (digits from scikit-learn, an Imagenette subset) and a torchrun helper."""
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+IMAGENETTE = REPO.parent / "shared" / "data" / "imagenette"
+
+
+@pytest.fixture(scope="session")
+def digits_dir(tmp_path_factory) -> Path:
+    """scikit-learn's handwritten digits as JPEG class folders: 1,437 train / 360 val, 32 px."""
+    pytest.importorskip("sklearn", reason="the digits dataset needs scikit-learn (pip install -e '.[demo]')")
+    from dist_bot.datasets import write_digits
+
+    out = tmp_path_factory.mktemp("digits") / "digits"
+    write_digits(out)
+    return out
+
+
+@pytest.fixture(scope="session")
+def tiny_digits(tmp_path_factory, digits_dir) -> Path:
+    """10 train and 4 val digits per class (symlinks): for tests that only need a run to start and step."""
+    out = tmp_path_factory.mktemp("tiny") / "digits"
+    for split, keep in (("train", 10), ("val", 4)):
+        for cls in sorted((digits_dir / split).iterdir()):
+            (out / split / cls.name).mkdir(parents=True)
+            for f in sorted(cls.iterdir())[:keep]:
+                (out / split / cls.name / f.name).symlink_to(f)
+    return out
+
+
+@pytest.fixture(scope="session")
+def imagenette_subset(tmp_path_factory) -> Path:
+    """20 train and 10 val images per class of ../shared/data/imagenette, linked (never copied)."""
+    if not (IMAGENETTE / "train").is_dir():
+        pytest.skip(f"Imagenette not found at {IMAGENETTE} (CI has it; see ../shared/data/README.md)")
+    out = tmp_path_factory.mktemp("imagenette") / "subset"
+    for split, keep in (("train", 20), ("val", 10)):
+        for cls in sorted((IMAGENETTE / split).iterdir()):
+            (out / split / cls.name).mkdir(parents=True)
+            for f in sorted(cls.iterdir())[:keep]:
+                (out / split / cls.name / f.name).symlink_to(f)
+    return out
+
+
+def torchrun_cmd(nproc: int, *args: str) -> list[str]:
+    return [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        f"--nproc_per_node={nproc}",
+        "-m",
+        "dist_bot",
+        *args,
+    ]
+
+
+def run_cmd(cmd: list[str], timeout: int = 600) -> subprocess.CompletedProcess:
+    env = os.environ | {"OMP_NUM_THREADS": "1", "WANDB_SILENT": "true"}
+    return subprocess.run(cmd, capture_output=True, text=True, cwd=REPO, timeout=timeout, env=env)

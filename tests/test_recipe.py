@@ -1,0 +1,210 @@
+"""Each recipe piece against the paper's formula (SPEC.md, "The recipe, exactly")."""
+
+import math
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+from dist_bot.config import load_config
+from dist_bot.distributed.ddp import DDPStrategy
+from dist_bot.distributed.env import DistEnv
+from dist_bot.models import build_model
+from dist_bot.recipe.losses import distillation_loss, smooth_targets, soft_cross_entropy
+from dist_bot.recipe.lr import LRSchedule, build_schedule, scaled_lr
+from dist_bot.recipe.mixup import mixup
+from dist_bot.recipe.param_groups import param_groups
+from dist_bot.recipe.precision import LossScaleCollapse, LossScaleGuard
+
+# -- learning rate --------------------------------------------------------------------------------
+
+
+def test_linear_scaling_uses_the_global_batch():
+    assert scaled_lr(0.1, 1024) == pytest.approx(0.4)
+    assert scaled_lr(0.1, 256) == pytest.approx(0.1)
+    # per-process batch 64 x 8 processes x 2 accumulation steps = 1024
+    cfg = load_config(None, ["optim.grad_accum_steps=2"])
+    sched = build_schedule(cfg.schedule, 0.1, 256, global_batch=64 * 8 * 2, steps_per_epoch=100)
+    assert sched.peak_lr == pytest.approx(0.4)
+
+
+def test_warmup_is_linear_per_iteration_and_reaches_the_peak():
+    s = LRSchedule(peak_lr=0.4, total_steps=1000, warmup_steps=100, decay="cosine")
+    # the paper's i-th batch (1-based) gets i * eta / m
+    assert s(0) == pytest.approx(0.4 / 100)
+    assert s(49) == pytest.approx(50 * 0.4 / 100)
+    assert s(99) == pytest.approx(0.4)
+    assert all(s(i) < s(i + 1) for i in range(99))  # rises every iteration, not every epoch
+
+
+def test_cosine_decay_after_warmup():
+    s = LRSchedule(peak_lr=0.4, total_steps=1100, warmup_steps=100, decay="cosine")
+    T = 1000
+    for t in (0, 1, 250, 500, 750, 999):
+        assert s(100 + t) == pytest.approx(0.5 * (1 + math.cos(math.pi * t / T)) * 0.4)
+    assert s(600) == pytest.approx(0.2)
+    assert s(1100) == pytest.approx(0.0, abs=1e-12)
+
+
+def test_step_decay_of_the_baseline():
+    cfg = load_config(None, ["schedule.decay=step", "schedule.warmup_epochs=0", "schedule.epochs=120"])
+    s = build_schedule(cfg.schedule, 0.1, 256, global_batch=256, steps_per_epoch=10)
+    assert s(0) == pytest.approx(0.1) and s(299) == pytest.approx(0.1)
+    assert s(300) == pytest.approx(0.01) and s(600) == pytest.approx(0.001) and s(900) == pytest.approx(1e-4)
+
+
+# -- no bias decay --------------------------------------------------------------------------------
+
+
+def test_no_bias_decay_groups_of_resnet50d_by_module_type():
+    model = build_model("resnet50d")
+    decay, no_decay = param_groups(model, 1e-4, no_bias_decay=True)
+    convs = [m for m in model.modules() if isinstance(m, nn.Conv2d)]
+    bns = [m for m in model.modules() if isinstance(m, nn.BatchNorm2d)]
+    n_decay = sum(p.numel() for p in decay["params"])
+    n_no_decay = sum(p.numel() for p in no_decay["params"])
+    assert n_decay == sum(m.weight.numel() for m in convs) + model.fc.weight.numel() == 25_522_016
+    assert n_no_decay == sum(2 * m.num_features for m in bns) + model.fc.bias.numel() == 54_248
+    assert n_decay + n_no_decay == 25_576_264
+    assert len(decay["params"]) == len(convs) + 1 and len(no_decay["params"]) == 2 * len(bns) + 1
+    assert (decay["weight_decay"], no_decay["weight_decay"]) == (1e-4, 0.0)
+
+
+def test_no_bias_decay_off_decays_everything():
+    (group,) = param_groups(build_model("resnet18d"), 1e-4, no_bias_decay=False)
+    assert group["weight_decay"] == 1e-4 and sum(p.numel() for p in group["params"]) == 11_708_744
+
+
+# -- label smoothing ------------------------------------------------------------------------------
+
+
+def test_paper_label_smoothing_spreads_eps_over_the_other_classes():
+    q = smooth_targets(torch.tensor([2, 0]), num_classes=5, eps=0.1, form="paper")
+    assert q[0].tolist() == pytest.approx([0.025, 0.025, 0.9, 0.025, 0.025])
+    assert q[1, 0] == pytest.approx(0.9) and q.sum(1).tolist() == pytest.approx([1.0, 1.0])
+
+
+def test_torch_label_smoothing_matches_pytorchs_cross_entropy():
+    q = smooth_targets(torch.tensor([2]), num_classes=5, eps=0.1, form="torch")
+    assert q[0].tolist() == pytest.approx([0.02, 0.02, 0.92, 0.02, 0.02])
+    logits, labels = torch.randn(8, 5), torch.randint(0, 5, (8,))
+    expected = nn.functional.cross_entropy(logits, labels, label_smoothing=0.1)
+    got = soft_cross_entropy(logits, smooth_targets(labels, 5, 0.1, form="torch"))
+    assert got.item() == pytest.approx(expected.item(), rel=1e-6)
+
+
+def test_no_smoothing_is_plain_cross_entropy():
+    logits, labels = torch.randn(8, 7), torch.randint(0, 7, (8,))
+    got = soft_cross_entropy(logits, smooth_targets(labels, 7, 0.0))
+    assert got.item() == pytest.approx(nn.functional.cross_entropy(logits, labels).item(), rel=1e-6)
+
+
+# -- mixup ----------------------------------------------------------------------------------------
+
+
+def test_mixup_mixes_images_and_targets_with_the_same_lambda():
+    images = torch.arange(4.0).view(4, 1, 1, 1).expand(4, 3, 2, 2).clone()
+    targets = torch.eye(4)
+    rng = np.random.default_rng(0)
+    lam_expected = np.random.default_rng(0).beta(0.2, 0.2)
+    mixed, mixed_t, lam = mixup(images, targets, alpha=0.2, rng=rng, pairing="flip")
+    assert lam == pytest.approx(lam_expected)
+    # flip pairs i with n - 1 - i
+    assert mixed[0, 0, 0, 0].item() == pytest.approx(lam * 0 + (1 - lam) * 3)
+    assert mixed_t[0].tolist() == pytest.approx([lam, 0, 0, 1 - lam])
+    assert mixed_t.sum(1).tolist() == pytest.approx([1.0] * 4)
+
+
+def test_mixup_permute_pairs_and_alpha_zero_is_identity():
+    images, targets = torch.randn(6, 3, 4, 4), torch.eye(6)
+    same = mixup(images, targets, alpha=0.0, rng=np.random.default_rng(0))
+    assert same[0] is images and same[2] == 1.0
+    _, mixed_t, lam = mixup(images, targets, alpha=0.2, rng=np.random.default_rng(1), pairing="permute")
+    partner = mixed_t.argmin(1) if lam > 0.5 else mixed_t.argmax(1)
+    assert sorted(partner.tolist()) == list(range(6)) or lam in (0.0, 1.0)
+
+
+# -- distillation ---------------------------------------------------------------------------------
+
+
+def test_distillation_loss_on_hand_made_logits():
+    z = torch.tensor([[2.0, 0.0, -2.0]])  # student
+    r = torch.tensor([[1.0, 3.0, 0.0]])  # teacher
+    p = torch.tensor([[1.0, 0.0, 0.0]])  # true (one-hot) target
+    T = 2.0
+
+    def ce(q, logits):
+        return -sum(
+            qi * math.log(math.exp(li) / sum(math.exp(x) for x in logits)) for qi, li in zip(q, logits, strict=True)
+        )
+
+    soft_teacher = [math.exp(v / T) / sum(math.exp(x / T) for x in r[0].tolist()) for v in r[0].tolist()]
+    expected = 0.7 * ce(p[0].tolist(), z[0].tolist()) + 0.3 * T**2 * ce(soft_teacher, (z[0] / T).tolist())
+    got = distillation_loss(z, r, p, temperature=T, hard_weight=0.7, soft_weight=0.3)
+    assert got.item() == pytest.approx(expected, rel=1e-6)
+
+
+def test_distillation_soft_term_vanishes_when_student_equals_teacher_at_high_T():
+    z = torch.randn(4, 10)
+    p = torch.eye(10)[:4]
+    only_hard = distillation_loss(z, z, p, temperature=20.0, hard_weight=1.0, soft_weight=0.0)
+    assert only_hard.item() == pytest.approx(soft_cross_entropy(z, p).item())
+    # the soft term alone is T^2 times the entropy of the teacher's softened distribution: its minimum
+    soft = distillation_loss(z, z, p, temperature=20.0, hard_weight=0.0, soft_weight=1.0)
+    q = torch.softmax(z / 20, dim=1)
+    assert soft.item() == pytest.approx((400 * -(q * q.log()).sum(1).mean()).item(), rel=1e-5)
+
+
+# -- fp16 dynamic loss scaling --------------------------------------------------------------------
+
+
+def make_strategy(precision="fp16"):
+    torch.manual_seed(0)
+    cfg = load_config(None, [f"precision={precision}", "loss_scale.init_scale=1024", "loss_scale.growth_interval=2"])
+    model = nn.Linear(4, 2)
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    return DDPStrategy(model, opt, DistEnv(), cfg), model
+
+
+def test_overflow_skips_the_step_and_halves_the_scale():
+    strategy, model = make_strategy()
+    before = [p.detach().clone() for p in model.parameters()]
+    loss = model(torch.randn(3, 4)).sum()
+    strategy.backward(loss)
+    model.weight.grad[0, 0] = float("inf")  # an injected overflow
+    assert strategy.step() is False
+    assert strategy.loss_scale == 512
+    assert all(torch.equal(a, b) for a, b in zip(before, model.parameters(), strict=True))
+
+
+def test_clean_steps_update_weights_and_grow_the_scale():
+    strategy, model = make_strategy()
+    before = model.weight.detach().clone()
+    for _ in range(2):
+        strategy.backward(model(torch.randn(3, 4)).sum())
+        assert strategy.step() is True
+    assert strategy.loss_scale == 2048  # doubled after growth_interval=2 clean steps
+    assert not torch.equal(before, model.weight)
+
+
+def test_scaled_gradients_are_unscaled_before_the_update():
+    fp16, m16 = make_strategy("fp16")
+    fp32, m32 = make_strategy("fp32")
+    x = torch.randn(3, 4)
+    for s, m in ((fp16, m16), (fp32, m32)):
+        s.backward(m(x).sum())
+        s.step()
+    torch.testing.assert_close(m16.weight, m32.weight)
+
+
+def test_loss_scale_collapse_stops_with_a_clear_error():
+    guard = LossScaleGuard(min_scale=1.0, max_steps_at_min=3)
+    guard.update(2.0, skipped=True)
+    guard.update(1.0, skipped=True)
+    guard.update(0.5, skipped=True)
+    with pytest.raises(LossScaleCollapse, match=r"loss scale has been <= 1 for 3 steps.*precision=bf16"):
+        guard.update(0.25, skipped=True)
+    recovered = LossScaleGuard(min_scale=1.0, max_steps_at_min=3)
+    for scale in (1.0, 1.0, 2.0, 1.0, 1.0):  # a clean step above the minimum resets the count
+        recovered.update(scale, skipped=False)

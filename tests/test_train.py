@@ -1,0 +1,214 @@
+"""Training end to end: 2-process DDP runs under torchrun, exact evaluation, resume equality, preemption."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from conftest import REPO, run_cmd, torchrun_cmd
+
+from dist_bot.checkpoint import list_checkpoints, load_checkpoint
+
+TINY_MODEL = ["model.name=resnet18d", "data.workers=1", "wandb.mode=disabled"]
+
+
+def read_metrics(run_dir: Path) -> list[dict]:
+    return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+
+
+def final_weights(run_dir: Path) -> dict:
+    return load_checkpoint(list_checkpoints(run_dir / "checkpoints")[-1])["strategy"]["model"]
+
+
+def max_diff(a: dict, b: dict) -> float:
+    assert a.keys() == b.keys()
+    return max((a[k].double() - b[k].double()).abs().max().item() for k in a if a[k].is_floating_point())
+
+
+# -- the full recipe on real ImageNet images, 2 processes -------------------------------------------
+
+
+def test_two_processes_every_trick_on_imagenette_subset(imagenette_subset, tmp_path):
+    common = [
+        f"data.path={imagenette_subset}",
+        "data.image_size=64",
+        "data.batch_size=16",
+        "data.workers=1",
+        f"run.out_dir={tmp_path}",
+        "wandb.mode=disabled",
+        "precision=bf16",
+    ]
+    teacher = run_cmd(
+        torchrun_cmd(
+            1,
+            "train",
+            "configs/demo.yaml",
+            *common,
+            "model.name=resnet18c",
+            "run.name=teacher",
+            "schedule.epochs=1",
+            "schedule.warmup_epochs=0",
+        )
+    )
+    assert teacher.returncode == 0, teacher.stderr[-3000:]
+    teacher_ckpt = list_checkpoints(tmp_path / "teacher" / "checkpoints")[-1]
+
+    student = run_cmd(
+        torchrun_cmd(
+            2,
+            "train",
+            "configs/demo.yaml",
+            *common,
+            "model.name=resnet18d",
+            "run.name=student",
+            "schedule.epochs=2",
+            "schedule.warmup_epochs=0.5",
+            "optim.base_lr_per_256=0.4",
+            "run.log_every_steps=1",
+            "loss.label_smoothing=0.1",
+            "loss.mixup_alpha=0.2",
+            f"loss.distill.teacher={teacher_ckpt}",
+            "loss.distill.temperature=20",
+            "data.hflip=true",
+            "data.min_crop_area=0.08",
+        )
+    )
+    assert student.returncode == 0, student.stderr[-3000:]
+    run_dir = tmp_path / "student"
+    metrics = read_metrics(run_dir)
+    train = [m for m in metrics if m["split"] == "train"]
+    val = [m for m in metrics if m["split"] == "val"]
+    assert {"epoch", "step", "lr", "loss", "img_per_s"} <= train[0].keys()
+    assert {"epoch", "step", "top1", "top5", "loss", "samples"} <= val[0].keys()
+    assert [v["samples"] for v in val] == [100, 100]  # 10 classes x 10 val images, once each, 2 ranks
+    assert [t["step"] for t in train] == list(range(1, len(train) + 1))
+    assert len(train) == 2 * 7  # 200 images / global batch 32: 6 full steps and one of 8, per epoch
+    first, last = train[:3], train[-3:]
+    assert sum(t["loss"] for t in last) < sum(t["loss"] for t in first), "the loss should fall"
+    assert all(0 <= v["top1"] <= v["top5"] <= 100 for v in val)
+    assert len(list_checkpoints(run_dir / "checkpoints")) == 2
+
+
+# -- resume gives the same result as not stopping ---------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def straight_run(digits_dir, tmp_path_factory):
+    """2 epochs, fp32, 2 processes, uninterrupted: the reference for the resume tests."""
+    out = tmp_path_factory.mktemp("straight")
+    res = run_cmd(
+        torchrun_cmd(
+            2, "train", "configs/demo.yaml", f"data.path={digits_dir}", *RESUME_ARGS, f"run.out_dir={out}", "run.name=r"
+        )
+    )
+    assert res.returncode == 0, res.stderr[-3000:]
+    return out / "r"
+
+
+RESUME_ARGS = [*TINY_MODEL, "precision=fp32", "schedule.epochs=2", "run.log_every_steps=5"]
+
+
+def test_stop_after_one_epoch_and_resume_equals_straight_run(straight_run, digits_dir, tmp_path):
+    args = [
+        "train",
+        "configs/demo.yaml",
+        f"data.path={digits_dir}",
+        *RESUME_ARGS,
+        f"run.out_dir={tmp_path}",
+        "run.name=r",
+    ]
+    steps_per_epoch = 23  # 1,437 digits / global batch 64: 22 full steps and one of 29
+    first = run_cmd(torchrun_cmd(2, *args, f"run.stop_after_steps={steps_per_epoch}"))
+    assert first.returncode != 0 and "exiting with status 75" in first.stdout  # torchrun reports the requeue
+    stopped = load_checkpoint(list_checkpoints(tmp_path / "r" / "checkpoints")[-1])
+    # a stop at the last step of an epoch waits for the epoch end: the checkpoint is of epoch 1, step 0
+    assert (stopped["epoch"], stopped["epoch_step"], stopped["global_step"]) == (1, 0, 23)
+
+    second = run_cmd(torchrun_cmd(2, *args))
+    assert second.returncode == 0, second.stderr[-3000:]
+    assert max_diff(final_weights(tmp_path / "r"), final_weights(straight_run)) <= 1e-6
+    val = [m for m in read_metrics(tmp_path / "r") if m["split"] == "val"]
+    ref = [m for m in read_metrics(straight_run) if m["split"] == "val"]
+    assert val[-1]["top1"] == pytest.approx(ref[-1]["top1"]) and val[-1]["samples"] == 360
+
+
+def test_signal_to_one_rank_mid_epoch_checkpoints_all_and_resumes_exactly(straight_run, digits_dir, tmp_path):
+    args = [
+        "train",
+        "configs/demo.yaml",
+        f"data.path={digits_dir}",
+        *RESUME_ARGS,
+        f"run.out_dir={tmp_path}",
+        "run.name=r",
+    ]
+    proc = subprocess.Popen(torchrun_cmd(2, *args), cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    metrics = tmp_path / "r" / "metrics.jsonl"
+    deadline = time.time() + 120
+    while not (metrics.exists() and metrics.read_text().strip()) and time.time() < deadline:
+        time.sleep(0.2)
+    workers = subprocess.run(["pgrep", "-P", str(proc.pid)], capture_output=True, text=True).stdout.split()
+    assert len(workers) == 2
+    os.kill(int(workers[-1]), signal.SIGUSR1)  # like a preemption notice that reached one task only
+    out, err = proc.communicate(timeout=120)
+    assert "exiting with status 75" in out, err[-3000:]
+    stopped = load_checkpoint(list_checkpoints(tmp_path / "r" / "checkpoints")[-1])
+    assert stopped["epoch"] == 0 and 0 < stopped["epoch_step"] < 23, "expected a mid-epoch checkpoint"
+
+    resumed = run_cmd(torchrun_cmd(2, *args))
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert max_diff(final_weights(tmp_path / "r"), final_weights(straight_run)) <= 1e-6
+
+
+def test_sigterm_plain_process_exits_75_with_a_resumable_checkpoint(tiny_digits, tmp_path):
+    cmd = [
+        sys.executable,
+        "-m",
+        "dist_bot",
+        "train",
+        "configs/demo.yaml",
+        f"data.path={tiny_digits}",
+        *TINY_MODEL,
+        "data.batch_size=4",
+        "schedule.epochs=50",
+        "run.log_every_steps=1",
+        f"run.out_dir={tmp_path}",
+        "run.name=r",
+    ]
+    proc = subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    for line in proc.stdout:
+        if line.startswith("epoch 1/50 step 3/"):
+            proc.send_signal(signal.SIGTERM)
+            break
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 75, err[-3000:]
+    state = load_checkpoint(list_checkpoints(tmp_path / "r" / "checkpoints")[-1])
+    assert state["epoch"] == 0 and state["epoch_step"] >= 3
+    resumed = run_cmd([*cmd, "run.stop_after_steps=2"])
+    assert resumed.returncode == 75 and "resumed from" in resumed.stderr
+    again = load_checkpoint(list_checkpoints(tmp_path / "r" / "checkpoints")[-1])
+    assert again["global_step"] == state["global_step"] + 2
+
+
+def test_eval_command_counts_every_validation_image(straight_run):
+    ckpt = list_checkpoints(straight_run / "checkpoints")[-1]
+    cfg = straight_run / "config.yaml"
+    res = run_cmd(torchrun_cmd(2, "eval", str(cfg), f"checkpoint={ckpt}"))
+    assert res.returncode == 0, res.stderr[-3000:]
+    result = json.loads(res.stdout.strip().splitlines()[-1])
+    ref = [m for m in read_metrics(straight_run) if m["split"] == "val"][-1]
+    assert result["samples"] == 360
+    assert result["top1"] == pytest.approx(ref["top1"]) and result["top5"] == pytest.approx(ref["top5"])
+
+
+def test_checkpoint_holds_everything_resume_needs(straight_run):
+    state = load_checkpoint(list_checkpoints(straight_run / "checkpoints")[-1])
+    assert {"model", "optimizer", "scaler"} <= state["strategy"].keys()
+    assert {"epoch", "epoch_step", "global_step", "rng", "config", "wandb_id", "model_name", "guard"} <= state.keys()
+    assert state["config"]["model"]["name"] == "resnet18d" and state["num_classes"] == 10
+    momentum = state["strategy"]["optimizer"]["state"]
+    assert momentum and all(torch.isfinite(v["momentum_buffer"]).all() for v in momentum.values())
