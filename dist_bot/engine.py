@@ -339,6 +339,8 @@ class Trainer:
                 len(self.train_loader),
             )
         result = {}
+        if self.epoch >= epochs and env.is_main:
+            log.info("run %s is complete (%d epochs): nothing to do", self.run_dir, epochs)
         try:
             while self.epoch < epochs:
                 if self.train_epoch():

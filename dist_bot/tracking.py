@@ -14,6 +14,8 @@ import logging
 import math
 import netrc
 import os
+import secrets
+import string
 import sys
 import time
 from pathlib import Path
@@ -62,7 +64,7 @@ class Tracker:
             raise UserError(
                 f"wandb.mode={cfg.wandb.mode} but wandb is not installed: pip install 'dist-bot[wandb]'"
             ) from None
-        self.wandb_id = wandb_id or wandb.util.generate_id()
+        self.wandb_id = wandb_id or "".join(secrets.choice(string.ascii_lowercase + string.digits) for _ in range(8))
         self.wandb_run = wandb.init(
             project=cfg.wandb.project,
             entity=cfg.wandb.entity,
@@ -101,7 +103,7 @@ class Tracker:
 class Progress:
     """A line per log interval on the main process: epoch, step, eta, img/s, lr, loss (and the fp16 scale)."""
 
-    def __init__(self, enabled: bool, total_steps: int, stream=sys.stdout):
+    def __init__(self, enabled: bool, total_steps: int, stream=None):
         self.enabled, self.total_steps, self.stream = enabled, total_steps, stream
         self.t0 = time.perf_counter()
 
@@ -118,4 +120,4 @@ class Progress:
         )
         if "loss_scale" in metrics:
             line += f" scale {metrics['loss_scale']:g} skipped {metrics['skipped_steps']}"
-        print(line, file=self.stream, flush=True)
+        print(line, file=self.stream or sys.stdout, flush=True)

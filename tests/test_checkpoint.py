@@ -58,7 +58,7 @@ def test_pickled_code_is_refused(tmp_path):
 
     path = tmp_path / "step_000000001.pt"
     with open(path, "wb") as f:
-        pickle.dump({"format": 1, "x": Evil()}, f)
+        pickle.dump({"format": 1, "x": Evil()}, f, protocol=2)
     with pytest.raises(CheckpointError, match="unreadable"):
         load_checkpoint(path)
 

@@ -28,11 +28,6 @@ class ImageList:
 def scan_split(root: Path, split: str, classes: tuple[str, ...] | None = None) -> ImageList:
     """List the images of ``root/split``; ``classes`` (from train) fixes the labels of val."""
     d = root / split
-    if not d.is_dir():
-        raise DataError(
-            f"data.path={root} has no '{split}/' folder: it must hold train/ and val/, each with one "
-            f"sub-folder of images per class (ImageNet layout)"
-        )
     found = tuple(sorted(e.name for e in os.scandir(d) if e.is_dir()))
     if not found:
         raise DataError(f"{d} has no class folders: put each class's images in {d}/<class name>/")
@@ -64,6 +59,12 @@ def scan_dataset(path: str | None) -> tuple[ImageList, ImageList]:
     root = Path(path).expanduser()
     if not root.is_dir():
         raise DataError(f"data.path={path} does not exist or is not a folder")
+    for split in ("train", "val"):  # both, before reading either
+        if not (root / split).is_dir():
+            raise DataError(
+                f"data.path={path} has no '{split}/' folder: it must hold train/ and val/, each with one "
+                "sub-folder of images per class (ImageNet layout)"
+            )
     train = scan_split(root, "train")
     val = scan_split(root, "val", train.classes)
     return train, val

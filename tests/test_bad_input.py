@@ -1,0 +1,173 @@
+"""Bad input gets a clear error that names the problem and the fix, and nothing is lost."""
+
+import json
+import logging
+import re
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+
+from dist_bot.checkpoint import list_checkpoints, load_checkpoint, save_checkpoint
+from dist_bot.cli import main
+from dist_bot.config import load_config
+from dist_bot.distributed.env import DistEnv
+from dist_bot.engine import RunError, Trainer
+
+TINY = ["model.name=resnet18d", "data.workers=0", "data.batch_size=8", "wandb.mode=disabled", "schedule.epochs=2"]
+
+
+def train(capsys, *args: str) -> tuple[int, str]:
+    code = main(["train", "configs/demo.yaml", *TINY, *args])
+    return code, capsys.readouterr().err
+
+
+def copy_tree(src: Path, dst: Path) -> Path:
+    shutil.copytree(src, dst, symlinks=False)
+    return dst
+
+
+def test_unknown_config_key(capsys, tiny_digits, tmp_path):
+    code, err = train(capsys, f"data.path={tiny_digits}", f"run.out_dir={tmp_path}", "optim.lrr=0.1")
+    assert code == 2 and "unknown config key 'optim.lrr'" in err and "Traceback" not in err
+    assert not (tmp_path / "demo").exists()  # nothing created
+
+
+@pytest.mark.parametrize(
+    ("make", "message"),
+    [
+        (lambda d: None, "data.path=.* does not exist"),
+        (lambda d: (d / "val").mkdir(parents=True), "has no 'train/' folder"),
+        (lambda d: (d / "train" / "cat").mkdir(parents=True), "has no 'val/' folder"),
+    ],
+)
+def test_missing_data_folders(capsys, tmp_path, make, message):
+    data = tmp_path / "data"
+    make(data)
+    code, err = train(capsys, f"data.path={data}", f"run.out_dir={tmp_path / 'runs'}")
+    assert code == 2 and err.count("\n") == 1
+    assert re.search(message, err), err
+
+
+def test_data_path_not_set(capsys, tmp_path):
+    code, err = train(capsys, "data.path=null", f"run.out_dir={tmp_path}")
+    assert code == 2 and "data.path is not set: pass data.path=" in err
+
+
+def test_class_folder_without_images(capsys, tiny_digits, tmp_path):
+    data = copy_tree(tiny_digits, tmp_path / "data")
+    (data / "train" / "empty").mkdir()
+    (data / "train" / "empty" / "notes.txt").write_text("no images here")
+    code, err = train(capsys, f"data.path={data}", f"run.out_dir={tmp_path / 'runs'}")
+    assert code == 2 and f"class folder {data / 'train' / 'empty'} has no images" in err
+
+
+def test_val_class_unknown_to_train(capsys, tiny_digits, tmp_path):
+    data = copy_tree(tiny_digits, tmp_path / "data")
+    shutil.copytree(data / "val" / "3", data / "val" / "33")
+    code, err = train(capsys, f"data.path={data}", f"run.out_dir={tmp_path / 'runs'}")
+    assert code == 2 and "has classes that train/ lacks: 33" in err
+
+
+def test_num_classes_checked_against_the_data(capsys, tiny_digits, tmp_path):
+    code, err = train(capsys, f"data.path={tiny_digits}", f"run.out_dir={tmp_path}", "model.num_classes=1000")
+    assert code == 2 and "model.num_classes=1000 but" in err and "has 10 class folders" in err
+
+
+def test_corrupt_image_is_named_or_skipped_and_counted(capsys, caplog, tiny_digits, tmp_path):
+    data = copy_tree(tiny_digits, tmp_path / "data")
+    bad = data / "train" / "4" / "0000_truncated.jpg"
+    bad.write_bytes((data / "train" / "4").iterdir().__next__().read_bytes()[:40])  # a truncated JPEG
+    (data / "train" / "5" / "0001_not_an_image.jpg").write_text("<html>404</html>")
+    code, err = train(capsys, f"data.path={data}", f"run.out_dir={tmp_path / 'a'}", "schedule.epochs=1")
+    assert code == 2 and "cannot read image" in err and "data.skip_bad_images=true" in err
+    assert "0000_truncated.jpg" in err or "0001_not_an_image.jpg" in err
+
+    with caplog.at_level(logging.WARNING):
+        code, err = train(
+            capsys,
+            f"data.path={data}",
+            f"run.out_dir={tmp_path / 'b'}",
+            "schedule.epochs=1",
+            "schedule.warmup_epochs=0",
+            "data.skip_bad_images=true",
+        )
+    assert code == 0, err
+    assert "skipped 2 unreadable images this epoch" in caplog.text
+    assert "0000_truncated.jpg" in caplog.text and "0001_not_an_image.jpg" in caplog.text
+
+
+def test_global_batch_that_does_not_split_over_processes(capsys, tiny_digits, tmp_path):
+    code, err = train(
+        capsys,
+        f"data.path={tiny_digits}",
+        f"run.out_dir={tmp_path}",
+        "data.global_batch_size=15",
+        "optim.grad_accum_steps=2",
+    )
+    assert code == 2 and "data.global_batch_size=15 does not split evenly over 1 processes x 2" in err
+
+
+def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(tiny_digits, tmp_path, monkeypatch):
+    cfg = load_config(
+        "configs/demo.yaml",
+        [*TINY, f"data.path={tiny_digits}", f"run.out_dir={tmp_path}", "precision=fp32", "run.log_every_steps=1"],
+    )
+    trainer = Trainer(cfg, DistEnv())
+    real_step = Trainer.train_step
+
+    def poisoned(self, step, batches):
+        loss = real_step(self, step, batches)
+        return loss * float("nan") if self.epoch == 1 else loss
+
+    monkeypatch.setattr(Trainer, "train_step", poisoned)
+    with pytest.raises(RunError, match=r"training loss is nan at epoch 2 step 1: stopping; the last good checkpoint"):
+        trainer.fit()
+    (good,) = list_checkpoints(tmp_path / "demo" / "checkpoints")
+    state = load_checkpoint(good)
+    assert state["epoch"] == 1 and all(torch.isfinite(v).all() for v in state["strategy"]["model"].values())
+
+
+def test_run_folder_of_another_run_is_never_overwritten(capsys, tiny_digits, tmp_path):
+    common = [f"data.path={tiny_digits}", f"run.out_dir={tmp_path}", "schedule.epochs=1", "schedule.warmup_epochs=0"]
+    assert train(capsys, *common)[0] == 0
+    before = (tmp_path / "demo" / "metrics.jsonl").read_text()
+    code, err = train(capsys, *common, "model.name=resnet18c")
+    assert code == 2 and "holds a run with a different config (model.name: 'resnet18d' -> 'resnet18c')" in err
+    code, err = train(capsys, *common, "run.resume=never")
+    assert code == 2 and "already exists and run.resume=never" in err
+    assert (tmp_path / "demo" / "metrics.jsonl").read_text() == before
+    (tmp_path / "other").mkdir()
+    (tmp_path / "other" / "thesis.tex").write_text("precious")
+    code, err = train(capsys, *common, "run.name=other")
+    assert code == 2 and "is not a dist_bot run folder" in err
+
+
+def test_checkpoint_of_another_model_is_refused(capsys, tiny_digits, tmp_path):
+    common = [f"data.path={tiny_digits}", f"run.out_dir={tmp_path}", "schedule.epochs=1", "schedule.warmup_epochs=0"]
+    assert train(capsys, *common, "run.name=a")[0] == 0
+    assert train(capsys, *common, "run.name=b", "model.name=resnet18c", "run.stop_after_steps=1")[0] == 75
+    foreign = load_checkpoint(list_checkpoints(tmp_path / "a" / "checkpoints")[-1])
+    save_checkpoint(foreign, tmp_path / "b" / "checkpoints", 10**6, keep_last=5)  # planted as b's newest
+    code, err = train(capsys, *common, "run.name=b", "model.name=resnet18c")
+    assert code == 2 and "is of resnet18d with 10 classes, but this run builds resnet18c" in err
+
+
+def test_fp16_run_logs_the_loss_scale(capsys, tiny_digits, tmp_path):
+    args = [
+        f"data.path={tiny_digits}",
+        f"run.out_dir={tmp_path}",
+        "precision=fp16",
+        "schedule.epochs=1",
+        "schedule.warmup_epochs=0",
+        "run.log_every_steps=2",
+    ]
+    code = main(["train", "configs/demo.yaml", *TINY, *args])
+    out = capsys.readouterr().out
+    assert code == 0
+    lines = [json.loads(x) for x in (tmp_path / "demo" / "metrics.jsonl").read_text().splitlines()]
+    train_lines = [x for x in lines if x["split"] == "train"]
+    assert all(x["loss_scale"] > 0 and x["skipped_steps"] >= 0 for x in train_lines)
+    assert train_lines[0]["loss_scale"] <= 65536  # starts at loss_scale.init_scale, then halves or doubles
+    assert " scale " in out and " skipped " in out  # the progress line shows them
