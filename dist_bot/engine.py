@@ -238,8 +238,10 @@ class Trainer:
         for k, micro in enumerate(step.micro_batches):
             images, labels = next(batches)
             targets = smooth_targets(labels, self.num_classes, cfg.loss.label_smoothing, cfg.loss.smoothing_form)
-            # lambda and the pairing are a pure function of the position, so a resumed run mixes identically
-            rng = np.random.default_rng([cfg.run.seed, self.epoch, self.epoch_step, k, env.rank])
+            # lambda and the pairing are a pure function of the position, so a resumed run mixes identically;
+            # keyed like the sharding (k x world + rank), so accumulation mixes like more processes would
+            micro_id = k * env.world_size + env.rank
+            rng = np.random.default_rng([cfg.run.seed, self.epoch, self.epoch_step, micro_id])
             images, targets, _ = mixup(images, targets, cfg.loss.mixup_alpha, rng, cfg.loss.mixup_pairing)
             last = k == len(step.micro_batches) - 1
             with contextlib.nullcontext() if last else s.no_sync():

@@ -68,3 +68,12 @@ def test_every_validation_sample_once_without_padding(n, batch, world):
 def test_plan_is_cheap_for_imagenet():
     plan = plan_epoch(1_281_167, 128, 5, 8, 1, seed=0, epoch=7)
     assert len(plan) == int(np.ceil(1_281_167 / 1024)) - (1 if 1_281_167 % 1024 < 16 else 0)
+
+
+def test_accumulation_sees_the_batches_more_processes_would():
+    two_procs = [plan_epoch(103, 8, r, 2, 1, seed=0, epoch=1) for r in range(2)]
+    one_proc = plan_epoch(103, 8, 0, 1, 2, seed=0, epoch=1)
+    assert len(one_proc) == len(two_procs[0])
+    for s, step in enumerate(one_proc):
+        assert step.micro_batches == tuple(p[s].micro_batches[0] for p in two_procs)
+        assert step.step_size == two_procs[0][s].step_size

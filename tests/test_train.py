@@ -212,3 +212,64 @@ def test_checkpoint_holds_everything_resume_needs(straight_run):
     assert state["config"]["model"]["name"] == "resnet18d" and state["num_classes"] == 10
     momentum = state["strategy"]["optimizer"]["state"]
     assert momentum and all(torch.isfinite(v["momentum_buffer"]).all() for v in momentum.values())
+
+
+def test_gradient_accumulation_trains_like_more_processes(tiny_digits, tmp_path):
+    """1 process x 2 accumulated micro-batches of 8 == 2 processes x 8 (same images, same BN batches)."""
+    common = [
+        "train",
+        "configs/demo.yaml",
+        f"data.path={tiny_digits}",
+        *TINY_MODEL,
+        "precision=fp32",
+        "data.batch_size=8",
+        "schedule.epochs=1",
+        "schedule.warmup_epochs=0",
+        f"run.out_dir={tmp_path}",
+    ]
+    ddp = run_cmd(torchrun_cmd(2, *common, "run.name=ddp"))
+    accum = run_cmd(torchrun_cmd(1, *common, "run.name=accum", "optim.grad_accum_steps=2"))
+    assert ddp.returncode == 0 and accum.returncode == 0, (ddp.stderr + accum.stderr)[-3000:]
+    a, b = final_weights(tmp_path / "ddp"), final_weights(tmp_path / "accum")
+    params = {k for k in a if not k.endswith(("running_mean", "running_var", "num_batches_tracked"))}
+    assert max_diff({k: a[k] for k in params}, {k: b[k] for k in params}) <= 1e-5
+
+
+def test_teacher_sees_exactly_the_students_mixed_input(tiny_digits, tmp_path):
+    from dist_bot.config import load_config
+    from dist_bot.distributed.env import DistEnv
+    from dist_bot.engine import Preempted, Trainer
+
+    common = [
+        f"data.path={tiny_digits}",
+        *TINY_MODEL,
+        "data.workers=0",
+        "data.batch_size=8",
+        f"run.out_dir={tmp_path}",
+        "schedule.epochs=1",
+        "schedule.warmup_epochs=0",
+    ]
+    Trainer(load_config("configs/demo.yaml", [*common, "run.name=teacher", "model.name=resnet18c"]), DistEnv()).fit()
+    teacher_ckpt = list_checkpoints(tmp_path / "teacher" / "checkpoints")[-1]
+    cfg = load_config(
+        "configs/demo.yaml",
+        [
+            *common,
+            "run.name=student",
+            f"loss.distill.teacher={teacher_ckpt}",
+            "loss.mixup_alpha=0.4",
+            "run.stop_after_steps=2",
+        ],
+    )
+    trainer = Trainer(cfg, DistEnv())
+    assert not trainer.teacher.training and not any(p.requires_grad for p in trainer.teacher.parameters())
+    seen = {"student": [], "teacher": []}
+    trainer.strategy.model.register_forward_pre_hook(lambda m, args: seen["student"].append(args[0].clone()))
+    trainer.teacher.register_forward_pre_hook(lambda m, args: seen["teacher"].append(args[0].clone()))
+    with pytest.raises(Preempted):
+        trainer.fit()
+    assert len(seen["student"]) == len(seen["teacher"]) == 2
+    for s, t in zip(seen["student"], seen["teacher"], strict=True):
+        assert torch.equal(s, t)
+    teacher_weights = load_checkpoint(teacher_ckpt)["strategy"]["model"]
+    assert all(torch.equal(v, trainer.teacher.state_dict()[k]) for k, v in teacher_weights.items())  # frozen

@@ -1,10 +1,12 @@
 """Exact sharding: every sample once per epoch across all processes, in an order fixed by (seed, epoch).
 
 An epoch is a sequence of optimizer steps. Step s takes the next G = batch x world x accumulation indices
-of the epoch's permutation; process r takes every world-th of them (shares differ by at most one) and
-splits its share into micro-batches. The last step of an epoch is shorter; when it would leave fewer than
-two samples per micro-batch it is folded into the step before. Every process runs the same number of
-steps (so collectives line up) and the engine weights each micro-batch's mean loss by
+of the epoch's permutation; process r takes every world-th of them (shares differ by at most one), and
+micro-batch k of its share every accumulation-th of those. So micro-batch k of rank r holds the step's
+indices k x world + r (mod world x accumulation): 1 process accumulating 2 micro-batches sees exactly the
+batches 2 processes see, and trains to the same weights. The last step of an epoch is shorter; when it
+would leave fewer than two samples per micro-batch it is folded into the step before. Every process runs
+the same number of steps (so collectives line up) and the engine weights each micro-batch's mean loss by
 ``len(micro) x world / step_size`` so that the gradient is exactly the mean over the step's samples.
 """
 
@@ -54,8 +56,8 @@ def plan_epoch(
     steps = []
     for lo, hi in itertools.pairwise(bounds):
         share = order[lo:hi][rank::world_size]
-        chunks = np.array_split(share, min(accum, max(1, len(share) // MIN_PER_MICRO_BATCH)))
-        steps.append(Step(tuple(tuple(int(i) for i in c) for c in chunks if len(c)), hi - lo))
+        n = min(accum, max(1, len(share) // MIN_PER_MICRO_BATCH))
+        steps.append(Step(tuple(tuple(int(i) for i in share[k::n]) for k in range(n)), hi - lo))
     return steps
 
 
