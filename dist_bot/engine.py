@@ -20,6 +20,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
+import yaml
 
 from .checkpoint import load_checkpoint, load_latest_good, rng_state, save_checkpoint, set_rng_state
 from .config import Config, UserError, from_dict, to_dict, to_yaml
@@ -76,10 +77,10 @@ def check_run_dir(cfg: Config, run_dir: Path) -> None:
         raise RunError(f"{run_dir} exists and is not a dist_bot run folder: choose another run.name or run.out_dir")
     if cfg.run.resume == "never":
         raise RunError(f"run folder {run_dir} already exists and run.resume=never: choose another run.name")
-    import yaml
-
     old, new = flat_keys(yaml.safe_load(saved.read_text())), flat_keys(to_dict(cfg))
-    differ = sorted(k for k in old.keys() | new.keys() if old.get(k) != new.get(k) and k not in RESUMABLE_CHANGES)
+    # with a global batch, the per-process batch follows the world size, which may change on resume
+    may_change = RESUMABLE_CHANGES | ({"data.batch_size"} if cfg.data.global_batch_size else set())
+    differ = sorted(k for k in old.keys() | new.keys() if old.get(k) != new.get(k) and k not in may_change)
     if differ:
         changes = ", ".join(f"{k}: {old.get(k)!r} -> {new.get(k)!r}" for k in differ[:6])
         raise RunError(

@@ -22,30 +22,28 @@ def digits_dir(tmp_path_factory) -> Path:
     return out
 
 
-@pytest.fixture(scope="session")
-def tiny_digits(tmp_path_factory, digits_dir) -> Path:
-    """10 train and 4 val digits per class (symlinks): for tests that only need a run to start and step."""
-    out = tmp_path_factory.mktemp("tiny") / "digits"
-    for split, keep in (("train", 10), ("val", 4)):
-        for cls in sorted((digits_dir / split).iterdir()):
+def link_subset(src: Path, out: Path, per_class: dict[str, int]) -> Path:
+    """The first N images of every class of each split, as symlinks (the data is never copied)."""
+    for split, keep in per_class.items():
+        for cls in sorted((src / split).iterdir()):
             (out / split / cls.name).mkdir(parents=True)
             for f in sorted(cls.iterdir())[:keep]:
                 (out / split / cls.name / f.name).symlink_to(f)
     return out
+
+
+@pytest.fixture(scope="session")
+def tiny_digits(tmp_path_factory, digits_dir) -> Path:
+    """10 train and 4 val digits per class: for tests that only need a run to start and step."""
+    return link_subset(digits_dir, tmp_path_factory.mktemp("tiny") / "digits", {"train": 10, "val": 4})
 
 
 @pytest.fixture(scope="session")
 def imagenette_subset(tmp_path_factory) -> Path:
-    """20 train and 10 val images per class of ../shared/data/imagenette, linked (never copied)."""
+    """20 train and 10 val images per class of ../shared/data/imagenette."""
     if not (IMAGENETTE / "train").is_dir():
         pytest.skip(f"Imagenette not found at {IMAGENETTE} (CI has it; see ../shared/data/README.md)")
-    out = tmp_path_factory.mktemp("imagenette") / "subset"
-    for split, keep in (("train", 20), ("val", 10)):
-        for cls in sorted((IMAGENETTE / split).iterdir()):
-            (out / split / cls.name).mkdir(parents=True)
-            for f in sorted(cls.iterdir())[:keep]:
-                (out / split / cls.name / f.name).symlink_to(f)
-    return out
+    return link_subset(IMAGENETTE, tmp_path_factory.mktemp("imagenette") / "subset", {"train": 20, "val": 10})
 
 
 def torchrun_cmd(nproc: int, *args: str) -> list[str]:
