@@ -5,6 +5,8 @@
     dist-bot models [--image-size 224]          every model: parameters and multiply-adds
     dist-bot config CONFIG [key=value ...]      the resolved config of a recipe plus overrides, as YAML
     dist-bot data digits OUT_DIR                write the bundled handwritten digits as an ImageFolder
+    dist-bot data check DIR [--workers N]       scan a dataset for unreadable files, empty classes, leakage
+    dist-bot bench data CONFIG [key=value ...]  images/s of each data loader, side by side (JSON lines)
 
 Bad input (an unknown key, a wrongly typed value, an unknown model) ends with one line on stderr that
 names the problem and the fix, and exit status 2, like argparse's own usage errors.
@@ -94,11 +96,29 @@ def cmd_eval(args: argparse.Namespace) -> int:
     return 0
 
 
-def cmd_data(args: argparse.Namespace) -> int:
+def cmd_data_digits(args: argparse.Namespace) -> int:
     from dist_bot.datasets import write_digits
 
     counts = write_digits(args.out_dir, size=args.size)
     print(json.dumps({"dataset": "digits", "path": args.out_dir, **counts}))
+    return 0
+
+
+def cmd_data_check(args: argparse.Namespace) -> int:
+    from dist_bot.data.check import check_dataset
+
+    report = check_dataset(args.dir, workers=args.workers)
+    print(json.dumps(report.to_dict()) if args.json else report.to_text())
+    return 0 if report.ok else 1
+
+
+def cmd_bench_data(args: argparse.Namespace) -> int:
+    from dist_bot.bench import bench_data
+
+    for record in bench_data(
+        load_config(args.config, args.overrides), args.loaders.split(","), args.batches, args.repeats
+    ):
+        print(json.dumps(record), flush=True)
     return 0
 
 
@@ -122,7 +142,22 @@ def build_parser() -> argparse.ArgumentParser:
     d = dsub.add_parser("digits", help="scikit-learn's handwritten digits as JPEG class folders (train/ and val/)")
     d.add_argument("out_dir", help="new folder to write")
     d.add_argument("--size", type=int, default=32, help="image size in pixels (default 32)")
-    d.set_defaults(func=cmd_data)
+    d.set_defaults(func=cmd_data_digits)
+    d = dsub.add_parser("check", help="scan train/ and val/: counts, unreadable files, empty classes, leakage")
+    d.add_argument("dir", help="dataset folder holding train/ and val/")
+    d.add_argument("--workers", type=int, default=8, help="parallel readers (default 8)")
+    d.add_argument("--json", action="store_true", help="print the report as one JSON object")
+    d.set_defaults(func=cmd_data_check)
+
+    p = sub.add_parser("bench", help="benchmarks (JSON lines)")
+    bsub = p.add_subparsers(dest="bench_command", required=True, metavar="WHAT")
+    b = bsub.add_parser("data", help="images/s of each data loader over the same batches, side by side")
+    b.add_argument("config", help="recipe YAML (data.path, image size, batch size, workers)")
+    b.add_argument("overrides", nargs="*", metavar="key=value", help="dotted overrides, e.g. data.image_size=224")
+    b.add_argument("--loaders", default="dali,torch", help="comma-separated loaders (default dali,torch)")
+    b.add_argument("--batches", type=int, default=20, help="timed batches per run, after 3 warm-up (default 20)")
+    b.add_argument("--repeats", type=int, default=3, help="runs per loader; the median is reported (default 3)")
+    b.set_defaults(func=cmd_bench_data)
 
     p = sub.add_parser("models", help="list every model with its parameters and multiply-adds")
     p.add_argument("--image-size", type=int, default=224, help="input resolution in pixels (default 224)")

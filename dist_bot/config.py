@@ -55,7 +55,7 @@ class ModelConfig:
 @dataclass
 class DataConfig:
     path: str | None = None  # folder holding train/ and val/ in ImageNet layout (class folders of images)
-    loader: Literal["dali", "torch", "synthetic"] = "torch"  # decoding pipeline
+    loader: Literal["auto", "dali", "torch", "synthetic"] = "auto"  # auto: dali when installed, else torch
     image_size: int = 224  # training crop in pixels (validation center crop too)
     val_resize_ratio: float = 0.875  # validation resizes the shorter side to image_size / this, then crops
     batch_size: int = 32  # images per process per step (global batch = this x world size x accumulation)

@@ -75,12 +75,17 @@ def test_num_classes_checked_against_the_data(capsys, tiny_digits, tmp_path):
     assert code == 2 and "model.num_classes=1000 but" in err and "has 10 class folders" in err
 
 
-def test_corrupt_image_is_named_or_skipped_and_counted(capsys, caplog, tiny_digits, tmp_path):
+@pytest.mark.parametrize("loader", ["torch", "dali"])
+def test_corrupt_image_is_named_or_skipped_and_counted(capsys, caplog, tiny_digits, tmp_path, loader):
+    if loader == "dali":
+        pytest.importorskip("nvidia.dali", reason="DALI is not installed (pip install -e '.[dali]')")
     data = copy_tree(tiny_digits, tmp_path / "data")
     bad = data / "train" / "4" / "0000_truncated.jpg"
     bad.write_bytes((data / "train" / "4").iterdir().__next__().read_bytes()[:40])  # a truncated JPEG
     (data / "train" / "5" / "0001_not_an_image.jpg").write_text("<html>404</html>")
-    code, err = train(capsys, f"data.path={data}", f"run.out_dir={tmp_path / 'a'}", "schedule.epochs=1")
+    code, err = train(
+        capsys, f"data.path={data}", f"run.out_dir={tmp_path / 'a'}", "schedule.epochs=1", f"data.loader={loader}"
+    )
     assert code == 2 and "cannot read image" in err and "data.skip_bad_images=true" in err
     assert "0000_truncated.jpg" in err or "0001_not_an_image.jpg" in err
 
@@ -92,6 +97,7 @@ def test_corrupt_image_is_named_or_skipped_and_counted(capsys, caplog, tiny_digi
             "schedule.epochs=1",
             "schedule.warmup_epochs=0",
             "data.skip_bad_images=true",
+            f"data.loader={loader}",
         )
     assert code == 0, err
     assert "skipped 2 unreadable images this epoch" in caplog.text

@@ -4,7 +4,9 @@ Iterating a loader yields ``(images, labels)`` on the device, float, normalized,
 format. ``len(train)`` is optimizer steps per epoch, the same on every process; ``train.steps[i]`` lists
 this process's micro-batches of step i and the step's global size. ``set_epoch(e, start_step)`` fixes the
 order from (seed, epoch) and resumes inside an epoch. ``val.samples`` is the number of real images this
-process evaluates (no padding). The same contract holds for every loader.
+process evaluates (no padding); ``num_samples`` the split's size; ``num_classes`` the number of classes.
+The same contract holds for every loader: ``torch`` (torchvision, DataLoader workers), ``dali`` (GPU
+decoding, or DALI's CPU-only mode), ``synthetic`` (random tensors made once on the device).
 """
 
 from __future__ import annotations
@@ -15,19 +17,27 @@ from .transforms import eval_transform, train_transform
 
 
 def make_loaders(cfg, env):
-    if cfg.data.loader != "torch":
-        raise NotImplementedError(
-            f"data.loader={cfg.data.loader!r} is not available in this version: use data.loader=torch "
-            "(DALI and synthetic data: issue 4)"
-        )
+    loader = cfg.data.loader
+    if loader == "auto":
+        from .dali_loader import dali_available
+
+        loader = "dali" if dali_available() else "torch"
+    if loader == "synthetic":
+        from .synthetic import synthetic_loaders
+
+        return synthetic_loaders(cfg, env)
     train_list, val_list = scan_dataset(cfg.data.path)
+    if loader == "dali":
+        from .dali_loader import DaliLoader, dali_available
+
+        if not dali_available():
+            raise DataError(
+                "data.loader=dali but DALI is not installed: pip install 'dist-bot[dali]', or data.loader=torch"
+            )
+        return DaliLoader(train_list, cfg, env, train=True), DaliLoader(val_list, cfg, env, train=False)
     d = cfg.data
     train = TorchLoader(
-        train_list,
-        train_transform(d.image_size, d.min_crop_area, d.hflip, d.color_jitter),
-        cfg,
-        env,
-        train=True,
+        train_list, train_transform(d.image_size, d.min_crop_area, d.hflip, d.color_jitter), cfg, env, train=True
     )
     val = TorchLoader(val_list, eval_transform(d.image_size, d.val_resize_ratio), cfg, env, train=False)
     return train, val

@@ -32,7 +32,13 @@ def load_rgb(path: str) -> Image.Image:
             warnings.simplefilter("error", Image.DecompressionBombWarning)
             with Image.open(path) as im:
                 return im.convert("RGB")
-    except (OSError, UnidentifiedImageError, ValueError, Image.DecompressionBombWarning) as e:
+    except (
+        OSError,
+        UnidentifiedImageError,
+        ValueError,
+        Image.DecompressionBombWarning,
+        Image.DecompressionBombError,
+    ) as e:
         raise BadImageError(
             f"cannot read image {path}: {e}. Remove or replace the file, or set data.skip_bad_images=true "
             "to skip unreadable images (they are counted and reported)"
@@ -86,6 +92,7 @@ class TorchLoader:
         self.dataset = ImageDataset(images, transform, cfg.data.skip_bad_images)
         self.device = env.device
         self.memory_format = torch.channels_last if cfg.model.channels_last else torch.contiguous_format
+        self.dtype = torch.float16 if cfg.precision == "fp16" else torch.float32  # as DALI emits: half the bytes
         self.epoch, self.start_step = 0, 0
         self.bad_images = 0  # skipped in the current epoch on this process
         self.steps: list[Step] = []
@@ -94,6 +101,11 @@ class TorchLoader:
     @property
     def num_classes(self) -> int:
         return len(self.images.classes)
+
+    @property
+    def num_samples(self) -> int:
+        """Images in the split (all processes)."""
+        return len(self.images)
 
     def set_epoch(self, epoch: int, start_step: int = 0) -> None:
         self.epoch, self.start_step = epoch, start_step
@@ -146,5 +158,6 @@ class TorchLoader:
             x = images.to(self.device, non_blocking=True).float().div_(255)
             if self.train and self.cfg.data.pca_lighting > 0:
                 x = pca_lighting(x, lighting * self.cfg.data.pca_lighting)
-            x = normalize(x, self.cfg.data.mean, self.cfg.data.std).contiguous(memory_format=self.memory_format)
+            x = normalize(x, self.cfg.data.mean, self.cfg.data.std).to(self.dtype)
+            x = x.contiguous(memory_format=self.memory_format)
             yield x, labels.to(self.device, non_blocking=True)

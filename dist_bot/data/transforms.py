@@ -12,6 +12,9 @@ training device in one batched op (4x less host-to-device traffic, as DALI and F
 
 from __future__ import annotations
 
+import math
+
+import numpy as np
 import torch
 from torchvision import transforms as T
 
@@ -30,11 +33,47 @@ def train_transform(image_size: int, min_crop_area: float, hflip: bool, color_ji
     return T.Compose(ops)
 
 
+def sample_resized_crop(
+    width: int, height: int, scale: tuple[float, float], ratio: tuple[float, float], rng: np.random.Generator
+) -> tuple[int, int, int, int]:
+    """(x, y, w, h) of a random crop covering ``scale`` of the area with aspect ratio in ``ratio`` (log-uniform):
+    torchvision's RandomResizedCrop algorithm, drawn from ``rng`` so a loader can seed it per image."""
+    area = width * height
+    log_ratio = (math.log(ratio[0]), math.log(ratio[1]))
+    for _ in range(10):
+        target = area * rng.uniform(*scale)
+        aspect = math.exp(rng.uniform(*log_ratio))
+        w, h = round(math.sqrt(target * aspect)), round(math.sqrt(target / aspect))
+        if 0 < w <= width and 0 < h <= height:
+            return int(rng.integers(0, width - w + 1)), int(rng.integers(0, height - h + 1)), w, h
+    in_ratio = width / height  # fallback: the largest center crop within the ratio range
+    if in_ratio < ratio[0]:
+        w, h = width, round(width / ratio[0])
+    elif in_ratio > ratio[1]:
+        w, h = round(height * ratio[1]), height
+    else:
+        w, h = width, height
+    return (width - w) // 2, (height - h) // 2, w, h
+
+
+class CenterCrop:
+    """Center crop whose offset rounds half up, (L - size + 1) // 2, as DALI's crop_pos 0.5 does;
+    torchvision's CenterCrop rounds half to even, one pixel off on odd margins (73 - 64 = 9 -> 4, not 5)."""
+
+    def __init__(self, size: int):
+        self.size = size
+
+    def __call__(self, img):
+        w, h = img.size
+        left, top = (w - self.size + 1) // 2, (h - self.size + 1) // 2
+        return img.crop((left, top, left + self.size, top + self.size))
+
+
 def eval_transform(image_size: int, resize_ratio: float) -> T.Compose:
     return T.Compose(
         [
             T.Resize(round(image_size / resize_ratio), antialias=True),
-            T.CenterCrop(image_size),
+            CenterCrop(image_size),
             T.PILToTensor(),
         ]
     )

@@ -1,0 +1,59 @@
+"""Synthetic data for throughput runs: random batches made once on the device, no decoding at all.
+
+Same interface as the real loaders, so `dist-bot train ... data.loader=synthetic` measures the model,
+optimizer and communication alone. 1,000 classes unless model.num_classes says otherwise.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from .sharding import Step
+
+TRAIN_IMAGES_PER_PROCESS = 64  # steps per epoch = this / batch: enough for a few log intervals
+VAL_IMAGES_PER_PROCESS = 64
+
+
+class SyntheticLoader:
+    def __init__(self, cfg, env, train: bool, num_classes: int):
+        self.cfg, self.env, self.train = cfg, env, train
+        self.num_classes = num_classes
+        d = cfg.data
+        self.batch = d.batch_size if train else (d.val_batch_size or d.batch_size)
+        g = torch.Generator().manual_seed(cfg.run.seed + env.rank)
+        fmt = torch.channels_last if cfg.model.channels_last else torch.contiguous_format
+        dtype = torch.float16 if cfg.precision == "fp16" else torch.float32  # as the real loaders emit
+        self.images = torch.randn(self.batch, 3, d.image_size, d.image_size, generator=g).to(
+            env.device, dtype, memory_format=fmt
+        )
+        self.labels = torch.randint(0, num_classes, (self.batch,), generator=g).to(env.device)
+        n_steps = max(1, (TRAIN_IMAGES_PER_PROCESS if train else VAL_IMAGES_PER_PROCESS) // self.batch)
+        accum = cfg.optim.grad_accum_steps if train else 1
+        size = self.batch * env.world_size * accum
+        self.steps = [Step(tuple(tuple(range(self.batch)) for _ in range(accum)), size) for _ in range(n_steps)]
+        self.start_step = 0
+        self.bad_images = 0
+
+    @property
+    def num_samples(self) -> int:
+        return len(self.steps) * self.batch * self.env.world_size
+
+    def set_epoch(self, epoch: int, start_step: int = 0) -> None:
+        self.start_step = start_step
+
+    def __len__(self) -> int:
+        return len(self.steps)
+
+    @property
+    def samples(self) -> int:
+        return len(self.steps) * self.batch
+
+    def __iter__(self):
+        for step in self.steps[self.start_step :]:
+            for _ in step.micro_batches:
+                yield self.images, self.labels
+
+
+def synthetic_loaders(cfg, env):
+    num_classes = cfg.model.num_classes or 1000
+    return SyntheticLoader(cfg, env, True, num_classes), SyntheticLoader(cfg, env, False, num_classes)

@@ -1,0 +1,135 @@
+"""The data interface served by torch, DALI (CPU-only mode here) and synthetic loaders."""
+
+import json
+import sys
+
+import pytest
+import torch
+from conftest import REPO, run_cmd
+
+from dist_bot.config import load_config
+from dist_bot.distributed.env import DistEnv
+
+
+@pytest.fixture(scope="module")
+def one_image_per_class(tmp_path_factory, digits_dir):
+    """103 train and 103 val classes of one image each: a label is the identity of a sample. 103 divides
+    neither the world size 2 nor the batch 8."""
+    out = tmp_path_factory.mktemp("unique") / "data"
+    for split in ("train", "val"):
+        files = sorted((digits_dir / split).glob("*/*.jpg"))[:103]
+        for i, f in enumerate(files):
+            (out / split / f"{i:03d}").mkdir(parents=True)
+            (out / split / f"{i:03d}" / f.name).symlink_to(f)
+    return out
+
+
+def needs(loader):
+    if loader == "dali":
+        pytest.importorskip("nvidia.dali", reason="DALI is not installed (pip install -e '.[dali]')")
+
+
+@pytest.mark.parametrize("loader", ["dali", "torch"])
+def test_two_ranks_read_every_sample_exactly_once(loader, one_image_per_class, tmp_path):
+    needs(loader)
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        "--nproc_per_node=2",
+        str(REPO / "tests" / "loader_probe.py"),
+        str(one_image_per_class),
+        loader,
+        "8",
+        str(tmp_path),
+    ]
+    res = run_cmd(cmd)
+    assert res.returncode == 0, res.stderr[-3000:]
+    ranks = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in range(2)]
+    assert ranks[0]["steps_per_epoch"] == ranks[1]["steps_per_epoch"] == 7  # 6 x 16 + one step of 7
+    for epoch in (0, 1):
+        steps = [r["train"][epoch] for r in ranks]
+        assert len(steps[0]) == len(steps[1]) == 7
+        assert all(len(s) > 0 for r in steps for s in r), "no rank may get an empty step"
+        assert sorted(x for r in steps for s in r for x in s) == list(range(103))
+        val = [x for r in ranks for x in r["val"][epoch]]
+        assert sorted(val) == list(range(103)), "validation: every image once, padding never counted"
+    order = [[x for s in r["train"][e] for x in s] for r in ranks for e in (0, 1)]
+    assert order[0] != order[1], "the order changes with the epoch"
+    for r in ranks:  # resumed inside epoch 1 at step 2: exactly the rest of that epoch
+        assert r["resumed"] == r["train"][1][2:]
+
+
+def loaders(loader, data, **over):
+    from dist_bot.data import make_loaders
+
+    args = [
+        f"data.path={data}",
+        f"data.loader={loader}",
+        "data.image_size=64",
+        "data.batch_size=8",
+        "data.workers=1",
+        "data.color_jitter=0",
+        "data.pca_lighting=0",
+    ] + [f"{k}={v}" for k, v in over.items()]
+    return make_loaders(load_config(None, args), DistEnv())
+
+
+@pytest.mark.parametrize("precision", ["fp32", "fp16"])
+def test_dali_and_torch_batches_have_the_same_form(imagenette_subset, precision):
+    needs("dali")
+    out = {}
+    for name in ("dali", "torch"):
+        train, val = loaders(name, imagenette_subset, precision=precision)
+        out[name] = (next(iter(train)), next(iter(val)))
+    for i in (0, 1):
+        (xd, yd), (xt, yt) = out["dali"][i], out["torch"][i]
+        assert xd.shape == xt.shape == (8, 3, 64, 64)
+        assert xd.dtype == xt.dtype == (torch.float16 if precision == "fp16" else torch.float32)
+        assert xd.is_contiguous(memory_format=torch.channels_last) and xt.is_contiguous(
+            memory_format=torch.channels_last
+        )
+        assert yd.dtype == yt.dtype == torch.int64
+        for x in (xd, xt):  # normalized ImageNet-style pixels
+            assert -2.2 < x.float().min() < -1.0 and 1.5 < x.float().max() < 2.7
+            assert abs(x.float().mean()) < 1.0
+    (vd, yd), (vt, yt) = out["dali"][1], out["torch"][1]
+    assert torch.equal(yd, yt)  # the same validation images in the same order (one process)
+    diff = (vd.float() - vt.float()).abs()
+    assert diff.mean() < 0.05, f"validation crops differ: mean |diff| {diff.mean():.3f} (normalized units)"
+
+
+def test_grayscale_cmyk_and_png_decode_and_a_corrupt_file_is_named(tmp_path):
+    needs("dali")
+    from PIL import Image
+
+    from dist_bot.data import BadImageError
+
+    for split in ("train", "val"):
+        for c, (mode, ext) in enumerate([("L", "jpg"), ("CMYK", "jpg"), ("RGB", "png"), ("RGB", "jpg")]):
+            d = tmp_path / split / f"c{c}"
+            d.mkdir(parents=True)
+            for i in range(4):
+                Image.new(mode, (40 + i, 30), color=(i * 40,) * len(mode)).save(d / f"{i}.{ext}")
+    train, val = loaders("dali", tmp_path)
+    for epoch in (0, 1):
+        train.set_epoch(epoch)
+        got = sorted(y for _, labels in train for y in labels.tolist())
+        assert got == sorted([0, 1, 2, 3] * 4)
+    assert sorted(y for _, labels in val for y in labels.tolist()) == sorted([0, 1, 2, 3] * 4)
+
+    bad = tmp_path / "train" / "c3" / "0.jpg"
+    bad.write_bytes(bad.read_bytes()[:60])  # truncated: the header parses, the data does not decode
+    train, _ = loaders("dali", tmp_path)
+    with pytest.raises(BadImageError, match=r"cannot read image .*c3/0\.jpg"):
+        for _ in train:
+            pass
+
+
+def test_synthetic_loader_follows_the_interface():
+    train, val = loaders("synthetic", "/nonexistent", **{"model.num_classes": 10})
+    assert len(train) == 64 // 8 and train.num_classes == 10
+    x, y = next(iter(train))
+    assert x.shape == (8, 3, 64, 64) and x.is_contiguous(memory_format=torch.channels_last)
+    assert y.max() < 10 and val.samples == 64
