@@ -1,5 +1,6 @@
 """The `dist-bot` command as users run it: the installed console script and `python -m dist_bot`."""
 
+import json
 import subprocess
 import sys
 from pathlib import Path
@@ -49,3 +50,47 @@ def test_config_errors_are_one_clear_line_and_exit_status_2():
 def test_unknown_command_is_rejected():
     out = run("trian", entry=(sys.executable, "-m", "dist_bot"))
     assert out.returncode == 2 and "invalid choice: 'trian'" in out.stderr
+
+
+def test_data_check_reports_planted_problems_and_exits_1(tmp_path):
+    from PIL import Image
+
+    for split in ("train", "val"):
+        for c in ("a", "b"):
+            (tmp_path / split / c).mkdir(parents=True)
+            for i in range(2):
+                Image.effect_noise((16, 16), 40 + i + (c == "b")).save(tmp_path / split / c / f"{split}{i}.jpg")
+    out = run("data", "check", str(tmp_path), entry=(sys.executable, "-m", "dist_bot"))
+    assert out.returncode == 0 and out.stdout.rstrip().endswith("OK"), out.stdout
+    (tmp_path / "train" / "a" / "broken.jpg").write_bytes(b"\xff\xd8\xff\xe0 truncated")
+    (tmp_path / "val" / "b" / "leak.jpg").write_bytes((tmp_path / "train" / "b" / "train0.jpg").read_bytes())
+    out = run("data", "check", str(tmp_path), "--json", entry=(sys.executable, "-m", "dist_bot"))
+    assert out.returncode == 1
+    report = json.loads(out.stdout)
+    assert [Path(p).name for p, _ in report["unreadable"]] == ["broken.jpg"]
+    assert [(Path(t).name, Path(v).name) for t, v in report["duplicates"]] == [("train0.jpg", "leak.jpg")]
+    assert report["counts"]["train"] == {"a": 2, "b": 2} and report["counts"]["val"] == {"a": 2, "b": 3}
+
+
+def test_bench_data_prints_one_json_line_per_loader(tmp_path):
+    from dist_bot.datasets import write_digits
+
+    pytest.importorskip("nvidia.dali", reason="DALI is not installed (pip install -e '.[dali]')")
+    pytest.importorskip("sklearn", reason="the digits dataset needs scikit-learn")
+    write_digits(tmp_path / "d")
+    out = run(
+        "bench",
+        "data",
+        "configs/demo.yaml",
+        f"data.path={tmp_path / 'd'}",
+        "--batches",
+        "2",
+        "--repeats",
+        "2",
+        entry=(sys.executable, "-m", "dist_bot"),
+    )
+    assert out.returncode == 0, out.stderr[-2000:]
+    lines = [json.loads(x) for x in out.stdout.splitlines()]
+    assert [x["loader"] for x in lines] == ["dali", "torch"]
+    assert all(x["img_per_s"] > 0 and len(x["runs"]) == 2 for x in lines)
+    assert lines[1]["ratio_to_torch"] == 1.0 and lines[0]["ratio_to_torch"] > 0

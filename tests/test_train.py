@@ -33,8 +33,12 @@ def max_diff(a: dict, b: dict) -> float:
 # -- the full recipe on real ImageNet images, 2 processes -------------------------------------------
 
 
-def test_two_processes_every_trick_on_imagenette_subset(imagenette_subset, tmp_path):
+@pytest.mark.parametrize("loader", ["torch", "dali"])
+def test_two_processes_every_trick_on_imagenette_subset(imagenette_subset, tmp_path, loader):
+    if loader == "dali":
+        pytest.importorskip("nvidia.dali", reason="DALI is not installed (pip install -e '.[dali]')")
     common = [
+        f"data.loader={loader}",
         f"data.path={imagenette_subset}",
         "data.image_size=64",
         "data.batch_size=16",
@@ -97,13 +101,27 @@ def test_two_processes_every_trick_on_imagenette_subset(imagenette_subset, tmp_p
 # -- resume gives the same result as not stopping ---------------------------------------------------
 
 
+@pytest.fixture(scope="module", params=["torch", "dali"])
+def loader(request):
+    if request.param == "dali":
+        pytest.importorskip("nvidia.dali", reason="DALI is not installed (pip install -e '.[dali]')")
+    return request.param
+
+
 @pytest.fixture(scope="module")
-def straight_run(digits_dir, tmp_path_factory):
+def straight_run(digits_dir, tmp_path_factory, loader):
     """2 epochs, fp32, 2 processes, uninterrupted: the reference for the resume tests."""
     out = tmp_path_factory.mktemp("straight")
     res = run_cmd(
         torchrun_cmd(
-            2, "train", "configs/demo.yaml", f"data.path={digits_dir}", *RESUME_ARGS, f"run.out_dir={out}", "run.name=r"
+            2,
+            "train",
+            "configs/demo.yaml",
+            f"data.path={digits_dir}",
+            *RESUME_ARGS,
+            f"data.loader={loader}",
+            f"run.out_dir={out}",
+            "run.name=r",
         )
     )
     assert res.returncode == 0, res.stderr[-3000:]
@@ -113,12 +131,13 @@ def straight_run(digits_dir, tmp_path_factory):
 RESUME_ARGS = [*TINY_MODEL, "precision=fp32", "schedule.epochs=2", "run.log_every_steps=5"]
 
 
-def test_stop_after_one_epoch_and_resume_equals_straight_run(straight_run, digits_dir, tmp_path):
+def test_stop_after_one_epoch_and_resume_equals_straight_run(straight_run, digits_dir, tmp_path, loader):
     args = [
         "train",
         "configs/demo.yaml",
         f"data.path={digits_dir}",
         *RESUME_ARGS,
+        f"data.loader={loader}",
         f"run.out_dir={tmp_path}",
         "run.name=r",
     ]
@@ -137,12 +156,13 @@ def test_stop_after_one_epoch_and_resume_equals_straight_run(straight_run, digit
     assert val[-1]["top1"] == pytest.approx(ref[-1]["top1"]) and val[-1]["samples"] == 360
 
 
-def test_signal_to_one_rank_mid_epoch_checkpoints_all_and_resumes_exactly(straight_run, digits_dir, tmp_path):
+def test_signal_to_one_rank_mid_epoch_checkpoints_all_and_resumes_exactly(straight_run, digits_dir, tmp_path, loader):
     args = [
         "train",
         "configs/demo.yaml",
         f"data.path={digits_dir}",
         *RESUME_ARGS,
+        f"data.loader={loader}",
         f"run.out_dir={tmp_path}",
         "run.name=r",
     ]
