@@ -131,16 +131,21 @@ def straight_run(digits_dir, tmp_path_factory, loader):
 RESUME_ARGS = [*TINY_MODEL, "precision=fp32", "schedule.epochs=2", "run.log_every_steps=5"]
 
 
-def test_stop_after_one_epoch_and_resume_equals_straight_run(straight_run, digits_dir, tmp_path, loader):
-    args = [
+def resume_args(data: Path, loader: str, out_dir: Path) -> list[str]:
+    """The straight run's command, into another run folder."""
+    return [
         "train",
         "configs/demo.yaml",
-        f"data.path={digits_dir}",
+        f"data.path={data}",
         *RESUME_ARGS,
         f"data.loader={loader}",
-        f"run.out_dir={tmp_path}",
+        f"run.out_dir={out_dir}",
         "run.name=r",
     ]
+
+
+def test_stop_after_one_epoch_and_resume_equals_straight_run(straight_run, digits_dir, tmp_path, loader):
+    args = resume_args(digits_dir, loader, tmp_path)
     steps_per_epoch = 23  # 1,437 digits / global batch 64: 22 full steps and one of 29
     first = run_cmd(torchrun_cmd(2, *args, f"run.stop_after_steps={steps_per_epoch}"))
     assert first.returncode != 0 and "exiting with status 75" in first.stdout  # torchrun reports the requeue
@@ -157,15 +162,7 @@ def test_stop_after_one_epoch_and_resume_equals_straight_run(straight_run, digit
 
 
 def test_signal_to_one_rank_mid_epoch_checkpoints_all_and_resumes_exactly(straight_run, digits_dir, tmp_path, loader):
-    args = [
-        "train",
-        "configs/demo.yaml",
-        f"data.path={digits_dir}",
-        *RESUME_ARGS,
-        f"data.loader={loader}",
-        f"run.out_dir={tmp_path}",
-        "run.name=r",
-    ]
+    args = resume_args(digits_dir, loader, tmp_path)
     proc = subprocess.Popen(torchrun_cmd(2, *args), cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     metrics = tmp_path / "r" / "metrics.jsonl"
     deadline = time.time() + 120

@@ -24,7 +24,7 @@ import torch
 from PIL import Image, UnidentifiedImageError
 
 from .folder import ImageList
-from .sharding import MIN_PER_MICRO_BATCH, Step, plan_epoch
+from .sharding import MIN_PER_MICRO_BATCH, PlannedLoader
 from .torch_loader import BadImageError, load_rgb, sample_seed
 from .transforms import PCA_EIGVAL, PCA_EIGVEC, sample_resized_crop
 
@@ -180,42 +180,14 @@ def _pipelines(cfg, device_id, max_batch: int, num_threads: int):
     return train_pipe, val_pipe
 
 
-class DaliLoader:
+class DaliLoader(PlannedLoader):
     """The data interface of dist_bot/data/__init__.py, served by DALI."""
 
     def __init__(self, images: ImageList, cfg, env, train: bool):
-        self.images, self.cfg, self.env, self.train = images, cfg, env, train
-        self.device = env.device
         self.device_id = env.device.index if env.device.type == "cuda" else None  # None: CPU-only DALI
         self.num_threads = max(1, cfg.data.workers)
-        self.epoch, self.start_step = 0, 0
-        self.bad_images = 0
-        self.steps: list[Step] = []
         self._val_pipe = None
-        self.set_epoch(0)
-
-    @property
-    def num_classes(self) -> int:
-        return len(self.images.classes)
-
-    @property
-    def num_samples(self) -> int:
-        """Images in the split (all processes)."""
-        return len(self.images)
-
-    def set_epoch(self, epoch: int, start_step: int = 0) -> None:
-        self.epoch, self.start_step = epoch, start_step
-        if self.train:
-            d, o = self.cfg.data, self.cfg.optim
-            self.steps = plan_epoch(
-                len(self.images),
-                d.batch_size,
-                self.env.rank,
-                self.env.world_size,
-                o.grad_accum_steps,
-                self.cfg.run.seed,
-                epoch,
-            )
+        super().__init__(images, cfg, env, train)
 
     def _val_shard(self) -> tuple[int, int]:
         """DALI's contiguous shard of this rank: [floor(N r / W), floor(N (r + 1) / W))."""
@@ -234,7 +206,7 @@ class DaliLoader:
     @property
     def samples(self) -> int:
         if self.train:
-            return sum(len(mb) for s in self.steps[self.start_step :] for mb in s.micro_batches)
+            return sum(map(len, self.train_batches()))
         lo, hi = self._val_shard()
         return hi - lo
 
@@ -249,7 +221,7 @@ class DaliLoader:
     def _iter_train(self):
         from nvidia.dali.plugin.pytorch import DALIGenericIterator
 
-        batches = [mb for s in self.steps[self.start_step :] for mb in s.micro_batches]
+        batches = self.train_batches()
         max_batch = max((len(b) for b in batches), default=1) + MIN_PER_MICRO_BATCH
         source = TrainSource(self.images, batches, self.cfg, self.epoch)
         train_pipe, _ = _pipelines(self.cfg, self.device_id, max_batch, self.num_threads)

@@ -61,6 +61,40 @@ def plan_epoch(
     return steps
 
 
+class PlannedLoader:
+    """What every file-based loader shares: the split, this process's place, and the epoch's plan."""
+
+    def __init__(self, images, cfg, env, train: bool):
+        self.images, self.cfg, self.env, self.train = images, cfg, env, train
+        self.device = env.device
+        self.epoch, self.start_step = 0, 0
+        self.bad_images = 0  # unreadable images skipped so far this epoch, on this process
+        self.steps: list[Step] = []
+        self.set_epoch(0)
+
+    @property
+    def num_classes(self) -> int:
+        return len(self.images.classes)
+
+    @property
+    def num_samples(self) -> int:
+        """Images in the split (all processes)."""
+        return len(self.images)
+
+    def set_epoch(self, epoch: int, start_step: int = 0) -> None:
+        """Fix the epoch's order from (seed, epoch); iteration starts at optimizer step ``start_step``."""
+        self.epoch, self.start_step = epoch, start_step
+        if self.train:
+            d, o, env = self.cfg.data, self.cfg.optim, self.env
+            self.steps = plan_epoch(
+                len(self.images), d.batch_size, env.rank, env.world_size, o.grad_accum_steps, self.cfg.run.seed, epoch
+            )
+
+    def train_batches(self) -> list[tuple[int, ...]]:
+        """This process's micro-batches from ``start_step`` to the end of the epoch."""
+        return [mb for step in self.steps[self.start_step :] for mb in step.micro_batches]
+
+
 def shard_eval(num_samples: int, batch_size: int, rank: int, world_size: int) -> list[tuple[int, ...]]:
     """Validation batches of process ``rank``: every world-th sample, no padding, nothing dropped.
 

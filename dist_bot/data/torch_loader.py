@@ -15,7 +15,7 @@ from PIL import Image, UnidentifiedImageError
 
 from ..config import UserError
 from .folder import ImageList
-from .sharding import Step, plan_epoch, shard_eval
+from .sharding import PlannedLoader, shard_eval
 from .transforms import normalize, pca_lighting
 
 log = logging.getLogger(__name__)
@@ -80,7 +80,7 @@ def sample_seed(seed: int, epoch: int, index: int) -> int:
     return int(np.random.SeedSequence([seed, epoch, index]).generate_state(1)[0])
 
 
-class TorchLoader:
+class TorchLoader(PlannedLoader):
     """Iterates (images, labels) on the device: float, normalized, in the model's memory format.
 
     Training: ``set_epoch(e, start_step)`` fixes the order; ``steps`` describes each optimizer step's
@@ -88,38 +88,10 @@ class TorchLoader:
     """
 
     def __init__(self, images: ImageList, transform, cfg, env, train: bool):
-        self.images, self.cfg, self.env, self.train = images, cfg, env, train
         self.dataset = ImageDataset(images, transform, cfg.data.skip_bad_images)
-        self.device = env.device
         self.memory_format = torch.channels_last if cfg.model.channels_last else torch.contiguous_format
         self.dtype = torch.float16 if cfg.precision == "fp16" else torch.float32  # as DALI emits: half the bytes
-        self.epoch, self.start_step = 0, 0
-        self.bad_images = 0  # skipped in the current epoch on this process
-        self.steps: list[Step] = []
-        self.set_epoch(0)
-
-    @property
-    def num_classes(self) -> int:
-        return len(self.images.classes)
-
-    @property
-    def num_samples(self) -> int:
-        """Images in the split (all processes)."""
-        return len(self.images)
-
-    def set_epoch(self, epoch: int, start_step: int = 0) -> None:
-        self.epoch, self.start_step = epoch, start_step
-        if self.train:
-            d, o = self.cfg.data, self.cfg.optim
-            self.steps = plan_epoch(
-                len(self.images),
-                d.batch_size,
-                self.env.rank,
-                self.env.world_size,
-                o.grad_accum_steps,
-                self.cfg.run.seed,
-                epoch,
-            )
+        super().__init__(images, cfg, env, train)
 
     def __len__(self) -> int:
         """Optimizer steps per epoch (training) or batches on this process (validation)."""
@@ -137,9 +109,7 @@ class TorchLoader:
         return shard_eval(len(self.images), bs, self.env.rank, self.env.world_size)
 
     def _batches(self) -> list[tuple[int, ...]]:
-        if not self.train:
-            return self._eval_batches()
-        return [mb for step in self.steps[self.start_step :] for mb in step.micro_batches]
+        return self.train_batches() if self.train else self._eval_batches()
 
     def __iter__(self):
         seed, epoch = self.cfg.run.seed, self.epoch
