@@ -1,9 +1,15 @@
 """Checkpoints: written atomically, the last K kept, the latest readable one found on resume.
 
-A checkpoint is one file ``checkpoints/step_<global step>.pt`` holding the strategy's state (model,
-optimizer, loss scaler), the position in the schedule (epoch, step inside the epoch, global step), the
-RNG states, the resolved config and the W&B run id. It is written to a temporary file in the same folder
-and renamed into place, so a crash mid-write never leaves a half file under a real name. Loading uses
+A checkpoint is a folder ``checkpoints/step_<global step>/`` holding
+
+    meta.pt     dist_bot's own state: epoch, step inside the epoch, global step, RNG states, loss-scale
+                guard, resolved config, W&B run id, model name and number of classes
+    model.pt    the full model state_dict in one file (for `dist-bot eval`, distillation, export)
+    ...         the strategy's training state (DDP: train_state.pt; FSDP: dcp/, torch.distributed.checkpoint
+                shards that load at any world size)
+
+Every process writes its part into ``.tmp_step_<N>/``; when all are done, rank 0 renames it into place, so
+a crash mid-write never leaves a half checkpoint under a real name. Loading uses
 ``torch.load(weights_only=True)``: a checkpoint cannot execute code.
 """
 
@@ -13,21 +19,32 @@ import logging
 import os
 import random
 import re
-import tempfile
+import shutil
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
 import torch
+import torch.distributed as dist
 
 from .config import UserError
 
 log = logging.getLogger(__name__)
-FORMAT_VERSION = 1
-_NAME = re.compile(r"step_(\d+)\.pt$")
+FORMAT_VERSION = 2
+_NAME = re.compile(r"step_(\d+)$")
 
 
 class CheckpointError(UserError, RuntimeError):
     """A checkpoint that cannot be read or is not dist_bot's."""
+
+
+def _barrier() -> None:
+    if dist.is_initialized():
+        dist.barrier()
+
+
+def _is_main() -> bool:
+    return not dist.is_initialized() or dist.get_rank() == 0
 
 
 def rng_state() -> dict:
@@ -51,47 +68,79 @@ def set_rng_state(state: dict) -> None:
 
 
 def list_checkpoints(folder: Path) -> list[Path]:
-    """Checkpoint files in ``folder``, oldest first (by global step)."""
+    """Checkpoint folders in ``folder``, oldest first (by global step)."""
     if not folder.is_dir():
         return []
-    found = [(int(m.group(1)), p) for p in folder.iterdir() if (m := _NAME.match(p.name))]
+    found = [(int(m.group(1)), p) for p in folder.iterdir() if p.is_dir() and (m := _NAME.match(p.name))]
     return [p for _, p in sorted(found)]
 
 
-def save_checkpoint(state: dict, folder: Path, step: int, keep_last: int) -> Path:
-    """Write ``state`` atomically as ``folder/step_<step>.pt`` and delete all but the newest ``keep_last``."""
-    folder.mkdir(parents=True, exist_ok=True)
-    path = folder / f"step_{step:09d}.pt"
-    fd, tmp = tempfile.mkstemp(dir=folder, prefix=".tmp_", suffix=".pt")
+def save_checkpoint(folder: Path, step: int, keep_last: int, write: Callable[[Path], None]) -> Path:
+    """Collective: every process calls ``write(tmp_dir)`` to add its files, then rank 0 renames the folder
+    into place as ``folder/step_<step>`` and deletes all but the newest ``keep_last`` checkpoints."""
+    final = folder / f"step_{step:09d}"
+    tmp = folder / f".tmp_step_{step:09d}"
+    if _is_main():
+        shutil.rmtree(tmp, ignore_errors=True)  # left by a crash during an earlier attempt
+        tmp.mkdir(parents=True)
+    _barrier()
     try:
-        with os.fdopen(fd, "wb") as f:
-            torch.save({"format": FORMAT_VERSION, **state}, f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)  # atomic on POSIX: readers see the old file set or the new one, never half
+        write(tmp)
     except BaseException:
-        Path(tmp).unlink(missing_ok=True)
+        if _is_main():
+            shutil.rmtree(tmp, ignore_errors=True)
         raise
-    for old in list_checkpoints(folder)[:-keep_last]:
-        old.unlink(missing_ok=True)
-    return path
+    _barrier()
+    if _is_main():
+        if final.exists():  # the same step saved before (a resumed run stopping again at once)
+            shutil.rmtree(final)
+        tmp.rename(final)  # atomic: the folder appears whole or not at all
+        for old in list_checkpoints(folder)[:-keep_last]:
+            shutil.rmtree(old, ignore_errors=True)
+    _barrier()
+    return final
+
+
+def write_file(obj, path: Path) -> None:
+    """torch.save, flushed to disk before the folder is renamed into place."""
+    with open(path, "wb") as f:
+        torch.save(obj, f)
+        f.flush()
+        os.fsync(f.fileno())
+
+
+def read_file(path: Path, map_location="cpu"):
+    try:
+        return torch.load(path, map_location=map_location, weights_only=True)
+    except Exception as e:  # truncated zip, bad pickle, missing file: all mean "unusable"
+        raise CheckpointError(f"checkpoint file {path} is unreadable ({type(e).__name__}: {e})") from None
+
+
+def read_meta(path: Path) -> dict:
+    meta = read_file(Path(path) / "meta.pt")
+    if not isinstance(meta, dict) or meta.get("format") != FORMAT_VERSION:
+        raise CheckpointError(f"{path} is not a dist_bot checkpoint (format {FORMAT_VERSION})")
+    return meta
+
+
+def read_model(path: Path, map_location="cpu") -> dict:
+    """The full model state_dict of a checkpoint folder."""
+    return read_file(Path(path) / "model.pt", map_location)
 
 
 def load_checkpoint(path: Path, map_location="cpu") -> dict:
-    try:
-        state = torch.load(path, map_location=map_location, weights_only=True)
-    except Exception as e:  # truncated zip, bad pickle, wrong file: all mean "unusable"
-        raise CheckpointError(f"checkpoint {path} is unreadable ({type(e).__name__}: {e})") from None
-    if not isinstance(state, dict) or state.get("format") != FORMAT_VERSION:
-        raise CheckpointError(f"{path} is not a dist_bot checkpoint (format {FORMAT_VERSION})")
-    return state
+    """A checkpoint's metadata plus its full model weights under ``"model"``."""
+    path = Path(path)
+    if not path.is_dir():
+        raise CheckpointError(f"checkpoint {path} does not exist: checkpoints are folders runs/NAME/checkpoints/step_N")
+    return read_meta(path) | {"model": read_model(path, map_location)}
 
 
-def load_latest_good(folder: Path, map_location="cpu") -> tuple[Path, dict] | None:
-    """The newest checkpoint that loads; unreadable ones are reported and skipped, never used."""
+def load_latest_good(folder: Path, load: Callable[[Path], dict]) -> tuple[Path, dict] | None:
+    """``load`` the newest checkpoint that loads; unreadable ones are reported and skipped, never used."""
     for path in reversed(list_checkpoints(folder)):
         try:
-            return path, load_checkpoint(path, map_location)
+            return path, load(path)
         except CheckpointError as e:
             log.warning("%s; trying the previous checkpoint", e)
     return None

@@ -85,7 +85,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
         if state["num_classes"] != val.num_classes:
             raise ConfigError(f"the checkpoint predicts {state['num_classes']} classes, the data has {val.num_classes}")
         model = build_model(state["model_name"], state["num_classes"]).to(env.device)
-        model.load_state_dict(state["strategy"]["model"])
+        model.load_state_dict(state["model"])
         if cfg.model.channels_last:
             model = model.to(memory_format=torch.channels_last)
         result = evaluate(model, val, env, cfg.precision)

@@ -18,11 +18,19 @@ from pathlib import Path
 
 import numpy as np
 import torch
-import torch.distributed as dist
 import torch.nn.functional as F
 import yaml
 
-from .checkpoint import load_checkpoint, load_latest_good, rng_state, save_checkpoint, set_rng_state
+from .checkpoint import (
+    FORMAT_VERSION,
+    load_checkpoint,
+    load_latest_good,
+    read_meta,
+    rng_state,
+    save_checkpoint,
+    set_rng_state,
+    write_file,
+)
 from .config import Config, UserError, from_dict, to_dict, to_yaml
 from .data import DataError, make_loaders
 from .distributed import build_strategy
@@ -133,7 +141,7 @@ def load_teacher(path: str, num_classes: int, env: DistEnv, channels_last: bool)
     if state["num_classes"] != num_classes:
         raise RunError(f"teacher {path} predicts {state['num_classes']} classes, the data has {num_classes}")
     teacher = build_model(tcfg.model.name, num_classes=num_classes)
-    teacher.load_state_dict(state["strategy"]["model"])
+    teacher.load_state_dict(state["model"])
     teacher.requires_grad_(False).eval().to(env.device)
     return teacher.to(memory_format=torch.channels_last) if channels_last else teacher
 
@@ -160,13 +168,12 @@ class Trainer:
         if cfg.model.compile:
             model.compile()  # in place: state_dict keys stay those of the plain model
         o = cfg.optim
-        optimizer = torch.optim.SGD(
-            param_groups(model, o.weight_decay, o.no_bias_decay),
-            lr=0.0,
-            momentum=o.momentum,
-            nesterov=o.nesterov,
-        )
-        self.strategy = build_strategy(cfg.strategy, model, optimizer, env, cfg)
+
+        def make_optimizer(m: torch.nn.Module) -> torch.optim.Optimizer:  # the lr is set before every step
+            groups = param_groups(m, o.weight_decay, o.no_bias_decay)
+            return torch.optim.SGD(groups, lr=0.0, momentum=o.momentum, nesterov=o.nesterov)
+
+        self.strategy = build_strategy(cfg.strategy, model, make_optimizer, env, cfg)
         self.global_batch = cfg.data.batch_size * env.world_size * o.grad_accum_steps
         self.schedule = build_schedule(
             cfg.schedule, o.base_lr_per_256, o.ref_batch, self.global_batch, len(self.train_loader)
@@ -183,17 +190,21 @@ class Trainer:
         self.stop_requested = False
 
     # -- checkpoints ------------------------------------------------------------------------------
-    def resume(self) -> str | None:
-        found = load_latest_good(self.run_dir / "checkpoints", map_location=self.env.device)
-        if found is None:
-            return None
-        path, state = found
+    def _load(self, path: Path) -> dict:
+        state = read_meta(path)
         if state["model_name"] != self.cfg.model.name or state["num_classes"] != self.num_classes:
             raise RunError(
                 f"checkpoint {path} is of {state['model_name']} with {state['num_classes']} classes, but this run "
                 f"builds {self.cfg.model.name} with {self.num_classes}: use another run.name"
             )
-        self.strategy.load_state_dict(state["strategy"])
+        self.strategy.load(path)
+        return state
+
+    def resume(self) -> str | None:
+        found = load_latest_good(self.run_dir / "checkpoints", self._load)
+        if found is None:
+            return None
+        path, state = found
         self.guard.load_state_dict(state["guard"])
         self.epoch, self.epoch_step, self.global_step = (
             state["epoch"],
@@ -206,8 +217,8 @@ class Trainer:
         return state["wandb_id"]
 
     def save(self) -> None:
-        state = {
-            "strategy": self.strategy.state_dict(),
+        meta = {
+            "format": FORMAT_VERSION,
             "guard": self.guard.state_dict(),
             "epoch": self.epoch,
             "epoch_step": self.epoch_step,
@@ -218,10 +229,13 @@ class Trainer:
             "num_classes": self.num_classes,
             "wandb_id": self.tracker.wandb_id,
         }
-        if self.env.is_main:  # DDP: every rank holds the same state
-            save_checkpoint(state, self.run_dir / "checkpoints", self.global_step, self.cfg.run.keep_checkpoints)
-        if self.env.distributed:
-            dist.barrier()
+
+        def write(folder: Path) -> None:
+            self.strategy.save(folder)
+            if self.env.is_main:
+                write_file(meta, folder / "meta.pt")
+
+        save_checkpoint(self.run_dir / "checkpoints", self.global_step, self.cfg.run.keep_checkpoints, write)
 
     # -- the loop ---------------------------------------------------------------------------------
     def loss(self, logits, targets, images) -> torch.Tensor:

@@ -13,9 +13,9 @@ PACKAGE = REPO / "dist_bot"
 # Lowest first. A module may import from its own layer or any layer below it, never above.
 LAYERS: list[set[str]] = [
     {"config"},
-    {"models", "data", "recipe", "datasets"},
+    {"models", "data", "recipe", "datasets", "checkpoint"},  # checkpoint: file format and atomic writes
     {"distributed"},
-    {"checkpoint", "tracking", "engine"},
+    {"tracking", "engine"},
     {"bench", "report"},
     {"cli", "__main__"},
 ]

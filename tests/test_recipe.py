@@ -163,8 +163,7 @@ def make_strategy(precision="fp16"):
     torch.manual_seed(0)
     cfg = load_config(None, [f"precision={precision}", "loss_scale.init_scale=1024", "loss_scale.growth_interval=2"])
     model = nn.Linear(4, 2)
-    opt = torch.optim.SGD(model.parameters(), lr=0.1)
-    return DDPStrategy(model, opt, DistEnv(), cfg), model
+    return DDPStrategy(model, lambda m: torch.optim.SGD(m.parameters(), lr=0.1), DistEnv(), cfg), model
 
 
 def test_overflow_skips_the_step_and_halves_the_scale():

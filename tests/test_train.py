@@ -22,7 +22,7 @@ def read_metrics(run_dir: Path) -> list[dict]:
 
 
 def final_weights(run_dir: Path) -> dict:
-    return load_checkpoint(list_checkpoints(run_dir / "checkpoints")[-1])["strategy"]["model"]
+    return load_checkpoint(list_checkpoints(run_dir / "checkpoints")[-1])["model"]
 
 
 def max_diff(a: dict, b: dict) -> float:
@@ -223,11 +223,14 @@ def test_eval_command_counts_every_validation_image(straight_run):
 
 
 def test_checkpoint_holds_everything_resume_needs(straight_run):
-    state = load_checkpoint(list_checkpoints(straight_run / "checkpoints")[-1])
-    assert {"model", "optimizer", "scaler"} <= state["strategy"].keys()
+    path = list_checkpoints(straight_run / "checkpoints")[-1]
+    assert sorted(p.name for p in path.iterdir()) == ["meta.pt", "model.pt", "train_state.pt"]
+    state = load_checkpoint(path)
     assert {"epoch", "epoch_step", "global_step", "rng", "config", "wandb_id", "model_name", "guard"} <= state.keys()
     assert state["config"]["model"]["name"] == "resnet18d" and state["num_classes"] == 10
-    momentum = state["strategy"]["optimizer"]["state"]
+    train_state = torch.load(path / "train_state.pt", weights_only=True)
+    assert {"optimizer", "scaler"} <= train_state.keys()
+    momentum = train_state["optimizer"]["state"]
     assert momentum and all(torch.isfinite(v["momentum_buffer"]).all() for v in momentum.values())
 
 
@@ -288,5 +291,5 @@ def test_teacher_sees_exactly_the_students_mixed_input(tiny_digits, tmp_path):
     assert len(seen["student"]) == len(seen["teacher"]) == 2
     for s, t in zip(seen["student"], seen["teacher"], strict=True):
         assert torch.equal(s, t)
-    teacher_weights = load_checkpoint(teacher_ckpt)["strategy"]["model"]
+    teacher_weights = load_checkpoint(teacher_ckpt)["model"]
     assert all(torch.equal(v, trainer.teacher.state_dict()[k]) for k, v in teacher_weights.items())  # frozen

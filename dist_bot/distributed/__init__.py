@@ -3,11 +3,14 @@
 from __future__ import annotations
 
 import contextlib
+from collections.abc import Callable
+from pathlib import Path
 from typing import Protocol
 
 import torch
 from torch import nn
 
+from ..config import UserError
 from .env import DistEnv, init_distributed, shutdown
 
 
@@ -35,23 +38,27 @@ class Strategy(Protocol):
         """The plain module with full weights and synced BN statistics, for evaluation (no collectives in its
         forward). A collective itself: every process calls it."""
 
-    def state_dict(self) -> dict:
-        """Model, optimizer and scaler state for a checkpoint."""
+    def save(self, folder: Path) -> None:
+        """Collective: write model.pt (full weights, one file) and the training state into ``folder``."""
 
-    def load_state_dict(self, state: dict) -> None: ...
+    def load(self, folder: Path) -> None:
+        """Collective: restore model, optimizer and loss scaler from a checkpoint folder; raises
+        CheckpointError when a file is unreadable."""
 
-    def full_model_state(self) -> dict[str, torch.Tensor]:
-        """The model's full state_dict (for export, evaluation and distillation teachers)."""
 
-
-def build_strategy(name: str, model: nn.Module, optimizer: torch.optim.Optimizer, env: DistEnv, cfg) -> Strategy:
+def build_strategy(
+    name: str, model: nn.Module, make_optimizer: Callable[[nn.Module], torch.optim.Optimizer], env: DistEnv, cfg
+) -> Strategy:
+    """Wrap ``model`` for ``name`` and build its optimizer (after sharding, for the strategies that shard)."""
     if name == "ddp":
         from .ddp import DDPStrategy
 
-        return DDPStrategy(model, optimizer, env, cfg)
-    raise NotImplementedError(
-        f"strategy={name!r} is not available in this version; use strategy=ddp (FSDP2 and DeepSpeed: issue 5)"
-    )
+        return DDPStrategy(model, make_optimizer, env, cfg)
+    if name == "fsdp":
+        from .fsdp import FSDPStrategy
+
+        return FSDPStrategy(model, make_optimizer, env, cfg)
+    raise UserError(f"strategy={name!r} is not available in this version: use strategy=ddp or strategy=fsdp")
 
 
 __all__ = ["DistEnv", "Strategy", "build_strategy", "init_distributed", "shutdown"]

@@ -3,19 +3,21 @@
 from __future__ import annotations
 
 import contextlib
+from pathlib import Path
 
 import torch
 import torch.distributed as dist
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
+from ..checkpoint import read_file, read_model, write_file
 from ..recipe.precision import make_grad_scaler
 from .env import DistEnv
 
 
 class DDPStrategy:
-    def __init__(self, model: nn.Module, optimizer: torch.optim.Optimizer, env: DistEnv, cfg):
-        self.module, self.optimizer, self.env = model, optimizer, env
+    def __init__(self, model: nn.Module, make_optimizer, env: DistEnv, cfg):
+        self.module, self.optimizer, self.env = model, make_optimizer(model), env
         self.grad_clip_norm = cfg.optim.grad_clip_norm
         self.scaler = make_grad_scaler(cfg.precision, env.device, cfg.loss_scale)
         if env.distributed:
@@ -62,18 +64,15 @@ class DDPStrategy:
                     buf.div_(self.env.world_size)
         return self.module
 
-    def state_dict(self) -> dict:
-        return {
-            "model": self.module.state_dict(),
-            "optimizer": self.optimizer.state_dict(),
-            "scaler": self.scaler.state_dict(),
-        }
+    def save(self, folder: Path) -> None:
+        if self.env.is_main:  # every rank holds the same state
+            write_file(self.module.state_dict(), folder / "model.pt")
+            state = {"optimizer": self.optimizer.state_dict(), "scaler": self.scaler.state_dict()}
+            write_file(state, folder / "train_state.pt")
 
-    def load_state_dict(self, state: dict) -> None:
-        self.module.load_state_dict(state["model"])
+    def load(self, folder: Path) -> None:
+        self.module.load_state_dict(read_model(folder, self.env.device))
+        state = read_file(folder / "train_state.pt", self.env.device)
         self.optimizer.load_state_dict(state["optimizer"])
-        if state.get("scaler"):
+        if state["scaler"]:
             self.scaler.load_state_dict(state["scaler"])
-
-    def full_model_state(self) -> dict[str, torch.Tensor]:
-        return self.module.state_dict()

@@ -1,0 +1,136 @@
+"""FSDP2 (``torch.distributed.fsdp.fully_shard``): parameters, gradients and optimizer state sharded over
+processes; each residual block is all-gathered just in time for its forward and backward.
+
+Weights stay fp32 and autocast runs the low-precision math, so BatchNorm keeps fp32 parameters and buffers
+(an FSDP bf16 ``MixedPrecisionPolicy`` breaks BatchNorm on CPU). BN buffers are not sharded; like DDP, rank
+0's are broadcast before every training forward, so every rank normalizes with the same running statistics.
+Checkpoints: the sharded model and optimizer through torch.distributed.checkpoint (``dcp/``, loadable at a
+different world size) plus the full weights in one ``model.pt``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+import torch.distributed.checkpoint as dcp
+from torch import nn
+from torch.distributed.checkpoint.state_dict import (
+    StateDictOptions,
+    get_model_state_dict,
+    get_optimizer_state_dict,
+    set_model_state_dict,
+    set_optimizer_state_dict,
+)
+from torch.distributed.device_mesh import init_device_mesh
+from torch.distributed.fsdp import fully_shard
+
+from ..checkpoint import CheckpointError, read_file, write_file
+from ..config import UserError
+from ..models.resnet import BasicBlock, Bottleneck
+from ..recipe.precision import make_grad_scaler
+from .env import DistEnv
+
+
+class FSDPStrategy:
+    def __init__(self, model: nn.Module, make_optimizer, env: DistEnv, cfg):
+        if not env.distributed:
+            raise UserError("strategy=fsdp shards over processes: start 2 or more with torchrun or srun, or use ddp")
+        self.env = env
+        self.grad_clip_norm = cfg.optim.grad_clip_norm
+        # FSDP2's forward all-gathers parameters (a collective), but exact evaluation runs a different number
+        # of batches on each rank: it uses this plain twin, loaded with the full weights.
+        self.plain = copy.deepcopy(model)
+        # FSDP2 shards flat, contiguous parameters: channels_last conv weights go back to NCHW (activations stay
+        # channels_last, which is what picks the fast convolution kernels).
+        model = model.to(memory_format=torch.contiguous_format)
+        mesh = init_device_mesh(env.device.type, (env.world_size,))
+        reshard = cfg.dist.fsdp_reshard_after_forward
+        for m in model.modules():
+            if isinstance(m, BasicBlock | Bottleneck):
+                fully_shard(m, mesh=mesh, reshard_after_forward=reshard)
+        fully_shard(model, mesh=mesh, reshard_after_forward=reshard)
+        self.model = self.module = model
+        model.register_forward_pre_hook(self._broadcast_buffers)
+        self.optimizer = make_optimizer(model)  # after sharding: it holds the local shards
+        self.scaler = make_grad_scaler(cfg.precision, env.device, cfg.loss_scale)
+
+    def _broadcast_buffers(self, module: nn.Module, args=None) -> None:
+        """Forward pre-hook: rank 0's BN statistics on every rank before a training forward (DDP's rule)."""
+        if module.training:
+            self._buffers_from_rank0()
+
+    def _buffers_from_rank0(self) -> None:
+        for buf in self.model.buffers():
+            dist.broadcast(buf, src=0)
+
+    def backward(self, loss: torch.Tensor) -> None:
+        self.scaler.scale(loss).backward()  # gradients are reduce-scattered to their shards here
+
+    def step(self) -> bool:
+        scale_before = self.scaler.get_scale() if self.scaler.is_enabled() else None
+        if self.grad_clip_norm is not None:
+            self.scaler.unscale_(self.optimizer)
+            nn.utils.clip_grad_norm_(self.model.parameters(), self.grad_clip_norm)  # the norm over all shards
+        self.scaler.step(self.optimizer)
+        self.scaler.update()
+        self.optimizer.zero_grad(set_to_none=True)
+        return scale_before is None or self.scaler.get_scale() >= scale_before
+
+    @contextlib.contextmanager
+    def no_sync(self):
+        self.model.set_requires_gradient_sync(False)
+        try:
+            yield
+        finally:
+            self.model.set_requires_gradient_sync(True)
+
+    def set_lr(self, lr: float) -> None:
+        for group in self.optimizer.param_groups:
+            group["lr"] = lr
+
+    @property
+    def loss_scale(self) -> float:
+        return self.scaler.get_scale() if self.scaler.is_enabled() else 1.0
+
+    def _full_state(self, cpu_offload: bool) -> dict:
+        return get_model_state_dict(self.model, options=StateDictOptions(full_state_dict=True, cpu_offload=cpu_offload))
+
+    def eval_model(self) -> nn.Module:
+        for buf in self.model.buffers():  # average BN statistics, as the DDP strategy does
+            if buf.is_floating_point():
+                dist.all_reduce(buf)
+                buf.div_(self.env.world_size)
+        self.plain.load_state_dict(self._full_state(cpu_offload=False))
+        return self.plain
+
+    def save(self, folder: Path) -> None:
+        # Rank 0's BN statistics everywhere (the next training forward would broadcast them anyway): the
+        # checkpoint must not depend on which rank's copy torch.distributed.checkpoint keeps.
+        self._buffers_from_rank0()
+        full = self._full_state(cpu_offload=True)  # collective; only rank 0 receives the tensors
+        if self.env.is_main:
+            write_file(full, folder / "model.pt")
+            write_file({"scaler": self.scaler.state_dict()}, folder / "train_state.pt")
+        dcp.save(self._sharded_state(), checkpoint_id=folder / "dcp")
+
+    def _sharded_state(self) -> dict:
+        return {
+            "model": get_model_state_dict(self.model),
+            "optim": get_optimizer_state_dict(self.model, self.optimizer),
+        }
+
+    def load(self, folder: Path) -> None:
+        state = self._sharded_state()
+        try:
+            dcp.load(state, checkpoint_id=folder / "dcp")
+        except Exception as e:
+            raise CheckpointError(f"checkpoint {folder / 'dcp'} is unreadable ({type(e).__name__}: {e})") from None
+        set_model_state_dict(self.model, state["model"])
+        set_optimizer_state_dict(self.model, self.optimizer, state["optim"])
+        scaler = read_file(folder / "train_state.pt")["scaler"]
+        if scaler:
+            self.scaler.load_state_dict(scaler)
