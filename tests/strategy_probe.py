@@ -1,6 +1,6 @@
 """Run under torchrun by tests/test_strategies.py: an fp16 overflow in ONE rank's backward.
 
-    python -m torch.distributed.run --standalone --nproc_per_node=2 tests/strategy_probe.py STRATEGY OUT
+    python -m torch.distributed.run --standalone --nproc_per_node=2 tests/strategy_probe.py OUT key=value...
 
 Writes OUT/rank<r>.json: whether each of two steps was taken, the loss scale after each, and whether the
 weights changed.
@@ -18,10 +18,9 @@ from dist_bot.distributed.env import init_distributed, shutdown
 from dist_bot.models import build_model
 
 
-def main(strategy: str, out: str) -> None:
-    cfg = load_config(
-        None, [f"strategy={strategy}", "precision=fp16", "loss_scale.init_scale=1024", "model.channels_last=false"]
-    )
+def main(out: str, *overrides: str) -> None:
+    cfg = load_config(None, [*overrides, "precision=fp16", "loss_scale.init_scale=1024", "model.channels_last=false"])
+    strategy = cfg.strategy
     env = init_distributed("gloo")
     torch.manual_seed(0)
     model = build_model("resnet18d", num_classes=10, zero_init_last=False)

@@ -1,14 +1,32 @@
 """DDP and FSDP2 behind one interface: the same training, the same fp16 loss scaling, resumable checkpoints."""
 
+import importlib.util
 import json
 import sys
 
 import pytest
+import torch
 from conftest import REPO, run_cmd, torchrun_cmd
 
 from dist_bot.checkpoint import list_checkpoints, load_checkpoint, read_meta
 
-STRATEGIES = ["ddp", "fsdp"]
+# name -> overrides; DeepSpeed at each ZeRO stage it supports
+STRATEGIES = {
+    "ddp": ["strategy=ddp"],
+    "fsdp": ["strategy=fsdp"],
+    "zero0": ["strategy=deepspeed", "dist.zero_stage=0"],
+    "zero1": ["strategy=deepspeed", "dist.zero_stage=1"],
+    "zero2": ["strategy=deepspeed", "dist.zero_stage=2"],
+}
+
+
+def needs(name, fp16=False):
+    if name.startswith("zero"):
+        pytest.importorskip("deepspeed", reason="DeepSpeed is not installed (pip install -e '.[deepspeed]')")
+        if fp16 and not torch.ops.mkldnn._is_mkldnn_fp16_supported() and not torch.cuda.is_available():
+            pytest.skip("DeepSpeed's fp16 needs a GPU or a CPU with AVX512-FP16/AMX-FP16; this CPU has neither")
+
+
 # channels_last off: FSDP2 keeps conv weights contiguous (it shards flat parameters), DDP would keep them
 # channels_last, and the two convolution algorithms round differently (1e-7), which 10 steps of small-batch
 # training amplify to 1e-3. With the same memory format the strategies agree to the last bit.
@@ -35,20 +53,11 @@ def ten_steps(digits_dir, tmp_path_factory):
     Nesterov) under each strategy, 2 processes, fp32, same seed and data."""
     out = tmp_path_factory.mktemp("strategies")
     runs = {}
-    for strategy in STRATEGIES:
-        res = run_cmd(
-            torchrun_cmd(
-                2,
-                "train",
-                "configs/demo.yaml",
-                f"data.path={digits_dir}",
-                *COMMON,
-                f"strategy={strategy}",
-                "run.stop_after_steps=10",
-                f"run.out_dir={out}",
-                f"run.name={strategy}",
-            )
-        )
+    for strategy, overrides in STRATEGIES.items():
+        if strategy.startswith("zero") and importlib.util.find_spec("deepspeed") is None:
+            continue
+        args = ["train", "configs/demo.yaml", f"data.path={digits_dir}", *COMMON, *overrides]
+        res = run_cmd(torchrun_cmd(2, *args, "run.stop_after_steps=10", f"run.out_dir={out}", f"run.name={strategy}"))
         assert "exiting with status 75" in res.stdout, res.stderr[-3000:]
         runs[strategy] = out / strategy
     return runs
@@ -56,6 +65,7 @@ def ten_steps(digits_dir, tmp_path_factory):
 
 @pytest.mark.parametrize("strategy", [s for s in STRATEGIES if s != "ddp"])
 def test_same_losses_and_weights_as_ddp(ten_steps, strategy):
+    needs(strategy)
     ref, got = train_losses(ten_steps["ddp"]), train_losses(ten_steps[strategy])
     assert len(ref) == len(got) == 10
     assert got == pytest.approx(ref, rel=1e-4)
@@ -66,8 +76,10 @@ def test_same_losses_and_weights_as_ddp(ten_steps, strategy):
     assert worst <= 1e-5
 
 
-@pytest.mark.parametrize("strategy", STRATEGIES)
+@pytest.mark.parametrize("strategy", ["ddp", "fsdp", "zero1", "zero2"])  # DeepSpeed fp16 needs ZeRO >= 1
 def test_fp16_overflow_on_one_rank_skips_the_step_on_all(strategy, tmp_path):
+    needs(strategy, fp16=True)
+    probe = str(REPO / "tests" / "strategy_probe.py")
     res = run_cmd(
         [
             sys.executable,
@@ -75,9 +87,9 @@ def test_fp16_overflow_on_one_rank_skips_the_step_on_all(strategy, tmp_path):
             "torch.distributed.run",
             "--standalone",
             "--nproc_per_node=2",
-            str(REPO / "tests" / "strategy_probe.py"),
-            strategy,
+            probe,
             str(tmp_path),
+            *STRATEGIES[strategy],
         ]
     )
     assert res.returncode == 0, res.stderr[-3000:]
@@ -88,31 +100,49 @@ def test_fp16_overflow_on_one_rank_skips_the_step_on_all(strategy, tmp_path):
         assert got["changed"] == [False, True]
 
 
-def test_fsdp_resume_equals_straight_and_loads_at_another_world_size(ten_steps, digits_dir, tmp_path):
+@pytest.mark.parametrize("strategy", [s for s in STRATEGIES if s != "ddp"])  # ddp: tests/test_train.py
+def test_resume_equals_the_uninterrupted_run(ten_steps, digits_dir, tmp_path, strategy):
+    needs(strategy)
+    args = [
+        "train",
+        "configs/demo.yaml",
+        f"data.path={digits_dir}",
+        *COMMON,
+        *STRATEGIES[strategy],
+        f"run.out_dir={tmp_path}",
+        f"run.name={strategy}",
+    ]
+    first = run_cmd(torchrun_cmd(2, *args, "run.stop_after_steps=4"))
+    assert "exiting with status 75" in first.stdout, first.stderr[-3000:]
+    second = run_cmd(torchrun_cmd(2, *args, "run.stop_after_steps=6"))
+    assert "resumed from" in second.stderr and "exiting with status 75" in second.stdout, second.stderr[-3000:]
+    straight = ten_steps[strategy]
+    assert train_losses(tmp_path / strategy) == pytest.approx(train_losses(straight), rel=1e-6)
+    a = load_checkpoint(list_checkpoints(straight / "checkpoints")[-1])["model"]
+    b = load_checkpoint(list_checkpoints(tmp_path / strategy / "checkpoints")[-1])["model"]
+    assert max((a[k].double() - b[k].double()).abs().max().item() for k in a if a[k].is_floating_point()) <= 1e-6
+
+
+def test_fsdp_checkpoint_continues_at_another_world_size(digits_dir, tmp_path):
     args = [
         "train",
         "configs/demo.yaml",
         f"data.path={digits_dir}",
         *COMMON,
         "strategy=fsdp",
+        "data.global_batch_size=48",
         f"run.out_dir={tmp_path}",
         "run.name=fsdp",
     ]
-    first = run_cmd(torchrun_cmd(2, *args, "run.stop_after_steps=4"))
+    first = run_cmd(torchrun_cmd(2, *args, "run.stop_after_steps=2"))
     assert "exiting with status 75" in first.stdout, first.stderr[-3000:]
     assert (list_checkpoints(tmp_path / "fsdp" / "checkpoints")[-1] / "dcp").is_dir()
-    second = run_cmd(torchrun_cmd(2, *args, "run.stop_after_steps=6"))
-    assert "resumed from" in second.stderr and "exiting with status 75" in second.stdout, second.stderr[-3000:]
-    straight = ten_steps["fsdp"]
-    assert train_losses(tmp_path / "fsdp") == pytest.approx(train_losses(straight), rel=1e-6)
-    a = load_checkpoint(list_checkpoints(straight / "checkpoints")[-1])["model"]
-    b = load_checkpoint(list_checkpoints(tmp_path / "fsdp" / "checkpoints")[-1])["model"]
-    assert max((a[k].double() - b[k].double()).abs().max().item() for k in a if a[k].is_floating_point()) <= 1e-6
-
     # the sharded checkpoint of 2 processes continues on 3 (torch.distributed.checkpoint reshards)
-    third = run_cmd(torchrun_cmd(3, *args, "run.stop_after_steps=2"))
-    assert "resumed from" in third.stderr and "exiting with status 75" in third.stdout, third.stderr[-3000:]
-    assert read_meta(list_checkpoints(tmp_path / "fsdp" / "checkpoints")[-1])["global_step"] == 12
+    second = run_cmd(torchrun_cmd(3, *args, "run.stop_after_steps=2"))
+    assert "resumed from" in second.stderr and "exiting with status 75" in second.stdout, second.stderr[-3000:]
+    assert read_meta(list_checkpoints(tmp_path / "fsdp" / "checkpoints")[-1])["global_step"] == 4
+    losses = train_losses(tmp_path / "fsdp")
+    assert len(losses) == 4 and all(0 < x < 10 for x in losses)
 
 
 def test_fsdp_needs_more_than_one_process(tiny_digits, tmp_path):

@@ -58,7 +58,11 @@ def build_strategy(
         from .fsdp import FSDPStrategy
 
         return FSDPStrategy(model, make_optimizer, env, cfg)
-    raise UserError(f"strategy={name!r} is not available in this version: use strategy=ddp or strategy=fsdp")
+    if name == "deepspeed":
+        from .deepspeed import DeepSpeedStrategy
+
+        return DeepSpeedStrategy(model, make_optimizer, env, cfg)
+    raise UserError(f"unknown strategy={name!r}: use ddp, fsdp or deepspeed")
 
 
 __all__ = ["DistEnv", "Strategy", "build_strategy", "init_distributed", "shutdown"]

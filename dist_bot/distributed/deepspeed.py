@@ -1,0 +1,130 @@
+"""DeepSpeed ZeRO stages 0-2: optimizer state (1), and gradients (2) partitioned over processes.
+
+dist_bot's own optimizer (no-bias-decay groups, Nesterov SGD) and its per-iteration lr drive DeepSpeed
+(the lr is written into the param groups before every step). fp16 uses DeepSpeed's dynamic loss scaling,
+configured from ``loss_scale.*``; bf16 and fp32 keep fp32 weights and run under dist_bot's autocast, as the
+other strategies do (DeepSpeed's plain ``bf16`` mode breaks BatchNorm). Started by torchrun or srun like
+the others; the deepspeed launcher is not needed.
+
+Accumulation: each micro-batch's backward goes through ``engine.backward`` (unscaled by the accumulation
+count: dist_bot already weights micro-batches so their sum is the step's mean) with the accumulation
+boundary set explicitly, so ranks whose last step holds fewer micro-batches still reduce together.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+from ..checkpoint import CheckpointError, write_file
+from ..config import UserError
+from .env import DistEnv
+
+
+def deepspeed_config(cfg, world_size: int) -> dict:
+    """dist_bot's settings as a DeepSpeed config."""
+    accum = cfg.optim.grad_accum_steps
+    ds = {
+        "train_micro_batch_size_per_gpu": cfg.data.batch_size,
+        "gradient_accumulation_steps": accum,
+        "train_batch_size": cfg.data.batch_size * accum * world_size,
+        "zero_optimization": {"stage": cfg.dist.zero_stage},
+        "zero_allow_untested_optimizer": True,  # dist_bot's torch SGD, which ZeRO 1-2 partition fine
+        "gradient_clipping": cfg.optim.grad_clip_norm or 0.0,
+        "steps_per_print": 2**31 - 1,
+    }
+    if cfg.precision == "fp16":
+        ls = cfg.loss_scale
+        ds["fp16"] = {
+            "enabled": True,
+            "loss_scale": 0,  # dynamic
+            "initial_scale_power": round(math.log2(ls.init_scale)),
+            "loss_scale_window": ls.growth_interval,
+            "hysteresis": 1,  # lower the scale at the first overflow, as GradScaler does
+            "min_loss_scale": ls.min_scale,
+        }
+        ds["data_types"] = {"buffer_dtype": "fp16"}  # BatchNorm buffers must follow the fp16 weights
+    return ds
+
+
+class DeepSpeedStrategy:
+    def __init__(self, model: nn.Module, make_optimizer, env: DistEnv, cfg):
+        import deepspeed
+
+        if cfg.precision == "fp16" and cfg.dist.zero_stage == 0:
+            # DeepSpeed 0.19: ZeRO-0 + fp16 + a torch optimizer unscales updates it never scaled (65536x too small)
+            raise UserError("strategy=deepspeed with precision=fp16 needs dist.zero_stage=1 or 2 (stage 0 is broken)")
+        if cfg.precision == "fp16" and not deepspeed.get_accelerator().is_fp16_supported():
+            raise UserError(
+                "strategy=deepspeed with precision=fp16 needs a GPU, or a CPU with AVX512-FP16/AMX-FP16; "
+                "use precision=bf16 here"
+            )
+        if cfg.dist.zero_stage > 2:
+            raise UserError("strategy=deepspeed supports dist.zero_stage 0, 1 and 2; for sharded parameters use fsdp")
+        self.env = env
+        backend = "nccl" if env.device.type == "cuda" else "gloo"
+        deepspeed.init_distributed(dist_backend=backend)  # wraps the process group dist_bot already made
+        model = model.to(memory_format=torch.contiguous_format)  # ZeRO flattens parameters
+        self.engine, *_ = deepspeed.initialize(
+            model=model, optimizer=make_optimizer(model), config=deepspeed_config(cfg, env.world_size)
+        )
+        self.model = self.engine
+        self.fp16 = cfg.precision == "fp16"
+        self._boundary = True
+
+    def backward(self, loss: torch.Tensor) -> None:
+        self.engine.set_gradient_accumulation_boundary(self._boundary)
+        self.engine.backward(loss, scale_wrt_gas=False)
+        if not self._boundary:
+            self.engine.step()  # off the boundary DeepSpeed only counts the micro-batch
+
+    def step(self) -> bool:
+        skipped = self.engine.skipped_steps
+        self.engine.set_gradient_accumulation_boundary(True)
+        self.engine.step()
+        return self.engine.skipped_steps == skipped
+
+    @contextlib.contextmanager
+    def no_sync(self):
+        self._boundary = False
+        try:
+            yield
+        finally:
+            self._boundary = True
+
+    def set_lr(self, lr: float) -> None:
+        for group in self.engine.optimizer.param_groups:
+            group["lr"] = lr
+
+    @property
+    def loss_scale(self) -> float:
+        return float(getattr(self.engine.optimizer, "cur_scale", 1.0)) if self.fp16 else 1.0
+
+    def eval_model(self) -> nn.Module:
+        module = self.engine.module  # ZeRO 0-2 keep every parameter on every rank
+        for buf in module.buffers():  # average BN statistics, as the DDP strategy does
+            if buf.is_floating_point():
+                dist.all_reduce(buf)
+                buf.div_(self.env.world_size)
+        return module
+
+    def save(self, folder: Path) -> None:
+        if self.env.is_main:
+            full = {k: v.float() if v.is_floating_point() else v for k, v in self.engine.module.state_dict().items()}
+            write_file(full, folder / "model.pt")
+        self.engine.save_checkpoint(str(folder / "deepspeed"), tag="state", save_latest=False)
+
+    def load(self, folder: Path) -> None:
+        try:
+            path, _ = self.engine.load_checkpoint(str(folder / "deepspeed"), tag="state")
+        except Exception as e:
+            raise CheckpointError(
+                f"checkpoint {folder / 'deepspeed'} is unreadable ({type(e).__name__}: {e})"
+            ) from None
+        if path is None:
+            raise CheckpointError(f"checkpoint {folder / 'deepspeed'} has no DeepSpeed state")
