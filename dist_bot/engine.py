@@ -34,7 +34,7 @@ from .checkpoint import (
 from .config import Config, UserError, from_dict, to_dict, to_yaml
 from .data import DataError, make_loaders
 from .distributed import build_strategy
-from .distributed.env import DistEnv, all_reduce_sum, any_rank
+from .distributed.env import DistEnv, all_reduce_sum, any_rank, peak_memory_mb
 from .models import build_model
 from .recipe.losses import distillation_loss, smooth_targets, soft_cross_entropy
 from .recipe.lr import build_schedule
@@ -276,7 +276,7 @@ class Trainer:
                 "or check the data"
             )
 
-    def log_train(self, loss_sum, samples, seconds) -> None:
+    def log_train(self, loss_sum, samples: int, steps: int, seconds: float) -> None:
         loss_total, n = all_reduce_sum([loss_sum.item(), samples], self.env)
         if self.cfg.precision != "fp16":
             self.check_finite(torch.tensor(loss_total))
@@ -287,7 +287,8 @@ class Trainer:
             "lr": self.schedule(self.global_step - 1),
             "loss": loss_total / n,
             "img_per_s": n / seconds,
-        }
+            "step_s": seconds / steps,
+        } | peak_memory_mb(self.env)
         if self.cfg.precision == "fp16":
             rec |= {"loss_scale": self.strategy.loss_scale, "skipped_steps": self.guard.skipped_total}
         self.tracker.log(rec)
@@ -315,11 +316,12 @@ class Trainer:
         loader.set_epoch(self.epoch, self.epoch_step)
         self.strategy.model.train()
         batches = iter(loader)
-        loss_sum, samples, t0 = torch.zeros((), device=self.env.device), 0, time.perf_counter()
+        loss_sum, samples, steps, t0 = torch.zeros((), device=self.env.device), 0, 0, time.perf_counter()
         for step in loader.steps[self.epoch_step :]:
             self.strategy.set_lr(self.schedule(self.global_step))
             loss_sum += self.train_step(step, batches)
             samples += sum(len(m) for m in step.micro_batches)
+            steps += 1
             ok = self.strategy.step()
             if cfg.precision == "fp16":
                 self.guard.update(self.strategy.loss_scale, skipped=not ok)
@@ -327,12 +329,12 @@ class Trainer:
             self.global_step += 1
             done = self.epoch_step == len(loader)
             if self.epoch_step % cfg.run.log_every_steps == 0 or done:
-                self.log_train(loss_sum, samples, time.perf_counter() - t0)
-                loss_sum, samples, t0 = torch.zeros_like(loss_sum), 0, time.perf_counter()
+                self.log_train(loss_sum, samples, steps, time.perf_counter() - t0)
+                loss_sum, samples, steps, t0 = torch.zeros_like(loss_sum), 0, 0, time.perf_counter()
             # at the epoch's last step the stop waits for the epoch end (BN sync, evaluation, checkpoint)
             if not done and self.should_stop():
                 if samples:  # the partial interval's loss must be finite before it is saved
-                    self.log_train(loss_sum, samples, time.perf_counter() - t0)
+                    self.log_train(loss_sum, samples, steps, time.perf_counter() - t0)
                 return True
         if loader.bad_images:
             log.warning("rank %d skipped %d unreadable images this epoch", self.env.rank, loader.bad_images)

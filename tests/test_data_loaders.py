@@ -129,7 +129,7 @@ def test_grayscale_cmyk_and_png_decode_and_a_corrupt_file_is_named(tmp_path):
 
 def test_synthetic_loader_follows_the_interface():
     train, val = loaders("synthetic", "/nonexistent", **{"model.num_classes": 10})
-    assert len(train) == 64 // 8 and train.num_classes == 10
+    assert len(train) == 1024 // 8 and train.num_classes == 10
     x, y = next(iter(train))
     assert x.shape == (8, 3, 64, 64) and x.is_contiguous(memory_format=torch.channels_last)
     assert y.max() < 10 and val.samples == 64

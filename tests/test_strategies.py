@@ -9,6 +9,7 @@ import torch
 from conftest import REPO, run_cmd, torchrun_cmd
 
 from dist_bot.checkpoint import list_checkpoints, load_checkpoint, read_meta
+from dist_bot.config import UserError
 
 # name -> overrides; DeepSpeed at each ZeRO stage it supports
 STRATEGIES = {
@@ -152,3 +153,45 @@ def test_fsdp_needs_more_than_one_process(tiny_digits, tmp_path):
         ["train", "configs/demo.yaml", f"data.path={tiny_digits}", *COMMON, "strategy=fsdp", f"run.out_dir={tmp_path}"]
     )
     assert code == 2
+
+
+def test_deepspeed_config_maps_dist_bots_settings():
+    pytest.importorskip("deepspeed", reason="DeepSpeed is not installed (pip install -e '.[deepspeed]')")
+    from dist_bot.config import load_config
+    from dist_bot.distributed.deepspeed import DeepSpeedStrategy, deepspeed_config
+    from dist_bot.distributed.env import DistEnv
+
+    cfg = load_config(
+        None,
+        [
+            "precision=fp16",
+            "data.batch_size=32",
+            "optim.grad_accum_steps=2",
+            "optim.grad_clip_norm=1.5",
+            "loss_scale.init_scale=1024",
+            "loss_scale.growth_interval=500",
+            "loss_scale.min_scale=2",
+            "dist.zero_stage=2",
+        ],
+    )
+    ds = deepspeed_config(cfg, world_size=8)
+    assert (ds["train_micro_batch_size_per_gpu"], ds["gradient_accumulation_steps"], ds["train_batch_size"]) == (
+        32,
+        2,
+        512,
+    )
+    assert ds["zero_optimization"] == {"stage": 2} and ds["gradient_clipping"] == 1.5
+    assert ds["fp16"] == {
+        "enabled": True,
+        "loss_scale": 0,
+        "initial_scale_power": 10,
+        "loss_scale_window": 500,
+        "hysteresis": 1,
+        "min_loss_scale": 2.0,
+    }
+    assert ds["data_types"] == {"buffer_dtype": "fp16"}
+    assert "fp16" not in deepspeed_config(load_config(None, ["precision=bf16"]), 2)
+
+    zero0 = load_config(None, ["precision=fp16", "dist.zero_stage=0"])
+    with pytest.raises(UserError, match=r"needs dist\.zero_stage=1 or 2"):
+        DeepSpeedStrategy(torch.nn.Linear(2, 2), None, DistEnv(), zero0)

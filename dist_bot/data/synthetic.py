@@ -10,7 +10,7 @@ import torch
 
 from .sharding import Step
 
-TRAIN_IMAGES_PER_PROCESS = 64  # steps per epoch = this / batch: enough for a few log intervals
+TRAIN_IMAGES_PER_PROCESS = 1024  # steps per epoch = this / batch: enough for a throughput run
 VAL_IMAGES_PER_PROCESS = 64
 
 

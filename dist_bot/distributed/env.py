@@ -10,6 +10,7 @@ from __future__ import annotations
 import datetime
 import os
 import re
+import resource
 import subprocess
 from dataclasses import dataclass
 
@@ -122,6 +123,22 @@ def all_reduce_sum(values: list[float], env: DistEnv) -> list[float]:
     if env.distributed:
         dist.all_reduce(t)
     return t.tolist()
+
+
+def all_reduce_max(values: list[float], env: DistEnv) -> list[float]:
+    """The largest value of each over all processes."""
+    t = torch.tensor(values, dtype=torch.float64, device=env.device)
+    if env.distributed:
+        dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    return t.tolist()
+
+
+def peak_memory_mb(env: DistEnv) -> dict[str, float]:
+    """Peak resident memory of the busiest process (and peak GPU memory allocated), in MiB."""
+    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux reports KiB
+    gpu = torch.cuda.max_memory_allocated(env.device) / 2**20 if env.device.type == "cuda" else 0.0
+    rss, gpu = all_reduce_max([rss, gpu], env)
+    return {"max_rss_mb": round(rss, 1)} | ({"max_gpu_mem_mb": round(gpu, 1)} if env.device.type == "cuda" else {})
 
 
 def any_rank(flag: bool, env: DistEnv) -> bool:
