@@ -18,11 +18,11 @@ import math
 from pathlib import Path
 
 import torch
-import torch.distributed as dist
 from torch import nn
 
 from ..checkpoint import CheckpointError, write_file
 from ..config import UserError
+from .common import average_buffers
 from .env import DistEnv
 
 
@@ -107,10 +107,7 @@ class DeepSpeedStrategy:
 
     def eval_model(self) -> nn.Module:
         module = self.engine.module  # ZeRO 0-2 keep every parameter on every rank
-        for buf in module.buffers():  # average BN statistics, as the DDP strategy does
-            if buf.is_floating_point():
-                dist.all_reduce(buf)
-                buf.div_(self.env.world_size)
+        average_buffers(module, self.env)
         return module
 
     def save(self, folder: Path) -> None:

@@ -31,16 +31,15 @@ from torch.distributed.fsdp import fully_shard
 from ..checkpoint import CheckpointError, read_file, write_file
 from ..config import UserError
 from ..models.resnet import BasicBlock, Bottleneck
-from ..recipe.precision import make_grad_scaler
+from .common import ScaledOptimizerSteps, average_buffers
 from .env import DistEnv
 
 
-class FSDPStrategy:
+class FSDPStrategy(ScaledOptimizerSteps):
     def __init__(self, model: nn.Module, make_optimizer, env: DistEnv, cfg):
         if not env.distributed:
             raise UserError("strategy=fsdp shards over processes: start 2 or more with torchrun or srun, or use ddp")
         self.env = env
-        self.grad_clip_norm = cfg.optim.grad_clip_norm
         # FSDP2's forward all-gathers parameters (a collective), but exact evaluation runs a different number
         # of batches on each rank: it uses this plain twin, loaded with the full weights.
         self.plain = copy.deepcopy(model)
@@ -55,8 +54,7 @@ class FSDPStrategy:
         fully_shard(model, mesh=mesh, reshard_after_forward=reshard)
         self.model = self.module = model
         model.register_forward_pre_hook(self._broadcast_buffers)
-        self.optimizer = make_optimizer(model)  # after sharding: it holds the local shards
-        self.scaler = make_grad_scaler(cfg.precision, env.device, cfg.loss_scale)
+        self.init_steps(make_optimizer(model), env, cfg)  # after sharding: the optimizer holds the local shards
 
     def _broadcast_buffers(self, module: nn.Module, args=None) -> None:
         """Forward pre-hook: rank 0's BN statistics on every rank before a training forward (DDP's rule)."""
@@ -67,19 +65,6 @@ class FSDPStrategy:
         for buf in self.model.buffers():
             dist.broadcast(buf, src=0)
 
-    def backward(self, loss: torch.Tensor) -> None:
-        self.scaler.scale(loss).backward()  # gradients are reduce-scattered to their shards here
-
-    def step(self) -> bool:
-        scale_before = self.scaler.get_scale() if self.scaler.is_enabled() else None
-        if self.grad_clip_norm is not None:
-            self.scaler.unscale_(self.optimizer)
-            nn.utils.clip_grad_norm_(self.model.parameters(), self.grad_clip_norm)  # the norm over all shards
-        self.scaler.step(self.optimizer)
-        self.scaler.update()
-        self.optimizer.zero_grad(set_to_none=True)
-        return scale_before is None or self.scaler.get_scale() >= scale_before
-
     @contextlib.contextmanager
     def no_sync(self):
         self.model.set_requires_gradient_sync(False)
@@ -88,22 +73,11 @@ class FSDPStrategy:
         finally:
             self.model.set_requires_gradient_sync(True)
 
-    def set_lr(self, lr: float) -> None:
-        for group in self.optimizer.param_groups:
-            group["lr"] = lr
-
-    @property
-    def loss_scale(self) -> float:
-        return self.scaler.get_scale() if self.scaler.is_enabled() else 1.0
-
     def _full_state(self, cpu_offload: bool) -> dict:
         return get_model_state_dict(self.model, options=StateDictOptions(full_state_dict=True, cpu_offload=cpu_offload))
 
     def eval_model(self) -> nn.Module:
-        for buf in self.model.buffers():  # average BN statistics, as the DDP strategy does
-            if buf.is_floating_point():
-                dist.all_reduce(buf)
-                buf.div_(self.env.world_size)
+        average_buffers(self.model, self.env)
         self.plain.load_state_dict(self._full_state(cpu_offload=False))
         return self.plain
 
