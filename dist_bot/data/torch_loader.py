@@ -6,7 +6,9 @@ whatever the number of workers, and a resumed run sees exactly the images it wou
 
 from __future__ import annotations
 
+import functools
 import logging
+import multiprocessing
 import warnings
 
 import numpy as np
@@ -76,6 +78,13 @@ class ImageDataset(torch.utils.data.Dataset):
         return x, label, int(attempt == 0), lighting
 
 
+@functools.cache
+def worker_context() -> multiprocessing.context.BaseContext:
+    ctx = multiprocessing.get_context("forkserver")
+    ctx.set_forkserver_preload(["torch", "torchvision", "PIL.Image", __name__])  # workers start in ms
+    return ctx
+
+
 def sample_seed(seed: int, epoch: int, index: int) -> int:
     return int(np.random.SeedSequence([seed, epoch, index]).generate_state(1)[0])
 
@@ -120,6 +129,9 @@ class TorchLoader(PlannedLoader):
             num_workers=self.cfg.data.workers,
             pin_memory=self.device.type == "cuda",
             persistent_workers=False,
+            # Workers start from a clean forkserver, not by forking this process: a fork while gloo/NCCL or
+            # OpenMP threads hold locks deadlocks the child now and then (seen here in evaluation).
+            multiprocessing_context=worker_context() if self.cfg.data.workers > 0 else None,
             prefetch_factor=4 if self.cfg.data.workers > 0 else None,
         )
         self.bad_images = 0
