@@ -36,7 +36,7 @@ def cmd_config(args: argparse.Namespace) -> int:
     return 0
 
 
-def _setup_logging(rank: int) -> None:
+def setup_logging(rank: int) -> None:
     logging.basicConfig(
         level=logging.INFO if rank == 0 else logging.WARNING,
         format=f"%(asctime)s [rank {rank}] %(levelname)s %(name)s: %(message)s",
@@ -50,12 +50,12 @@ def cmd_train(args: argparse.Namespace) -> int:
 
     cfg = load_config(args.config, args.overrides)
     env = init_distributed(cfg.dist.backend, cfg.dist.timeout_min)
-    _setup_logging(env.rank)
+    setup_logging(env.rank)
     try:
         Trainer(cfg, env).fit()
-    except Preempted:
+    except Preempted as stop:
         if env.is_main:
-            print(f"checkpointed; exiting with status {REQUEUE_EXIT_CODE} so the launcher requeues", flush=True)
+            print(f"{stop}; exiting with status {REQUEUE_EXIT_CODE} so the launcher requeues", flush=True)
         return REQUEUE_EXIT_CODE
     finally:
         shutdown()
@@ -78,7 +78,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
         raise ConfigError("dist-bot eval needs exactly one checkpoint=PATH argument")
     cfg = load_config(args.config, [o for o in args.overrides if o not in ckpt])
     env = init_distributed(cfg.dist.backend, cfg.dist.timeout_min)
-    _setup_logging(env.rank)
+    setup_logging(env.rank)
     try:
         state = load_checkpoint(Path(ckpt[0].partition("=")[2]))
         _, val = make_loaders(cfg, env)

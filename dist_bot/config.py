@@ -60,6 +60,8 @@ class DataConfig:
     val_resize_ratio: float = 0.875  # validation resizes the shorter side to image_size / this, then crops
     batch_size: int = 32  # images per process per step (global batch = this x world size x accumulation)
     global_batch_size: int | None = None  # if set, batch_size = this / (processes x accumulation), exactly
+    max_batch_size: int | None = None  # with global_batch_size: most images per process per micro-batch; more
+    # gradient accumulation steps are taken when the global batch would not fit (e.g. on fewer GPUs)
     val_batch_size: int | None = None  # images per process per validation step; None: same as batch_size
     workers: int = 4  # decoding workers (processes or threads) per process
     min_crop_area: float = 0.08  # RandomResizedCrop keeps 8-100 % of the image area (paper 2.1)
@@ -178,6 +180,7 @@ _RANGES: dict[str, str] = {
     "data.batch_size": "[1, inf)",
     "data.val_batch_size": "[1, inf)",
     "data.global_batch_size": "[1, inf)",
+    "data.max_batch_size": "[1, inf)",
     "data.workers": "[0, inf)",
     "data.min_crop_area": "(0, 1]",
     "data.color_jitter": "[0, 1]",

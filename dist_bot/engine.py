@@ -41,12 +41,12 @@ from .recipe.lr import build_schedule
 from .recipe.mixup import mixup
 from .recipe.param_groups import param_groups
 from .recipe.precision import LossScaleGuard, autocast
+from .signals import PREEMPT_SIGNALS
 from .tracking import Progress, Tracker
 
 log = logging.getLogger(__name__)
 
 REQUEUE_EXIT_CODE = 75  # EX_TEMPFAIL: "try again later"; the sbatch script and launchers requeue on it
-PREEMPT_SIGNALS = (signal.SIGTERM, signal.SIGUSR1, signal.SIGUSR2)
 # Settings that may change when a run is resumed; anything else must match the run folder's config.yaml.
 RESUMABLE_CHANGES = {
     "data.path",
@@ -66,7 +66,16 @@ class RunError(UserError, RuntimeError):
 
 
 class Preempted(Exception):
-    """The run checkpointed after a preemption signal (or run.stop_after_steps) and should be requeued."""
+    """The run checkpointed after a preemption signal (or run.stop_after_steps) and should be requeued.
+
+    `signals` are those this process received (a launcher requeues on its own warning signal, but leaves a
+    plain SIGTERM to Slurm); empty when the stop came from run.stop_after_steps or from another rank.
+    """
+
+    def __init__(self, step: int, signals: tuple[int, ...] = ()):
+        names = ", ".join(signal.Signals(s).name for s in signals) or "no signal here"
+        super().__init__(f"checkpointed at step {step} ({names})")
+        self.step, self.signals = step, signals
 
 
 def flat_keys(d: dict, prefix: str = "") -> dict:
@@ -87,7 +96,9 @@ def check_run_dir(cfg: Config, run_dir: Path) -> None:
         raise RunError(f"run folder {run_dir} already exists and run.resume=never: choose another run.name")
     old, new = flat_keys(yaml.safe_load(saved.read_text())), flat_keys(to_dict(cfg))
     # with a global batch, the per-process batch follows the world size, which may change on resume
-    may_change = RESUMABLE_CHANGES | ({"data.batch_size"} if cfg.data.global_batch_size else set())
+    may_change = set(RESUMABLE_CHANGES)
+    if cfg.data.global_batch_size:
+        may_change |= {"data.batch_size"} | ({"optim.grad_accum_steps"} if cfg.data.max_batch_size else set())
     differ = sorted(k for k in old.keys() | new.keys() if old.get(k) != new.get(k) and k not in may_change)
     if differ:
         changes = ", ".join(f"{k}: {old.get(k)!r} -> {new.get(k)!r}" for k in differ[:6])
@@ -97,17 +108,31 @@ def check_run_dir(cfg: Config, run_dir: Path) -> None:
         )
 
 
-def per_process_batch(cfg: Config, world_size: int) -> int:
-    """data.batch_size, or data.global_batch_size split over processes and accumulation steps (exactly)."""
-    g, accum = cfg.data.global_batch_size, cfg.optim.grad_accum_steps
+def split_global_batch(cfg: Config, world_size: int) -> tuple[int, int]:
+    """(images per process per micro-batch, accumulation steps) for this world size.
+
+    With data.global_batch_size the global batch stays fixed whatever the number of processes: it is split
+    exactly over processes x optim.grad_accum_steps, and when data.max_batch_size is set the accumulation
+    grows to the smallest count whose micro-batch fits (1024 on 4 GPUs with max 128: 2 steps of 128).
+    """
+    g, accum, cap = cfg.data.global_batch_size, cfg.optim.grad_accum_steps, cfg.data.max_batch_size
     if g is None:
-        return cfg.data.batch_size
+        return cfg.data.batch_size, accum
+    if cap is not None:
+        n = world_size
+        fits = [a for a in range(accum, g // n + 1) if g % (n * a) == 0 and g // (n * a) <= cap]
+        if not fits:
+            raise UserError(
+                f"data.global_batch_size={g} cannot be split over {world_size} processes into micro-batches of at "
+                f"most data.max_batch_size={cap}: choose a global batch that is a multiple of {world_size}"
+            )
+        accum = fits[0]
     if g % (world_size * accum):
         raise UserError(
             f"data.global_batch_size={g} does not split evenly over {world_size} processes x {accum} "
             f"accumulation steps: choose a multiple of {world_size * accum}, or set optim.grad_accum_steps"
         )
-    return g // (world_size * accum)
+    return g // (world_size * accum), accum
 
 
 def evaluate(model: torch.nn.Module, loader, env: DistEnv, precision: str) -> dict:
@@ -148,7 +173,7 @@ def load_teacher(path: str, num_classes: int, env: DistEnv, channels_last: bool)
 
 class Trainer:
     def __init__(self, cfg: Config, env: DistEnv):
-        cfg.data.batch_size = per_process_batch(cfg, env.world_size)
+        cfg.data.batch_size, cfg.optim.grad_accum_steps = split_global_batch(cfg, env.world_size)
         self.cfg, self.env = cfg, env
         self.run_dir = Path(cfg.run.out_dir) / cfg.run.name
         check_run_dir(cfg, self.run_dir)
@@ -188,6 +213,7 @@ class Trainer:
             (self.run_dir / "config.yaml").write_text(to_yaml(cfg))
         self.tracker = Tracker(cfg, self.run_dir, env.is_main, wandb_id, to_dict(cfg))
         self.stop_requested = False
+        self.signals_received: tuple[int, ...] = ()
 
     # -- checkpoints ------------------------------------------------------------------------------
     def _load(self, path: Path) -> dict:
@@ -303,6 +329,7 @@ class Trainer:
 
     def _on_signal(self, signum, frame) -> None:
         self.stop_requested = True  # finish the current step, then checkpoint (see train_epoch)
+        self.signals_received += (signum,)
 
     def should_stop(self) -> bool:
         """A preemption signal on any rank, or run.stop_after_steps reached (agreed by all ranks)."""
@@ -364,7 +391,7 @@ class Trainer:
             while self.epoch < epochs:
                 if self.train_epoch():
                     self.save()
-                    raise Preempted
+                    raise Preempted(self.global_step, self.signals_received)
                 self.epoch, self.epoch_step = self.epoch + 1, 0
                 last = self.epoch == epochs
                 # BN statistics averaged over ranks at every epoch end, so evaluation and checkpoint agree.
@@ -384,7 +411,7 @@ class Trainer:
                 if self.epoch % cfg.run.checkpoint_every_epochs == 0 or last or stop:
                     self.save()
                 if stop:
-                    raise Preempted
+                    raise Preempted(self.global_step, self.signals_received)
         finally:
             for s, h in old.items():
                 signal.signal(s, h)

@@ -65,7 +65,16 @@ class Tracker:
                 f"wandb.mode={cfg.wandb.mode} but wandb is not installed: pip install 'dist-bot[wandb]'"
             ) from None
         self.wandb_id = wandb_id or "".join(secrets.choice(string.ascii_lowercase + string.digits) for _ in range(8))
-        self.wandb_run = wandb.init(
+        # W&B's service process ends on the SIGTERM that Slurm sends every process of a preempted job: then
+        # the tracker carries on without it (_wandb_failed) and the requeued run resumes the same W&B run.
+        self.wandb_run = self._init_wandb(wandb, cfg, run_dir, mode, config_dict)
+        self.wandb_run.define_metric("step")
+        for split in ("train", "val"):
+            self.wandb_run.define_metric(f"{split}/*", step_metric="step")
+        log.info("W&B %s run %s (%s)", mode, self.wandb_id, run_dir / "wandb")
+
+    def _init_wandb(self, wandb, cfg, run_dir: Path, mode: str, config_dict):
+        return wandb.init(
             project=cfg.wandb.project,
             entity=cfg.wandb.entity,
             group=cfg.wandb.group or os.environ.get("SLURM_JOB_ID"),
@@ -77,10 +86,17 @@ class Tracker:
             dir=str(run_dir),
             mode=mode,
         )
-        self.wandb_run.define_metric("step")
-        for split in ("train", "val"):
-            self.wandb_run.define_metric(f"{split}/*", step_metric="step")
-        log.info("W&B %s run %s (%s)", mode, self.wandb_id, run_dir / "wandb")
+
+    def _wandb_failed(self, e: Exception) -> None:
+        """W&B broke mid-run (its service died, the network went): keep training, keep metrics.jsonl."""
+        log.warning(
+            "W&B stopped working (%s: %s): this process goes on with metrics.jsonl only; a resumed run continues "
+            "W&B run %s",
+            type(e).__name__,
+            e,
+            self.wandb_id,
+        )
+        self.wandb_run = None
 
     def log(self, record: dict) -> None:
         """One metrics line: {"split": ..., "epoch": ..., "step": ..., ...}; also sent to W&B."""
@@ -89,15 +105,22 @@ class Tracker:
         self._file.write(json.dumps(record) + "\n")
         if self.wandb_run is not None:
             split = record["split"]
-            self.wandb_run.log(
-                {f"{split}/{k}": v for k, v in record.items() if k not in ("split", "step")} | {"step": record["step"]}
-            )
+            try:
+                self.wandb_run.log(
+                    {f"{split}/{k}": v for k, v in record.items() if k not in ("split", "step")}
+                    | {"step": record["step"]}
+                )
+            except Exception as e:  # any W&B failure: training must go on
+                self._wandb_failed(e)
 
     def close(self) -> None:
         if self._file:
             self._file.close()
         if self.wandb_run is not None:
-            self.wandb_run.finish()
+            try:
+                self.wandb_run.finish()
+            except Exception as e:  # a failed upload must not fail a finished run
+                self._wandb_failed(e)
 
 
 class Progress:

@@ -133,3 +133,41 @@ def test_synthetic_loader_follows_the_interface():
     x, y = next(iter(train))
     assert x.shape == (8, 3, 64, 64) and x.is_contiguous(memory_format=torch.channels_last)
     assert y.max() < 10 and val.samples == 64
+
+
+def test_loader_workers_and_their_forkserver_outlive_preemption_signals():
+    """Slurm signals every process of a job; DataLoader helpers must leave the stopping to the trainer."""
+    import multiprocessing.forkserver
+    import multiprocessing.resource_tracker
+    import os
+    import signal
+    import time
+
+    from dist_bot.data.torch_loader import worker_context
+    from dist_bot.signals import PREEMPT_SIGNALS
+
+    ctx = worker_context()
+    worker = ctx.Process(target=time.sleep, args=(60,), daemon=True)
+    worker.start()
+    server = multiprocessing.forkserver._forkserver._forkserver_pid
+    tracker = multiprocessing.resource_tracker._resource_tracker._pid
+    try:
+        for sig in PREEMPT_SIGNALS:
+            for pid in (worker.pid, server, tracker):
+                os.kill(pid, sig)
+        time.sleep(0.5)
+        assert worker.is_alive(), "a DataLoader worker died of a preemption signal"
+        for pid in (server, tracker):
+            assert os.waitpid(pid, os.WNOHANG) == (0, 0), "the forkserver or resource tracker died of a signal"
+        # and this process still receives them: the handler runs
+        got = []
+        old = signal.signal(signal.SIGUSR1, lambda s, f: got.append(s))
+        try:
+            os.kill(os.getpid(), signal.SIGUSR1)
+            time.sleep(0.1)
+        finally:
+            signal.signal(signal.SIGUSR1, old)
+        assert got == [signal.SIGUSR1]
+    finally:
+        worker.kill()
+        worker.join()

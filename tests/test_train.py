@@ -181,7 +181,9 @@ def test_signal_to_one_rank_mid_epoch_checkpoints_all_and_resumes_exactly(straig
     assert max_diff(final_weights(tmp_path / "r"), final_weights(straight_run)) <= 1e-6
 
 
-def test_sigterm_plain_process_exits_75_with_a_resumable_checkpoint(tiny_digits, tmp_path):
+def test_sigterm_to_every_process_exits_75_with_a_resumable_checkpoint(tiny_digits, tmp_path):
+    """As Slurm does at preemption: SIGTERM to the training process AND its helpers (DataLoader worker and
+    forkserver); the helpers must not die of it before the last step and the checkpoint."""
     cmd = [
         sys.executable,
         "-m",
@@ -190,16 +192,19 @@ def test_sigterm_plain_process_exits_75_with_a_resumable_checkpoint(tiny_digits,
         "configs/demo.yaml",
         f"data.path={tiny_digits}",
         *TINY_MODEL,
+        "data.loader=torch",
         "data.batch_size=4",
         "schedule.epochs=50",
         "run.log_every_steps=1",
         f"run.out_dir={tmp_path}",
         "run.name=r",
     ]
-    proc = subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    proc = subprocess.Popen(
+        cmd, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True
+    )
     for line in proc.stdout:
         if line.startswith("epoch 1/50 step 3/"):
-            proc.send_signal(signal.SIGTERM)
+            os.killpg(proc.pid, signal.SIGTERM)
             break
     _, err = proc.communicate(timeout=120)
     assert proc.returncode == 75, err[-3000:]

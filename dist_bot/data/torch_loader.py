@@ -9,6 +9,8 @@ from __future__ import annotations
 import functools
 import logging
 import multiprocessing
+import multiprocessing.forkserver
+import multiprocessing.resource_tracker
 import warnings
 
 import numpy as np
@@ -16,6 +18,7 @@ import torch
 from PIL import Image, UnidentifiedImageError
 
 from ..config import UserError
+from ..signals import preemption_signals_blocked
 from .folder import ImageList
 from .sharding import PlannedLoader, shard_eval
 from .transforms import normalize, pca_lighting
@@ -82,6 +85,13 @@ class ImageDataset(torch.utils.data.Dataset):
 def worker_context() -> multiprocessing.context.BaseContext:
     ctx = multiprocessing.get_context("forkserver")
     ctx.set_forkserver_preload(["torch", "torchvision", "PIL.Image", __name__])  # workers start in ms
+    # The forkserver, and so every worker forked from it, never sees Slurm's preemption signals: the step
+    # and evaluation that finish a preempted run still get their batches (see dist_bot/signals.py).
+    # The resource tracker comes first: starting it, multiprocessing unblocks SIGTERM on its way out.
+    with preemption_signals_blocked():
+        multiprocessing.resource_tracker.ensure_running()
+        with preemption_signals_blocked():
+            multiprocessing.forkserver.ensure_running()
     return ctx
 
 

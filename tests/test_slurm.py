@@ -1,0 +1,234 @@
+"""Against a REAL two-node Slurm cluster (tests/slurm/cluster.py): the sbatch script, the submitit launcher,
+preemption with requeue through both, and a sweep as a job array.
+
+Every job trains a ResNet-18-D on a 200-image Imagenette subset at 64 px, 2 epochs of 13 steps, with 2
+processes (2 nodes x 1 task) and the torchvision loader with a worker process, so Slurm's signals also reach
+DataLoader workers, as on a real cluster. An uninterrupted sbatch run is the reference: a preempted and
+requeued run must log every step once and end with exactly its metrics.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import pytest
+from conftest import REPO
+
+from dist_bot.checkpoint import list_checkpoints, read_meta
+
+sys.path.insert(0, str(Path(__file__).parent / "slurm"))
+import cluster  # the test helper beside this file
+
+pytestmark = pytest.mark.slurm
+
+STEPS_PER_EPOCH, EPOCHS = 13, 2
+SMALL = [
+    "model.name=resnet18d",
+    "data.image_size=64",
+    "data.batch_size=8",
+    "data.loader=torch",
+    "data.workers=1",
+    f"schedule.epochs={EPOCHS}",
+    "optim.base_lr_per_256=0.5",
+    "run.log_every_steps=1",
+    "wandb.mode=offline",
+]
+FINISHED = {"COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL", "OUT_OF_MEMORY", "BOOT_FAIL", "DEADLINE"}
+
+
+@pytest.fixture(scope="session")
+def slurm_env():
+    """The client environment of a fresh 2-node cluster, torn down after the session even when tests fail."""
+    why = cluster.missing()
+    if why:
+        if os.environ.get("DIST_BOT_REQUIRE_SLURM") == "1":
+            pytest.fail(f"DIST_BOT_REQUIRE_SLURM=1 (set by .ci/run after installing Slurm), but {why}")
+        pytest.skip(why)
+    folder = Path(tempfile.mkdtemp(prefix="dist_bot_slurm_"))  # short: a munge socket path has a length limit
+    t0 = time.monotonic()
+    try:
+        client = cluster.up(folder)
+    except cluster.ClusterError:
+        cluster.down(folder)
+        raise
+    report(f"2-node test cluster up in {time.monotonic() - t0:.1f} s ({folder})")
+    yield os.environ | client | {"WANDB_SILENT": "true"}
+    cluster.down(folder, remove=True)
+
+
+def report(line: str) -> None:
+    """Timings for the CI log, past pytest's output capture."""
+    print(f"\n[slurm] {line}", file=sys.__stderr__, flush=True)
+
+
+def run(cmd: list[str], env: dict, timeout: float = 300) -> subprocess.CompletedProcess:
+    return subprocess.run(cmd, capture_output=True, text=True, cwd=REPO, env=env, timeout=timeout)
+
+
+def job_info(job: str, env: dict) -> dict[str, str]:
+    out = run(["scontrol", "show", "job", "-o", job], env)
+    return dict(kv.split("=", 1) for kv in out.stdout.split() if "=" in kv) if out.returncode == 0 else {}
+
+
+def wait_job(job: str, env: dict, timeout: float = 300) -> dict[str, str]:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        info = job_info(job, env)
+        if info.get("JobState") in FINISHED:
+            return info
+        time.sleep(0.5)
+    raise AssertionError(f"job {job} did not finish within {timeout} s: {job_info(job, env)}")
+
+
+def wait_for_step(metrics: Path, step: int, timeout: float = 180) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if metrics.exists() and any(json.loads(x).get("step", 0) >= step for x in metrics.read_text().splitlines()):
+            return
+        time.sleep(0.1)
+    raise AssertionError(f"{metrics} did not reach step {step} within {timeout} s")
+
+
+def read_metrics(run_dir: Path) -> list[dict]:
+    return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+
+
+def final_val(run_dir: Path) -> dict:
+    val = [m for m in read_metrics(run_dir) if m["split"] == "val"][-1]
+    return {k: val[k] for k in ("epoch", "step", "top1", "top5", "loss", "samples")}
+
+
+def sbatch_cpu(env: dict, data: Path, out: Path, name: str, *flags: str) -> subprocess.CompletedProcess:
+    job_env = env | {"DATA": str(data), "OUT_DIR": str(out), "RUN_NAME": name}
+    cmd = ["sbatch", "--parsable", f"--output={out}/%x-%j.out", *flags, "slurm/cpu_imagenette_2nodes.sh", *SMALL]
+    return run(cmd, job_env)
+
+
+def submitit_cmd(out: Path, data: Path, name: str, *extra: str) -> list[str]:
+    return [
+        sys.executable,
+        "-m",
+        "launch.submit",
+        "configs/imagenette_cpu.yaml",
+        *SMALL,
+        f"data.path={data}",
+        f"run.out_dir={out}",
+        "--name",
+        name,
+        "--cluster",
+        "slurm",
+        "--gpus-per-node",
+        "0",
+        "--tasks-per-node",
+        "1",
+        "--time",
+        "20",
+        *extra,
+    ]
+
+
+def assert_resumed_exactly(run_dir: Path, reference: dict, log: str) -> int:
+    """Every step logged once, a mid-epoch checkpoint resumed, the same W&B run, the reference's metrics."""
+    steps = [m["step"] for m in read_metrics(run_dir) if m["split"] == "train"]
+    assert steps == list(range(1, EPOCHS * STEPS_PER_EPOCH + 1)), f"steps repeated or skipped: {steps}"
+    assert "resumed from" in log, log[-3000:]
+    resumed_at = int(log.split("resumed from")[1].split("step_")[1][:9])
+    assert resumed_at % STEPS_PER_EPOCH > 0, f"resumed at step {resumed_at}: not mid-epoch"
+    assert final_val(run_dir) == reference
+    wandb_runs = sorted((run_dir / "wandb").glob("offline-run-*"))
+    ids = {p.name.rsplit("-", 1)[1] for p in wandb_runs}
+    assert len(wandb_runs) == 2 and len(ids) == 1, f"expected one W&B run id in two attempts: {wandb_runs}"
+    assert read_meta(list_checkpoints(run_dir / "checkpoints")[-1])["wandb_id"] in ids
+    return resumed_at
+
+
+@pytest.fixture(scope="module")
+def straight(slurm_env, imagenette_subset, tmp_path_factory) -> dict:
+    """(a) `sbatch --wait` of the CPU script on 2 nodes x 1 task: the uninterrupted reference run."""
+    out = tmp_path_factory.mktemp("sbatch")
+    t0 = time.monotonic()
+    done = sbatch_cpu(slurm_env, imagenette_subset, out, "straight", "--wait")
+    log = "\n".join(p.read_text() for p in out.glob("*.out"))
+    assert done.returncode == 0, f"{done.stderr}\n{log[-3000:]}"
+    report(f"sbatch --wait, 2 nodes: {time.monotonic() - t0:.1f} s")
+    return {"run_dir": out / "straight", "log": log, "val": final_val(out / "straight")}
+
+
+def test_sbatch_cpu_script_trains_and_evaluates_on_two_nodes(straight):
+    assert "2 tasks on node[1-2], master node1" in straight["log"]
+    assert straight["val"]["samples"] == 100  # the whole validation subset, counted once over both nodes
+    assert straight["val"]["step"] == EPOCHS * STEPS_PER_EPOCH
+    steps = [m["step"] for m in read_metrics(straight["run_dir"]) if m["split"] == "train"]
+    assert steps == list(range(1, EPOCHS * STEPS_PER_EPOCH + 1))
+
+
+def test_submitit_launcher_on_two_nodes_returns_the_same_result(slurm_env, straight, imagenette_subset, tmp_path):
+    done = run(submitit_cmd(tmp_path, imagenette_subset, "launched", "--nodes", "2", "--wait"), slurm_env)
+    lines = [json.loads(x) for x in done.stdout.splitlines() if x.startswith("{")]
+    assert done.returncode == 0 and lines[-1]["state"] == "done", done.stdout + done.stderr[-3000:]
+    result = lines[-1]["result"]
+    assert {k: result[k] for k in straight["val"]} == straight["val"]  # same world size and seed: same run
+    assert Path(result["run_dir"]) == tmp_path / "launched"
+
+
+def test_sbatch_preempted_mid_epoch_requeues_and_resumes_exactly(slurm_env, straight, imagenette_subset, tmp_path):
+    """Slurm's --signal=B:USR1 warning, sent by hand: checkpoint on every rank, requeue, resume."""
+    t0 = time.monotonic()
+    job = sbatch_cpu(slurm_env, imagenette_subset, tmp_path, "preempted").stdout.strip()
+    wait_for_step(tmp_path / "preempted" / "metrics.jsonl", 3)
+    assert run(["scancel", "--batch", "--signal=USR1", job], slurm_env).returncode == 0
+    info = wait_job(job, slurm_env)
+    log = "\n".join(p.read_text() for p in tmp_path.glob("*.out"))
+    assert info["JobState"] == "COMPLETED" and info["Restarts"] == "1", (info, log[-3000:])
+    assert "requeueing job" in log and "restart 1" in log
+    at = assert_resumed_exactly(tmp_path / "preempted", straight["val"], log)
+    report(f"sbatch preempted at step {at}, requeued, done: {time.monotonic() - t0:.1f} s")
+
+
+def test_submitit_preempted_mid_epoch_requeues_and_resumes_exactly(
+    slurm_env, straight, imagenette_subset, tmp_path, monkeypatch
+):
+    """submitit's own preemption (SIGTERM then SIGUSR2 to every process): Checkpointable requeue, resume."""
+    for k in ("SLURM_CONF", "PATH"):
+        monkeypatch.setenv(k, slurm_env[k])
+    sys.path.insert(0, str(REPO))
+    from launch.submit import TrainJob, build_parser, make_executor, plan_runs
+
+    args = build_parser().parse_args(submitit_cmd(tmp_path, imagenette_subset, "preempted", "--nodes", "2")[3:])
+    (spec,) = plan_runs(args.config, args.overrides, args.name, [])
+    t0 = time.monotonic()
+    job = make_executor(args, tmp_path / "submitit" / "%j").submit(TrainJob(), spec.config, spec.overrides)
+    wait_for_step(tmp_path / "preempted" / "metrics.jsonl", 3)
+    job._interrupt()  # what Slurm does when it preempts a job: SIGTERM, then submitit's SIGUSR2
+    result = job.results()[0]
+    logs = "\n".join(p.read_text() for p in sorted((tmp_path / "submitit").glob("*/*_0_log.*")))
+    assert {k: result[k] for k in straight["val"]} == straight["val"], logs[-3000:]
+    assert "requeueing through submitit" in logs and "Requeued job" in logs
+    at = assert_resumed_exactly(tmp_path / "preempted", straight["val"], logs)
+    report(f"submitit preempted at step {at}, requeued, done: {time.monotonic() - t0:.1f} s")
+
+
+def test_sweep_runs_as_a_job_array(slurm_env, imagenette_subset, tmp_path):
+    cmd = submitit_cmd(tmp_path, imagenette_subset, "sweep", "--sweep", "optim.base_lr_per_256=0.25,1.0", "--wait")
+    cmd[cmd.index(f"schedule.epochs={EPOCHS}")] = "schedule.epochs=1"
+    done = run(cmd, slurm_env)
+    lines = [json.loads(x) for x in done.stdout.splitlines() if x.startswith("{")]
+    results = [x for x in lines if "state" in x]
+    assert done.returncode == 0 and [r["state"] for r in results] == ["done", "done"], done.stdout + done.stderr
+    array = {r["job_id"].split("_")[0] for r in results}
+    assert len(array) == 1 and sorted(r["job_id"].split("_")[1] for r in results) == ["0", "1"]
+    assert job_info(results[0]["job_id"], slurm_env).get("ArrayJobId") == array.pop()
+    lrs = {}
+    for r in results:
+        run_dir = Path(r["result"]["run_dir"])
+        assert run_dir.name == r["name"] and r["result"]["samples"] == 100
+        lrs[run_dir.name] = [m["lr"] for m in read_metrics(run_dir) if m["split"] == "train"]
+    assert sorted(lrs) == ["sweep-base_lr_per_256=0.25", "sweep-base_lr_per_256=1.0"]
+    peak = {k: max(v) for k, v in lrs.items()}
+    assert peak["sweep-base_lr_per_256=1.0"] == pytest.approx(4 * peak["sweep-base_lr_per_256=0.25"])
