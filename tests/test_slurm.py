@@ -50,7 +50,9 @@ def slurm_env():
         if os.environ.get("DIST_BOT_REQUIRE_SLURM") == "1":
             pytest.fail(f"DIST_BOT_REQUIRE_SLURM=1 (set by .ci/run after installing Slurm), but {why}")
         pytest.skip(why)
-    folder = Path(tempfile.mkdtemp(prefix="dist_bot_slurm_"))  # short: a munge socket path has a length limit
+    # scripts/test.sh names the folder so that its exit trap can stop a cluster that pytest left behind;
+    # short, under /tmp: a munge socket path has a length limit
+    folder = Path(os.environ.get("DIST_BOT_SLURM_DIR") or tempfile.mkdtemp(prefix="dist_bot_slurm_"))
     t0 = time.monotonic()
     try:
         client = cluster.up(folder)

@@ -154,16 +154,23 @@ def _stop(pids: list[int], timeout: float = 15) -> None:
 
 
 def _processes_using(d: Path) -> list[int]:
-    """slurmstepd and job processes started by this cluster (their command line or environment names DIR)."""
+    """slurmstepd and job processes of this cluster: SLURM_CONF points here and they are a step or in a job.
+
+    (Not "anything naming DIR": the test runner itself carries DIST_BOT_SLURM_DIR in its environment.)
+    """
+    conf = f"SLURM_CONF={d / 'slurm.conf'}".encode()
     found = []
     for proc in Path("/proc").iterdir():
         if not proc.name.isdigit() or int(proc.name) == os.getpid():
             continue
         try:
-            if str(d).encode() in (proc / "cmdline").read_bytes() or str(d).encode() in (proc / "environ").read_bytes():
-                found.append(int(proc.name))
+            environ = (proc / "environ").read_bytes().split(b"\0")
+            cmdline = (proc / "cmdline").read_bytes()
         except OSError:
             continue
+        in_job = any(v.startswith(b"SLURM_JOB_ID=") for v in environ) or cmdline.startswith(b"slurmstepd")
+        if conf in environ and in_job:
+            found.append(int(proc.name))
     return found
 
 
@@ -190,11 +197,11 @@ def down(d: Path, remove: bool = False) -> None:
 
 
 if __name__ == "__main__":
-    if len(sys.argv) != 3 or sys.argv[1] not in ("up", "down"):
-        sys.exit("usage: python tests/slurm/cluster.py up|down DIR")
+    if len(sys.argv) not in (3, 4) or sys.argv[1] not in ("up", "down") or sys.argv[3:] not in ([], ["--remove"]):
+        sys.exit("usage: python tests/slurm/cluster.py up DIR | down DIR [--remove]")
     folder = Path(sys.argv[2])
     if sys.argv[1] == "up":
         t0 = time.monotonic()
         print(f"export SLURM_CONF={up(folder)['SLURM_CONF']}  # cluster up in {time.monotonic() - t0:.1f} s")
     else:
-        down(folder)
+        down(folder, remove=len(sys.argv) == 4)
