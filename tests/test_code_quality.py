@@ -69,3 +69,23 @@ def test_ruff_format():
         [sys.executable, "-m", "ruff", "format", "--check", "."], cwd=REPO, capture_output=True, text=True
     )
     assert out.returncode == 0, "run `ruff format .`:\n" + out.stdout + out.stderr
+
+
+def test_shell_scripts_parse_and_sbatch_directives_come_before_any_command():
+    scripts = sorted([*(REPO / "slurm").rglob("*.sh"), *(REPO / "scripts").glob("*.sh"), REPO / ".ci" / "run"])
+    for script in scripts:
+        out = subprocess.run(["bash", "-n", str(script)], capture_output=True, text=True)
+        assert out.returncode == 0, f"{script}: {out.stderr}"
+    for script in (REPO / "slurm").glob("*.sh"):
+        lines = script.read_text().splitlines()
+        first_command = next(i for i, x in enumerate(lines) if x.strip() and not x.startswith("#"))
+        late = [x for x in lines[first_command:] if x.startswith("#SBATCH")]
+        assert not late, f"{script.name}: sbatch ignores #SBATCH lines after the first command: {late}"
+        assert any(x.startswith("#SBATCH --requeue") for x in lines), f"{script.name} must be requeueable"
+
+
+def test_dockerfile_copies_the_packages_configs_scripts_and_lock():
+    text = (REPO / "Dockerfile").read_text()
+    copied = " ".join(x for x in text.splitlines() if x.startswith("COPY"))
+    for path in ("pyproject.toml", "requirements.lock", "dist_bot", "launch", "configs", "slurm"):
+        assert f" {path}" in copied, f"Dockerfile does not COPY {path}"

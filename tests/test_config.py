@@ -164,7 +164,7 @@ def test_every_shipped_recipe_loads(recipe):
 def test_paper_recipes_hold_the_papers_numbers():
     eff = load_config(REPO / "configs" / "resnet50d_bs1024.yaml")
     assert eff.model.name == "resnet50d" and eff.precision == "fp16"
-    assert eff.data.batch_size * 8 == 1024 and eff.optim.base_lr_per_256 * 1024 / 256 == pytest.approx(0.4)
+    assert eff.data.global_batch_size == 1024 and eff.optim.base_lr_per_256 * 1024 / 256 == pytest.approx(0.4)
     assert (eff.schedule.epochs, eff.schedule.warmup_epochs, eff.schedule.decay) == (200, 5.0, "cosine")
     assert (eff.loss.label_smoothing, eff.loss.mixup_alpha) == (0.1, 0.2)
     base = load_config(REPO / "configs" / "resnet50_baseline_bs256.yaml")

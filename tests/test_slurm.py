@@ -43,8 +43,9 @@ FINISHED = {"COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL", "OUT_OF_
 
 
 @pytest.fixture(scope="session")
-def slurm_env():
+def slurm_env(pytestconfig):
     """The client environment of a fresh 2-node cluster, torn down after the session even when tests fail."""
+    _capture[:] = [c for c in [pytestconfig.pluginmanager.get_plugin("capturemanager")] if c]
     why = cluster.missing()
     if why:
         if os.environ.get("DIST_BOT_REQUIRE_SLURM") == "1":
@@ -59,14 +60,19 @@ def slurm_env():
     except cluster.ClusterError:
         cluster.down(folder)
         raise
-    report(f"2-node test cluster up in {time.monotonic() - t0:.1f} s ({folder})")
+    report(f"2-node test cluster up in {time.monotonic() - t0:.2f} s ({folder})")
     yield os.environ | client | {"WANDB_SILENT": "true"}
     cluster.down(folder, remove=True)
 
 
+_capture = []  # pytest's capture manager, set by the slurm_env fixture
+
+
 def report(line: str) -> None:
     """Timings for the CI log, past pytest's output capture."""
-    print(f"\n[slurm] {line}", file=sys.__stderr__, flush=True)
+    for cm in _capture:
+        with cm.global_and_fixture_disabled():
+            print(f"\n[slurm] {line}", flush=True)
 
 
 def run(cmd: list[str], env: dict, timeout: float = 300) -> subprocess.CompletedProcess:
@@ -225,7 +231,9 @@ def test_sweep_runs_as_a_job_array(slurm_env, imagenette_subset, tmp_path):
     assert done.returncode == 0 and [r["state"] for r in results] == ["done", "done"], done.stdout + done.stderr
     array = {r["job_id"].split("_")[0] for r in results}
     assert len(array) == 1 and sorted(r["job_id"].split("_")[1] for r in results) == ["0", "1"]
-    assert job_info(results[0]["job_id"], slurm_env).get("ArrayJobId") == array.pop()
+    array_id = array.pop()
+    script = (tmp_path / "submitit_logs" / array_id / f"{array_id}_submission.sh").read_text()
+    assert "#SBATCH --array=0-1%" in script  # one sbatch: a job array of two, not two jobs
     lrs = {}
     for r in results:
         run_dir = Path(r["result"]["run_dir"])

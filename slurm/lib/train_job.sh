@@ -51,8 +51,8 @@ dist_bot_train() {  # CONFIG [key=value ...]
     # --wait=120: once one task has ended, the others get 2 minutes to end too (after a checkpoint they all
     # exit 75 within seconds; after a crash the others would block in a collective), then srun ends them.
     # Not --kill-on-bad-exit: it would kill the other ranks as soon as the first exits 75.
-    # shellcheck disable=SC2086  # SRUN_ARGS is a list of flags
-    srun --kill-on-bad-exit=0 --wait="${SRUN_WAIT:-120}" ${SRUN_ARGS:-} "$PYTHON" -u -m dist_bot "${args[@]}" &
+    # shellcheck disable=SC2086  # SRUN_ARGS is a list of flags; PYTHON may be a command ("apptainer exec ... python")
+    srun --kill-on-bad-exit=0 --wait="${SRUN_WAIT:-120}" ${SRUN_ARGS:-} $PYTHON -u -m dist_bot "${args[@]}" &
     local pid=$! rc=0
     while :; do
         rc=0

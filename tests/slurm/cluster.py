@@ -6,6 +6,8 @@ munged, slurmctld and two slurmd (node1, node2: Debian's build has MULTIPLE_SLUR
 state, log, socket and pid file under DIR. The slurmds run in a private mount namespace whose /etc/hosts maps
 node1/node2 to 127.0.0.1, so a job's MASTER_ADDR=node1 resolves. There is no accounting daemon (slurmdbd
 needs a MySQL server): `tests/slurm/bin/sacct` stands in for the one sacct call submitit makes.
+MinJobAge=4 keeps finished jobs visible for a few seconds only: `sbatch --wait` then polls every 2 s (with
+Slurm's default of 300 s it sleeps 2, 8, then 32 s between polls, which cost a test up to half a minute).
 """
 
 from __future__ import annotations
@@ -64,7 +66,7 @@ SchedulerType=sched/backfill
 SchedulerParameters=sched_interval=1,bf_interval=1
 SlurmdParameters=config_overrides
 ReturnToService=2
-MinJobAge=600
+MinJobAge=4
 KillWait=10
 AccountingStorageType=accounting_storage/none
 JobAcctGatherType=jobacct_gather/none
