@@ -4,11 +4,17 @@ from __future__ import annotations
 
 import dataclasses
 import statistics
+import tempfile
 import time
+
+import numpy as np
+import torch
 
 from .config import Config
 from .data import make_loaders
 from .distributed.env import DistEnv
+from .engine import Trainer
+from .models import build_model
 
 
 def bench_data(cfg: Config, loaders: list[str], batches: int = 20, repeats: int = 3, warmup: int = 3):
@@ -49,3 +55,123 @@ def bench_data(cfg: Config, loaders: list[str], batches: int = 20, repeats: int 
             "device": str(env.device),
             "ratio_to_" + loaders[-1]: statistics.median(r) / statistics.median(rates[loaders[-1]]),
         }
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def _bare_loop(cfg: Config, env: DistEnv):
+    """The reference: the same work written as a plain PyTorch loop, as one would by hand.
+
+    Same model (dist_bot's ResNet builder, so the networks are identical), SGD with Nesterov momentum and
+    weight decay, the same precision (autocast, a GradScaler for fp16), channels_last, torch.compile, DDP
+    when distributed, label smoothing and mixup when the config has them, on the same synthetic batch.
+    Returns a function doing one training step.
+    """
+    d, o, dev = cfg.data, cfg.optim, env.device
+    torch.manual_seed(cfg.run.seed)
+    model = build_model(cfg.model.name, cfg.model.num_classes or 1000).to(dev)
+    fmt = torch.channels_last if cfg.model.channels_last else torch.contiguous_format
+    model = model.to(memory_format=fmt)
+    if cfg.model.compile:
+        model.compile()
+    if env.distributed:
+        model = torch.nn.parallel.DistributedDataParallel(model, device_ids=[dev] if dev.type == "cuda" else None)
+    opt = torch.optim.SGD(
+        model.parameters(), lr=0.1, momentum=o.momentum, nesterov=o.nesterov, weight_decay=o.weight_decay
+    )
+    dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(cfg.precision)
+    scaler = torch.amp.GradScaler(dev.type, enabled=cfg.precision == "fp16")
+    g = torch.Generator().manual_seed(cfg.run.seed + env.rank)
+    in_dtype = torch.float16 if cfg.precision == "fp16" else torch.float32  # what the loaders emit
+    images = torch.randn(d.batch_size, 3, d.image_size, d.image_size, generator=g).to(dev, in_dtype, memory_format=fmt)
+    labels = torch.randint(0, cfg.model.num_classes or 1000, (d.batch_size,), generator=g).to(dev)
+    rng = np.random.default_rng(cfg.run.seed)
+    alpha, eps = cfg.loss.mixup_alpha, cfg.loss.label_smoothing
+
+    def step() -> None:
+        opt.zero_grad(set_to_none=True)
+        x, lam = images, 1.0
+        if alpha > 0:
+            lam = float(rng.beta(alpha, alpha))
+            x = lam * images + (1 - lam) * images.flip(0)
+        with torch.autocast(dev.type, dtype=dtype or torch.float32, enabled=dtype is not None):
+            logits = model(x)
+        loss = torch.nn.functional.cross_entropy(logits.float(), labels, label_smoothing=eps)
+        if alpha > 0:
+            loss = lam * loss + (1 - lam) * torch.nn.functional.cross_entropy(
+                logits.float(), labels.flip(0), label_smoothing=eps
+            )
+        scaler.scale(loss).backward()
+        scaler.step(opt)
+        scaler.update()
+
+    return step
+
+
+def bench_train(cfg: Config, env: DistEnv, steps: int = 20, warmup: int = 5, repeats: int = 3):
+    """Images/s of dist_bot's whole training step against a bare PyTorch loop doing the same work.
+
+    dist_bot: the Trainer's own epoch loop (lr schedule, recipe losses, strategy, loss-scale guard, stop
+    check, logging) on synthetic data in a throw-away run folder, timed by a hook after every optimizer step.
+    Bare: `_bare_loop`. They alternate, `repeats` blocks each of `warmup` + `steps` steps; the step time is
+    the median over all timed steps of a side, and img/s = global batch / that. Yields one JSON-able record
+    per side, then their ratio.
+    """
+    cfg.data.loader, cfg.wandb.mode = "synthetic", "disabled"
+    tmp = tempfile.TemporaryDirectory(prefix="dist_bot_bench_")
+    cfg.run.out_dir, cfg.run.name, cfg.run.resume = tmp.name, "bench", "never"
+    trainer = Trainer(cfg, env)
+    bare = _bare_loop(cfg, env)
+    per_block = warmup + steps
+    if len(trainer.train_loader) < per_block:
+        raise ValueError(f"the synthetic epoch has {len(trainer.train_loader)} steps: ask for fewer than {per_block}")
+
+    times: dict[str, list[float]] = {"dist_bot": [], "bare": []}
+    marks: list[float] = []
+
+    def mark() -> None:
+        _sync(env.device)
+        marks.append(time.perf_counter())
+
+    trainer.on_step = mark
+    trainer.train_loader.steps = trainer.train_loader.steps[:per_block]
+    for _ in range(repeats):
+        trainer.epoch_step = 0
+        _sync(env.device)
+        marks[:] = [time.perf_counter()]
+        trainer.train_epoch()
+        times["dist_bot"] += [b - a for a, b in zip(marks[warmup:], marks[warmup + 1 :], strict=False)]
+        mark_bare = [time.perf_counter()]
+        for _ in range(per_block):
+            bare()
+            _sync(env.device)
+            mark_bare.append(time.perf_counter())
+        times["bare"] += [b - a for a, b in zip(mark_bare[warmup:], mark_bare[warmup + 1 :], strict=False)]
+    trainer.tracker.close()
+    tmp.cleanup()
+
+    batch = cfg.data.batch_size * env.world_size * cfg.optim.grad_accum_steps
+    common = {
+        "model": cfg.model.name,
+        "image_size": cfg.data.image_size,
+        "global_batch": batch,
+        "processes": env.world_size,
+        "precision": cfg.precision,
+        "channels_last": cfg.model.channels_last,
+        "compile": cfg.model.compile,
+        "strategy": cfg.strategy,
+        "device": str(env.device),
+    }
+    rate = {}
+    for side, t in times.items():
+        med = statistics.median(t)
+        rate[side] = batch / med
+        yield {"bench": "train", "impl": side, "img_per_s": rate[side], "step_s": med, "steps": len(t)} | common
+    yield {
+        "bench": "train",
+        "ratio": rate["dist_bot"] / rate["bare"],
+        "overhead_pct": 100 * (rate["bare"] / rate["dist_bot"] - 1),
+    } | common

@@ -7,6 +7,8 @@
     dist-bot data digits OUT_DIR                write the bundled handwritten digits as an ImageFolder
     dist-bot data check DIR [--workers N]       scan a dataset for unreadable files, empty classes, leakage
     dist-bot bench data CONFIG [key=value ...]  images/s of each data loader, side by side (JSON lines)
+    dist-bot bench train [CONFIG] [key=value ...]  training step vs a bare PyTorch loop, and the ratio
+    dist-bot report RUN_DIR [RUN_DIR ...]       PNG plots of loss, lr, img/s, top-1; a table for several runs
 
 Bad input (an unknown key, a wrongly typed value, an unknown model) ends with one line on stderr that
 names the problem and the fix, and exit status 2, like argparse's own usage errors.
@@ -122,6 +124,34 @@ def cmd_bench_data(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_bench_train(args: argparse.Namespace) -> int:
+    from dist_bot.bench import bench_train
+    from dist_bot.distributed.env import init_distributed, shutdown
+
+    config, overrides = args.config, args.overrides
+    if config is not None and "=" in config:  # `dist-bot bench train key=value ...`: the defaults
+        config, overrides = None, [config, *overrides]
+    cfg = load_config(config, overrides)
+    env = init_distributed(cfg.dist.backend, cfg.dist.timeout_min)
+    setup_logging(env.rank)
+    try:
+        for record in bench_train(cfg, env, args.steps, args.warmup, args.repeats):
+            if env.is_main:
+                print(json.dumps(record), flush=True)
+    finally:
+        shutdown()
+    return 0
+
+
+def cmd_report(args: argparse.Namespace) -> int:
+    from dist_bot.report import report
+
+    png, table = report(args.run_dirs, args.out)
+    print(table)
+    print(f"\nplots: {png}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="dist-bot", description=__doc__.split("\n")[0])
     parser.add_argument("--version", action="version", version=f"dist-bot {__version__}")
@@ -158,6 +188,21 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--batches", type=int, default=20, help="timed batches per run, after 3 warm-up (default 20)")
     b.add_argument("--repeats", type=int, default=3, help="runs per loader; the median is reported (default 3)")
     b.set_defaults(func=cmd_bench_data)
+    b = bsub.add_parser(
+        "train",
+        help="images/s of dist_bot's training step and of a bare PyTorch loop doing the same work, and their ratio",
+    )
+    b.add_argument("config", nargs="?", help="recipe YAML (optional: the defaults, i.e. resnet50d at 224 px)")
+    b.add_argument("overrides", nargs="*", metavar="key=value", help="e.g. precision=bf16 data.batch_size=32")
+    b.add_argument("--steps", type=int, default=20, help="timed steps per block, after the warm-up (default 20)")
+    b.add_argument("--warmup", type=int, default=5, help="untimed steps at the start of each block (default 5)")
+    b.add_argument("--repeats", type=int, default=3, help="blocks per side, alternating (default 3)")
+    b.set_defaults(func=cmd_bench_train)
+
+    p = sub.add_parser("report", help="PNG plots and a table of one or more runs, from their metrics.jsonl")
+    p.add_argument("run_dirs", nargs="+", metavar="RUN_DIR", help="run folders (<run.out_dir>/<run.name>)")
+    p.add_argument("--out", help="PNG to write (default: RUN_DIR/report.png for one run, ./report.png for several)")
+    p.set_defaults(func=cmd_report)
 
     p = sub.add_parser("models", help="list every model with its parameters and multiply-adds")
     p.add_argument("--image-size", type=int, default=224, help="input resolution in pixels (default 224)")

@@ -97,7 +97,7 @@ class ScheduleConfig:
 
 @dataclass
 class DistillConfig:
-    teacher: str | None = None  # dist_bot checkpoint of the frozen teacher; None: no distillation
+    teacher: str | None = None  # frozen teacher: a checkpoint folder, or a run folder (its latest); None: off
     temperature: float = 20.0  # softmax temperature T of the soft targets (the paper: 20)
     hard_weight: float = 1.0  # weight of CE(true labels, student)
     soft_weight: float = 1.0  # weight of T^2 x CE(teacher soft targets, student soft predictions)

@@ -160,8 +160,15 @@ def evaluate(model: torch.nn.Module, loader, env: DistEnv, precision: str) -> di
 
 
 def load_teacher(path: str, num_classes: int, env: DistEnv, channels_last: bool) -> torch.nn.Module:
-    """A frozen teacher from a dist_bot checkpoint (its model named by the config saved inside)."""
-    state = load_checkpoint(Path(path))
+    """A frozen teacher from a dist_bot checkpoint folder, or from a run folder (its latest good checkpoint);
+    the architecture is read from the config saved inside."""
+    if (Path(path) / "checkpoints").is_dir():
+        found = load_latest_good(Path(path) / "checkpoints", load_checkpoint)
+        if found is None:
+            raise RunError(f"teacher run {path} has no readable checkpoint: train it first, or name a checkpoint")
+        path, state = found
+    else:
+        state = load_checkpoint(Path(path))
     tcfg = from_dict(state["config"])
     if state["num_classes"] != num_classes:
         raise RunError(f"teacher {path} predicts {state['num_classes']} classes, the data has {num_classes}")
@@ -214,6 +221,8 @@ class Trainer:
         self.tracker = Tracker(cfg, self.run_dir, env.is_main, wandb_id, to_dict(cfg))
         self.stop_requested = False
         self.signals_received: tuple[int, ...] = ()
+        self.on_step = None  # called after every optimizer step (dist-bot bench train times steps with it)
+        self.start_global_step, self.progress = self.global_step, Progress(False, 0)  # fit() sets both
 
     # -- checkpoints ------------------------------------------------------------------------------
     def _load(self, path: Path) -> dict:
@@ -354,6 +363,8 @@ class Trainer:
                 self.guard.update(self.strategy.loss_scale, skipped=not ok)
             self.epoch_step += 1
             self.global_step += 1
+            if self.on_step is not None:
+                self.on_step()
             done = self.epoch_step == len(loader)
             if self.epoch_step % cfg.run.log_every_steps == 0 or done:
                 self.log_train(loss_sum, samples, steps, time.perf_counter() - t0)

@@ -2,6 +2,7 @@
 
 import ast
 import inspect
+import itertools
 from pathlib import Path
 
 import pytest
@@ -175,6 +176,25 @@ def test_paper_recipes_hold_the_papers_numbers():
         0,
     )
     assert base.loss.label_smoothing == 0 and base.loss.mixup_alpha == 0 and base.precision == "fp32"
+    assert (base.data.global_batch_size, base.optim.base_lr_per_256, base.schedule.epochs) == (256, 0.1, 120)
+    distill = load_config(REPO / "configs" / "resnet50d_distill_bs1024.yaml")
+    teacher = load_config(REPO / "configs" / "resnet152d_bs1024.yaml")
+    assert distill.loss.distill.teacher == f"{teacher.run.out_dir}/{teacher.run.name}"  # the teacher recipe's run
+    assert distill.loss.distill.temperature == 20 and distill.loss.mixup_alpha == 0.2
+    assert teacher.model.name == "resnet152d" and teacher.data.global_batch_size == 1024
+
+
+def test_imagenette_ladder_adds_one_trick_per_rung():
+    rungs = [load_config(p) for p in sorted((REPO / "configs" / "imagenette").glob("[0-9]_*.yaml"))]
+    assert len(rungs) == 6
+    top = rungs[-1]
+    assert (top.model.name, top.data.image_size, top.data.batch_size, top.schedule.epochs) == ("resnet50d", 128, 32, 5)
+    assert (top.schedule.decay, top.loss.label_smoothing, top.loss.mixup_alpha) == ("cosine", 0.1, 0.2)
+    assert rungs[0].model.name == "resnet50a" and rungs[0].schedule.decay == "step" and not rungs[0].model.zero_gamma
+    for a, b in itertools.pairwise(rungs):  # each rung differs from the one before in its own trick
+        changed = {k for k, v in flat(b).items() if flat(a).get(k) != v} - {"run.name"}
+        assert changed, f"{b.run.name} changes nothing"
+        assert len(changed) <= 3, f"{b.run.name} changes more than one trick: {changed}"
 
 
 def test_every_default_has_a_one_line_comment():
@@ -197,3 +217,10 @@ def test_every_default_has_a_one_line_comment():
     ]
     assert not undocumented, f"config fields without a comment: {undocumented}"
     assert len(all_keys()) > 60
+
+
+def flat(cfg) -> dict:
+    from dist_bot.config import to_dict
+    from dist_bot.engine import flat_keys
+
+    return flat_keys(to_dict(cfg))

@@ -298,3 +298,21 @@ def test_teacher_sees_exactly_the_students_mixed_input(tiny_digits, tmp_path):
         assert torch.equal(s, t)
     teacher_weights = load_checkpoint(teacher_ckpt)["model"]
     assert all(torch.equal(v, trainer.teacher.state_dict()[k]) for k, v in teacher_weights.items())  # frozen
+
+
+def test_report_of_a_real_run_plots_it_and_tabulates_its_final_metrics(straight_run):
+    out = run_cmd([sys.executable, "-m", "dist_bot", "report", str(straight_run)])
+    assert out.returncode == 0, out.stderr[-3000:]
+    final = [m for m in read_metrics(straight_run) if m["split"] == "val"][-1]
+    row = next(x for x in out.stdout.splitlines() if x.startswith("| r |")).split("|")
+    assert float(row[4]) == pytest.approx(final["top1"], abs=0.005)
+    assert (straight_run / "report.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_a_teacher_can_be_named_by_its_run_folder(straight_run):
+    from dist_bot.distributed.env import DistEnv
+    from dist_bot.engine import load_teacher
+
+    teacher = load_teacher(str(straight_run), 10, DistEnv(), channels_last=False)
+    assert max_diff(teacher.state_dict(), final_weights(straight_run)) == 0
+    assert not any(p.requires_grad for p in teacher.parameters()) and not teacher.training
