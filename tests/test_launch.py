@@ -147,3 +147,14 @@ def test_local_cluster_runs_the_job_without_slurm(tiny_digits, tmp_path):
     assert result["state"] == "done" and result["result"]["samples"] == 40  # 4 val images x 10 classes
     assert result["result"]["run_dir"] == str(tmp_path / "local")
     assert (tmp_path / "local" / "metrics.jsonl").exists()
+
+
+def test_sbatch_scripts_refuse_a_task_count_that_does_not_match_the_gpus():
+    import os
+    import subprocess
+
+    env = os.environ | {"SLURM_GPUS_ON_NODE": "4", "SLURM_NTASKS_PER_NODE": "8", "SLURM_JOB_ID": "7"}
+    env |= {"SLURM_JOB_NAME": "x", "DIST_BOT_HOME": str(REPO)}
+    cmd = "source slurm/lib/train_job.sh && dist_bot_train configs/demo.yaml"
+    out = subprocess.run(["bash", "-c", cmd], cwd=REPO, env=env, capture_output=True, text=True, timeout=30)
+    assert out.returncode == 2 and "--gpus-per-node=G --ntasks-per-node=G" in out.stderr

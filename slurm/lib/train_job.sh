@@ -37,6 +37,11 @@ dist_bot_train() {  # CONFIG [key=value ...]
     [[ -n ${MAX_GPU_BATCH:-} ]] && args+=("data.max_batch_size=$MAX_GPU_BATCH")
     args+=("$@")
 
+    if [[ -n ${SLURM_GPUS_ON_NODE:-} && -n ${SLURM_NTASKS_PER_NODE:-} && $SLURM_GPUS_ON_NODE != "$SLURM_NTASKS_PER_NODE" ]]; then
+        echo "dist_bot: $SLURM_NTASKS_PER_NODE tasks per node but $SLURM_GPUS_ON_NODE GPUs: one task per GPU," \
+             "give sbatch --gpus-per-node=G --ntasks-per-node=G together" >&2
+        exit 2
+    fi
     cd "$DIST_BOT_HOME"
     MASTER_ADDR=$(scontrol show hostnames "$SLURM_JOB_NODELIST" | head -n 1)
     export MASTER_ADDR MASTER_PORT=${MASTER_PORT:-$((20000 + SLURM_JOB_ID % 20000))}
