@@ -250,7 +250,7 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     if args.dry_run:
         for r in runs:
-            print(json.dumps({"name": r.name, "config": r.config, "overrides": r.overrides}))
+            print(json.dumps({"name": r.name, "sweep": r.sweep, "config": r.config, "overrides": r.overrides}))
         return 0
     out_dir = Path(load_config(runs[0].config, runs[0].overrides).run.out_dir)
     folder = Path(args.folder) if args.folder else out_dir / "submitit_logs" / "%j"
