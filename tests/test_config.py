@@ -197,6 +197,43 @@ def test_imagenette_ladder_adds_one_trick_per_rung():
         assert len(changed) <= 3, f"{b.run.name} changes more than one trick: {changed}"
 
 
+def test_paper_ladder_adds_the_papers_steps_and_ends_at_the_paper_recipes():
+    ladder = REPO / "configs" / "paper_ladder"
+    rung = {p.stem: load_config(p) for p in ladder.glob("*.yaml")}
+    steps = {  # rung: (the rung below it, the keys it changes)
+        "1_efficient": (
+            "0_baseline",
+            {
+                "model.zero_gamma",
+                "data.loader",
+                "data.global_batch_size",
+                "optim.no_bias_decay",
+                "schedule.warmup_epochs",
+                "precision",
+            },
+        ),
+        "2_resnet50d": ("1_efficient", {"model.name"}),
+        "3_cosine": ("2_resnet50d", {"schedule.decay"}),
+        "4_label_smoothing": ("3_cosine", {"loss.label_smoothing"}),
+        "5a_distill": ("4_label_smoothing", {"loss.distill.teacher"}),
+        "5b_mixup": ("4_label_smoothing", {"loss.mixup_alpha", "schedule.epochs"}),
+        "6_distill_mixup": ("5b_mixup", {"loss.distill.teacher"}),
+    }
+    assert set(rung) == {"0_baseline", *steps}
+    for name, (below, keys) in steps.items():
+        a, b = flat(rung[below]), flat(rung[name])
+        assert {k for k in b if a.get(k) != b[k]} - {"run.name"} == keys, name
+    assert rung["1_efficient"].optim.base_lr_per_256 * 1024 / 256 == pytest.approx(0.4)  # linear scaling
+
+    def same(cfg, recipe):
+        other = flat(load_config(REPO / "configs" / recipe))
+        return {k: v for k, v in flat(cfg).items() if other.get(k) != v} == {"run.name": cfg.run.name}
+
+    assert same(rung["0_baseline"], "resnet50_baseline_bs256.yaml")
+    assert same(rung["5b_mixup"], "resnet50d_bs1024.yaml")
+    assert same(rung["6_distill_mixup"], "resnet50d_distill_bs1024.yaml")
+
+
 def test_every_default_has_a_one_line_comment():
     """The schema is the documentation: each field's line in config.py ends with a `# ...` comment."""
     source = inspect.getsource(config_module)
