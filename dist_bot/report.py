@@ -47,7 +47,8 @@ def load_run(run_dir: str | Path) -> Run:
             raise UserError(f"{metrics}:{n} is not a dist_bot metrics line ({e}): {line[:80]!r}") from None
     config = yaml.safe_load((path / "config.yaml").read_text()) if (path / "config.yaml").is_file() else {}
     recs = sorted(by_key.values(), key=lambda r: r["step"])
-    name = (config.get("run") or {}).get("name") or path.name
+    # the folder the user named, not config's run.name: a copied or renamed run folder keeps its old run.name
+    name = path.resolve().name
     return Run(path, name, config, [r for r in recs if r["split"] == "train"], [r for r in recs if r["split"] == "val"])
 
 
@@ -133,6 +134,9 @@ def report(run_dirs: list[str], out: str | None = None) -> tuple[Path, str]:
     """Write the PNG (default: RUN_DIR/report.png for one run, ./report.png for several) and return it with
     the Markdown table."""
     runs = [load_run(d) for d in run_dirs]
+    if len({r.name for r in runs}) < len(runs):  # runs/x and other_runs/x: tell them apart by their parent too
+        for r in runs:
+            r.name = f"{r.path.resolve().parent.name}/{r.name}"
     if not any(r.train for r in runs):
         raise UserError(f"no training lines in {', '.join(run_dirs)}: has the run logged a step yet?")
     target = Path(out) if out else (runs[0].path / "report.png" if len(runs) == 1 else Path("report.png"))

@@ -64,12 +64,23 @@ def test_a_step_logged_twice_counts_once_and_epochs_are_fractional(tmp_path):
 
 
 def test_report_of_several_runs_writes_one_png_and_a_table(tmp_path):
-    a = write_run(tmp_path / "a", "baseline", 2, 4, [50.0, 60.0])
-    b = write_run(tmp_path / "b", "tricks", 2, 2, [55.0, 70.5])  # another batch size: 2 steps per epoch
+    a = write_run(tmp_path / "baseline", "baseline", 2, 4, [50.0, 60.0])
+    b = write_run(tmp_path / "tricks", "tricks", 2, 2, [55.0, 70.5])  # another batch size: 2 steps per epoch
     png, table = report([str(a), str(b)], str(tmp_path / "ladder.png"))
     assert png.read_bytes()[:8] == PNG_MAGIC and png.stat().st_size > 20_000
     rows = [line.split("|")[1:-1] for line in table.splitlines()[2:]]
     assert [(r[0].strip(), r[3].strip()) for r in rows] == [("baseline", "60.00"), ("tricks", "70.50")]
+
+
+def test_report_names_runs_by_their_folders_and_tells_equal_names_apart(tmp_path):
+    a = write_run(tmp_path / "crop035", "5_mixup", 1, 2, [70.0])  # a copied run keeps its run.name
+    b = write_run(tmp_path / "crop008", "5_mixup", 1, 2, [68.0])
+    c = write_run(tmp_path / "old" / "crop008", "5_mixup", 1, 2, [67.0])
+    _, table = report([str(a), str(b)], str(tmp_path / "two.png"))
+    assert [line.split("|")[1].strip() for line in table.splitlines()[2:]] == ["crop035", "crop008"]
+    _, table = report([str(b), str(c)], str(tmp_path / "same.png"))
+    names = [line.split("|")[1].strip() for line in table.splitlines()[2:]]
+    assert names == [f"{tmp_path.name}/crop008", "old/crop008"]
 
 
 def test_report_names_what_is_wrong(tmp_path):
