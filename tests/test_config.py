@@ -192,7 +192,7 @@ def test_imagenette_ladder_adds_one_trick_per_rung():
     assert (top.schedule.decay, top.loss.label_smoothing, top.loss.mixup_alpha) == ("cosine", 0.1, 0.2)
     assert rungs[0].model.name == "resnet50a" and rungs[0].schedule.decay == "step" and not rungs[0].model.zero_gamma
     for a, b in itertools.pairwise(rungs):  # each rung differs from the one before in its own trick
-        changed = {k for k, v in flat(b).items() if flat(a).get(k) != v} - {"run.name"}
+        changed = changed_keys(a, b)
         assert changed, f"{b.run.name} changes nothing"
         assert len(changed) <= 3, f"{b.run.name} changes more than one trick: {changed}"
 
@@ -221,17 +221,14 @@ def test_paper_ladder_adds_the_papers_steps_and_ends_at_the_paper_recipes():
     }
     assert set(rung) == {"0_baseline", *steps}
     for name, (below, keys) in steps.items():
-        a, b = flat(rung[below]), flat(rung[name])
-        assert {k for k in b if a.get(k) != b[k]} - {"run.name"} == keys, name
+        assert changed_keys(rung[below], rung[name]) == keys, name
     assert rung["1_efficient"].optim.base_lr_per_256 * 1024 / 256 == pytest.approx(0.4)  # linear scaling
-
-    def same(cfg, recipe):
-        other = flat(load_config(REPO / "configs" / recipe))
-        return {k: v for k, v in flat(cfg).items() if other.get(k) != v} == {"run.name": cfg.run.name}
-
-    assert same(rung["0_baseline"], "resnet50_baseline_bs256.yaml")
-    assert same(rung["5b_mixup"], "resnet50d_bs1024.yaml")
-    assert same(rung["6_distill_mixup"], "resnet50d_distill_bs1024.yaml")
+    for name, recipe in [
+        ("0_baseline", "resnet50_baseline_bs256.yaml"),
+        ("5b_mixup", "resnet50d_bs1024.yaml"),
+        ("6_distill_mixup", "resnet50d_distill_bs1024.yaml"),
+    ]:
+        assert changed_keys(load_config(REPO / "configs" / recipe), rung[name]) == set(), name
 
 
 def test_every_default_has_a_one_line_comment():
@@ -254,6 +251,12 @@ def test_every_default_has_a_one_line_comment():
     ]
     assert not undocumented, f"config fields without a comment: {undocumented}"
     assert len(all_keys()) > 60
+
+
+def changed_keys(a, b) -> set[str]:
+    """The dotted keys whose values differ from config a to config b, the run's name aside."""
+    fa, fb = flat(a), flat(b)
+    return {k for k in fa.keys() | fb.keys() if fa.get(k) != fb.get(k)} - {"run.name"}
 
 
 def flat(cfg) -> dict:

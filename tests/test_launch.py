@@ -2,7 +2,9 @@
 decision after a stop, and a real run with `--cluster local`. (Against Slurm: tests/test_slurm.py.)"""
 
 import json
+import os
 import signal
+import subprocess
 import sys
 
 import pytest
@@ -150,9 +152,6 @@ def test_local_cluster_runs_the_job_without_slurm(tiny_digits, tmp_path):
 
 
 def test_sbatch_scripts_refuse_a_task_count_that_does_not_match_the_gpus():
-    import os
-    import subprocess
-
     env = os.environ | {"SLURM_GPUS_ON_NODE": "4", "SLURM_NTASKS_PER_NODE": "8", "SLURM_JOB_ID": "7"}
     env |= {"SLURM_JOB_NAME": "x", "DIST_BOT_HOME": str(REPO)}
     cmd = "source slurm/lib/train_job.sh && dist_bot_train configs/demo.yaml"
