@@ -31,6 +31,7 @@ import yaml
 Precision = Literal["fp32", "fp16", "bf16"]
 Strategy = Literal["ddp", "fsdp", "deepspeed"]
 WandbMode = Literal["auto", "online", "offline", "disabled"]
+CompileMode = Literal["default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs"]
 
 
 class UserError(Exception):
@@ -49,6 +50,8 @@ class ModelConfig:
     zero_gamma: bool = True  # last BN of every residual block starts at gamma 0 (paper 3.1)
     channels_last: bool = True  # NHWC activations: faster convolutions on tensor cores and CPU AMX
     compile: bool = False  # torch.compile the model (slow first steps, faster after)
+    compile_mode: CompileMode = "default"  # torch.compile's mode (reduce-overhead: CUDA graphs; max-autotune: tuned)
+    cudnn_benchmark: bool = True  # CUDA: cuDNN times its convolution algorithms on the first steps, keeps the fastest
     sync_bn: bool = False  # SyncBatchNorm across processes (GPU only; the paper uses per-device BN)
 
 
@@ -63,7 +66,10 @@ class DataConfig:
     max_batch_size: int | None = None  # with global_batch_size: most images per process per micro-batch; more
     # gradient accumulation steps are taken when the global batch would not fit (e.g. on fewer GPUs)
     val_batch_size: int | None = None  # images per process per validation step; None: same as batch_size
-    workers: int = 4  # decoding workers (processes or threads) per process
+    workers: int | None = None  # decoding workers per process (torch: DataLoader processes; DALI: CPU threads);
+    # None: the CPUs this process may use (affinity, SLURM_CPUS_PER_TASK) shared among the node's processes
+    dali_py_workers: int | None = None  # DALI: Python processes that read files and draw each image's augmentation
+    # ahead of the training thread; None: a quarter of this process's CPUs (1-8); 0: in the training thread
     min_crop_area: float = 0.08  # RandomResizedCrop keeps 8-100 % of the image area (paper 2.1)
     hflip: bool = True  # random horizontal flip in training
     color_jitter: float = 0.4  # brightness, contrast, saturation scaled in [1 - x, 1 + x] (GluonCV); 0: off
@@ -182,6 +188,7 @@ _RANGES: dict[str, str] = {
     "data.global_batch_size": "[1, inf)",
     "data.max_batch_size": "[1, inf)",
     "data.workers": "[0, inf)",
+    "data.dali_py_workers": "[0, inf)",
     "data.min_crop_area": "(0, 1]",
     "data.color_jitter": "[0, 1]",
     "data.pca_lighting": "[0, inf)",

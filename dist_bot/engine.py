@@ -51,6 +51,7 @@ REQUEUE_EXIT_CODE = 75  # EX_TEMPFAIL: "try again later"; the sbatch script and 
 RESUMABLE_CHANGES = {
     "data.path",
     "data.workers",
+    "data.dali_py_workers",
     "run.resume",
     "run.log_every_steps",
     "run.stop_after_steps",
@@ -58,6 +59,8 @@ RESUMABLE_CHANGES = {
     "wandb.tags",
     "dist.timeout_min",
     "model.compile",
+    "model.compile_mode",
+    "model.cudnn_benchmark",
 }
 
 

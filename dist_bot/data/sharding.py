@@ -6,14 +6,22 @@ micro-batch k of its share every accumulation-th of those. So micro-batch k of r
 indices k x world + r (mod world x accumulation): 1 process accumulating 2 micro-batches sees exactly the
 batches 2 processes see, and trains to the same weights. The last step of an epoch is shorter; when it
 would leave fewer than two samples per micro-batch it is folded into the step before. Every process runs
-the same number of steps (so collectives line up) and the engine weights each micro-batch's mean loss by
-``len(micro) x world / step_size`` so that the gradient is exactly the mean over the step's samples.
+the same number of steps (so collectives line up).
+
+The plan also fixes what the engine needs besides the images (``Step.feed`` hands it over as ``MicroBatch``):
+each micro-batch's loss weight ``len(micro) x world / step_size``, so that the gradient summed over
+micro-batches and averaged over processes is exactly the mean over the step's samples; and its mixup seed
+(seed, epoch, step, k x world + rank), keyed like the sharding, so that a resumed run mixes identically and
+accumulation mixes exactly as more processes would.
 """
 
 from __future__ import annotations
 
 import itertools
+import os
+from collections.abc import Iterator
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 
@@ -21,9 +29,42 @@ MIN_PER_MICRO_BATCH = 2  # BatchNorm needs more than one value per channel in tr
 
 
 @dataclass(frozen=True)
+class MicroBatch:
+    """One micro-batch as the engine trains on it."""
+
+    images: Any  # on the device, normalized, in the model's memory format
+    labels: Any
+    loss_weight: float  # its mean loss x this, summed over micro-batches and averaged over processes: the step's mean
+    mix_seed: tuple[int, ...]  # seeds mixup's lambda and pairing: (seed, epoch, step, k x world + rank)
+    last: bool  # the step's last micro-batch: gradients are reduced over processes after its backward
+
+    def __len__(self) -> int:
+        return int(self.labels.shape[0])
+
+
+@dataclass(frozen=True)
 class Step:
     micro_batches: tuple[tuple[int, ...], ...]  # this process's sample indices, one tuple per micro-batch
     step_size: int  # samples in this step over all processes
+    world_size: int = 1
+    mix_seeds: tuple[tuple[int, ...], ...] = ()  # one per micro-batch (see the module docstring)
+
+    def feed(self, batches: Iterator) -> Iterator[MicroBatch]:
+        """This step's micro-batches from the loader's iterator, fetched one at a time as the engine asks."""
+        n = len(self.micro_batches)
+        for k, indices in enumerate(self.micro_batches):
+            images, labels = next(batches)
+            weight = len(indices) * self.world_size / self.step_size
+            yield MicroBatch(images, labels, weight, self.mix_seeds[k], k == n - 1)
+
+
+def make_step(
+    micro_batches: tuple[tuple[int, ...], ...], step_size: int, seed: int, epoch: int, index: int, rank: int, world: int
+) -> Step:
+    """Step ``index`` of an epoch; micro-batch k of process ``rank`` gets the mixup seed of sample group
+    k x world + rank."""
+    seeds = tuple((seed, epoch, index, k * world + rank) for k in range(len(micro_batches)))
+    return Step(micro_batches, step_size, world, seeds)
 
 
 def epoch_order(num_samples: int, seed: int, epoch: int, shuffle: bool) -> np.ndarray:
@@ -54,11 +95,29 @@ def plan_epoch(
             f"{MIN_PER_MICRO_BATCH} each: use more data or fewer processes"
         )
     steps = []
-    for lo, hi in itertools.pairwise(bounds):
+    for s, (lo, hi) in enumerate(itertools.pairwise(bounds)):
         share = order[lo:hi][rank::world_size]
         n = min(accum, max(1, len(share) // MIN_PER_MICRO_BATCH))
-        steps.append(Step(tuple(tuple(int(i) for i in share[k::n]) for k in range(n)), hi - lo))
+        micro = tuple(tuple(int(i) for i in share[k::n]) for k in range(n))
+        steps.append(make_step(micro, hi - lo, seed, epoch, s, rank, world_size))
     return steps
+
+
+def cpus_per_process(env, environ: dict[str, str] | None = None) -> int:
+    """The CPUs this process may use for data loading: its CPU affinity (capped by SLURM_CPUS_PER_TASK), shared
+    with the other processes of the node unless srun gave each process its own task and CPUs."""
+    environ = os.environ if environ is None else environ
+    cpus = len(os.sched_getaffinity(0))
+    per_task = environ.get("SLURM_CPUS_PER_TASK")
+    if per_task:
+        cpus = min(cpus, int(per_task))
+    own_task = env.source == "slurm" and per_task  # srun, one task per process: these CPUs are this process's
+    return max(1, cpus // (1 if own_task else max(1, env.local_world_size)))
+
+
+def decode_workers(cfg, env) -> int:
+    """data.workers, or (None) this process's CPUs."""
+    return cpus_per_process(env) if cfg.data.workers is None else cfg.data.workers
 
 
 class PlannedLoader:

@@ -8,9 +8,10 @@ from __future__ import annotations
 
 import torch
 
-from .sharding import Step
+from .sharding import make_step
 
-TRAIN_IMAGES_PER_PROCESS = 1024  # steps per epoch = this / batch: enough for a throughput run
+TRAIN_IMAGES_PER_PROCESS = 1024  # steps per epoch = this / batch ...
+MIN_TRAIN_STEPS = 64  # ... but at least this many, whatever the batch: enough for a throughput run
 VAL_IMAGES_PER_PROCESS = 64
 
 
@@ -27,11 +28,14 @@ class SyntheticLoader:
             env.device, dtype, memory_format=fmt
         )
         self.labels = torch.randint(0, num_classes, (self.batch,), generator=g).to(env.device)
-        n_steps = max(1, (TRAIN_IMAGES_PER_PROCESS if train else VAL_IMAGES_PER_PROCESS) // self.batch)
+        if train:
+            n_steps = max(MIN_TRAIN_STEPS, TRAIN_IMAGES_PER_PROCESS // self.batch)
+        else:
+            n_steps = max(1, VAL_IMAGES_PER_PROCESS // self.batch)
         accum = cfg.optim.grad_accum_steps if train else 1
         size = self.batch * env.world_size * accum
-        self.steps = [Step(tuple(tuple(range(self.batch)) for _ in range(accum)), size) for _ in range(n_steps)]
-        self.start_step = 0
+        self._plan = (tuple(tuple(range(self.batch)) for _ in range(accum)), size, n_steps)
+        self.set_epoch(0)
         self.bad_images = 0
 
     @property
@@ -39,6 +43,9 @@ class SyntheticLoader:
         return len(self.steps) * self.batch * self.env.world_size
 
     def set_epoch(self, epoch: int, start_step: int = 0) -> None:
+        micro, size, n_steps = self._plan
+        seed, rank, world = self.cfg.run.seed, self.env.rank, self.env.world_size
+        self.steps = [make_step(micro, size, seed, epoch, i, rank, world) for i in range(n_steps)]
         self.start_step = start_step
 
     def __len__(self) -> int:

@@ -25,6 +25,7 @@ class DistEnv:
     local_rank: int = 0
     device: torch.device = torch.device("cpu")  # noqa: RUF009 - immutable, safe as a shared default
     source: str = "single"  # torchrun | slurm | single
+    local_world_size: int = 1  # processes on this node (they share its CPUs)
 
     @property
     def is_main(self) -> bool:
@@ -53,8 +54,18 @@ def first_slurm_host(nodelist: str) -> str:
     return prefix + first
 
 
+def slurm_tasks_on_this_node(env: dict[str, str]) -> int:
+    """Tasks of this job step on this node: SLURM_NTASKS_PER_NODE, else the first count of SLURM_TASKS_PER_NODE
+    ('4(x2),3' -> 4; Slurm fills nodes in order, so it bounds this node's count)."""
+    if env.get("SLURM_NTASKS_PER_NODE"):
+        return int(env["SLURM_NTASKS_PER_NODE"])
+    m = re.match(r"(\d+)", env.get("SLURM_STEP_TASKS_PER_NODE") or env.get("SLURM_TASKS_PER_NODE", ""))
+    return int(m.group(1)) if m else 1
+
+
 def read_launch_env(environ: dict[str, str] | None = None) -> dict[str, str | int]:
-    """rank, world_size, local_rank, master_addr, master_port and the launcher, from the environment."""
+    """rank, world_size, local_rank, local_world_size, master_addr, master_port and the launcher, from the
+    environment."""
     env = os.environ if environ is None else environ
     if "RANK" in env and "WORLD_SIZE" in env:  # torchrun, submitit, or anything setting the torch variables
         return {
@@ -62,6 +73,7 @@ def read_launch_env(environ: dict[str, str] | None = None) -> dict[str, str | in
             "rank": int(env["RANK"]),
             "world_size": int(env["WORLD_SIZE"]),
             "local_rank": int(env.get("LOCAL_RANK", 0)),
+            "local_world_size": int(env.get("LOCAL_WORLD_SIZE", env["WORLD_SIZE"])),
             "master_addr": env.get("MASTER_ADDR", "127.0.0.1"),
             "master_port": env.get("MASTER_PORT", "29500"),
         }
@@ -72,6 +84,7 @@ def read_launch_env(environ: dict[str, str] | None = None) -> dict[str, str | in
             "rank": int(env["SLURM_PROCID"]),
             "world_size": int(env["SLURM_NTASKS"]),
             "local_rank": int(env.get("SLURM_LOCALID", 0)),
+            "local_world_size": slurm_tasks_on_this_node(env),
             "master_addr": env.get("MASTER_ADDR") or first_slurm_host(env.get("SLURM_JOB_NODELIST", "127.0.0.1")),
             # a port derived from the job id, so two jobs sharing a node do not collide
             "master_port": env.get("MASTER_PORT", str(20000 + job % 20000)),
@@ -81,6 +94,7 @@ def read_launch_env(environ: dict[str, str] | None = None) -> dict[str, str | in
         "rank": 0,
         "world_size": 1,
         "local_rank": 0,
+        "local_world_size": 1,
         "master_addr": "",
         "master_port": "",
     }
@@ -108,7 +122,7 @@ def init_distributed(backend: str = "auto", timeout_min: float = 30.0) -> DistEn
             timeout=datetime.timedelta(minutes=timeout_min),
             device_id=device if device.type == "cuda" else None,
         )
-    return DistEnv(rank, world, local, device, str(launch["source"]))
+    return DistEnv(rank, world, local, device, str(launch["source"]), int(launch["local_world_size"]))
 
 
 def shutdown() -> None:
