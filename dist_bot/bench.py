@@ -2,19 +2,24 @@
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+import functools
 import statistics
 import tempfile
 import time
+from collections.abc import Callable, Iterator
 
 import numpy as np
 import torch
 
 from .config import Config
 from .data import make_loaders
-from .distributed.env import DistEnv
+from .data.synthetic import SyntheticLoader
+from .distributed.env import DistEnv, local_peak_memory_mb
 from .engine import Trainer
 from .models import build_model
+from .recipe.precision import DTYPES, make_grad_scaler, make_sgd
 
 
 def bench_data(cfg: Config, loaders: list[str], batches: int = 20, repeats: int = 3, warmup: int = 3):
@@ -57,121 +62,207 @@ def bench_data(cfg: Config, loaders: list[str], batches: int = 20, repeats: int 
         }
 
 
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
+def versions(device: torch.device) -> dict:
+    """What a throughput number depends on besides the code: the device and the library versions."""
+    try:
+        import nvidia.dali
+
+        dali = nvidia.dali.__version__
+    except ImportError:
+        dali = None
+    cuda = device.type == "cuda"
+    return {
+        "device": torch.cuda.get_device_name(device) if cuda else f"cpu ({torch.get_num_threads()} threads)",
+        "torch": torch.__version__,
+        "cuda": torch.version.cuda if cuda else None,
+        "cudnn": torch.backends.cudnn.version() if cuda else None,
+        "dali": dali,
+    }
 
 
-def _bare_loop(cfg: Config, env: DistEnv):
+def endless_steps(trainer: Trainer, loader) -> Iterator[None]:
+    """Trainer steps over ``loader``'s epochs, one per ``next()``, for as long as the bench asks."""
+    epoch = 0
+    while True:
+        loader.set_epoch(epoch)
+        batches = iter(loader)
+        for step in loader.steps:
+            trainer.train_step(step, batches)
+            yield
+        next(batches, None)  # let the loader's epoch end
+        epoch += 1
+
+
+def _bare_loop(cfg: Config, env: DistEnv, model: torch.nn.Module | None = None) -> Callable[[], None]:
     """The reference: the same work written as a plain PyTorch loop, as one would by hand.
 
-    Same model (dist_bot's ResNet builder, so the networks are identical), SGD with Nesterov momentum and
-    weight decay, the same precision (autocast, a GradScaler for fp16), channels_last, torch.compile, DDP
-    when distributed, label smoothing and mixup when the config has them, on the same synthetic batch.
-    Returns a function doing one training step.
+    The same model (dist_bot's ResNet builder, or ``model``, e.g. timm's), fused SGD with Nesterov momentum and
+    weight decay, the same precision (autocast, a GradScaler for fp16), channels_last, torch.compile, DDP when
+    distributed, the same micro-batches per step, label smoothing and mixup when the config has them, on one
+    synthetic batch. Nothing in the step waits for the device. Returns a function doing one training step.
     """
     d, o, dev = cfg.data, cfg.optim, env.device
     torch.manual_seed(cfg.run.seed)
-    model = build_model(cfg.model.name, cfg.model.num_classes or 1000).to(dev)
+    num_classes = cfg.model.num_classes or 1000
+    model = (model or build_model(cfg.model.name, num_classes)).to(dev)
     fmt = torch.channels_last if cfg.model.channels_last else torch.contiguous_format
     model = model.to(memory_format=fmt)
     if cfg.model.compile:
-        model.compile()
-    if env.distributed:
-        model = torch.nn.parallel.DistributedDataParallel(model, device_ids=[dev] if dev.type == "cuda" else None)
-    opt = torch.optim.SGD(
-        model.parameters(), lr=0.1, momentum=o.momentum, nesterov=o.nesterov, weight_decay=o.weight_decay
-    )
-    dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(cfg.precision)
-    scaler = torch.amp.GradScaler(dev.type, enabled=cfg.precision == "fp16")
+        model.compile(mode=cfg.model.compile_mode)
+    ddp = None
+    if torch.distributed.is_initialized():  # as the Trainer: DDP whenever there is a process group
+        ddp = model = torch.nn.parallel.DistributedDataParallel(model, device_ids=[dev] if dev.type == "cuda" else None)
+    groups = [{"params": list(model.parameters()), "weight_decay": o.weight_decay}]
+    opt = make_sgd(groups, o.momentum, o.nesterov)
+    for g in opt.param_groups:
+        g["lr"] = 0.1
+    dtype = DTYPES[cfg.precision]
+    scaler = make_grad_scaler(cfg.precision, dev, cfg.loss_scale)
     g = torch.Generator().manual_seed(cfg.run.seed + env.rank)
     in_dtype = torch.float16 if cfg.precision == "fp16" else torch.float32  # what the loaders emit
     images = torch.randn(d.batch_size, 3, d.image_size, d.image_size, generator=g).to(dev, in_dtype, memory_format=fmt)
-    labels = torch.randint(0, cfg.model.num_classes or 1000, (d.batch_size,), generator=g).to(dev)
+    labels = torch.randint(0, num_classes, (d.batch_size,), generator=g).to(dev)
     rng = np.random.default_rng(cfg.run.seed)
-    alpha, eps = cfg.loss.mixup_alpha, cfg.loss.label_smoothing
+    alpha, eps, accum = cfg.loss.mixup_alpha, cfg.loss.label_smoothing, o.grad_accum_steps
+    ce = torch.nn.functional.cross_entropy
 
-    def step() -> None:
-        opt.zero_grad(set_to_none=True)
+    def micro_step() -> None:
         x, lam = images, 1.0
         if alpha > 0:
             lam = float(rng.beta(alpha, alpha))
             x = lam * images + (1 - lam) * images.flip(0)
-        with torch.autocast(dev.type, dtype=dtype or torch.float32, enabled=dtype is not None):
+        with torch.autocast(dev.type, dtype=dtype, enabled=dtype != torch.float32):
             logits = model(x)
-        loss = torch.nn.functional.cross_entropy(logits.float(), labels, label_smoothing=eps)
+        loss = ce(logits.float(), labels, label_smoothing=eps)
         if alpha > 0:
-            loss = lam * loss + (1 - lam) * torch.nn.functional.cross_entropy(
-                logits.float(), labels.flip(0), label_smoothing=eps
-            )
-        scaler.scale(loss).backward()
+            loss = lam * loss + (1 - lam) * ce(logits.float(), labels.flip(0), label_smoothing=eps)
+        scaler.scale(loss / accum).backward()
+
+    def step() -> None:
+        for _ in range(accum - 1):
+            with ddp.no_sync() if ddp is not None else contextlib.nullcontext():
+                micro_step()
+        micro_step()
         scaler.step(opt)
         scaler.update()
+        opt.zero_grad(set_to_none=True)
 
     return step
 
 
-def bench_train(cfg: Config, env: DistEnv, steps: int = 20, warmup: int = 5, repeats: int = 3):
-    """Images/s of dist_bot's whole training step against a bare PyTorch loop doing the same work.
+def timm_model(cfg: Config) -> torch.nn.Module | str:
+    """timm's model of the same name, or why there is none."""
+    try:
+        import timm
+    except ImportError:
+        return "timm is not installed"
+    if cfg.model.name not in timm.list_models():
+        return f"timm has no {cfg.model.name}"
+    return timm.create_model(cfg.model.name, num_classes=cfg.model.num_classes or 1000)
 
-    dist_bot: the Trainer's own epoch loop (lr schedule, recipe losses, strategy, loss-scale guard, stop
-    check, logging) on synthetic data in a throw-away run folder, timed by a hook after every optimizer step.
-    Bare: `_bare_loop`. They alternate, `repeats` blocks each of `warmup` + `steps` steps; the step time is
-    the median over all timed steps of a side, and img/s = global batch / that. Yields one JSON-able record
-    per side, then their ratio.
+
+class BlockTimer:
+    """Wall time of a block of steps with one wait for the device per block: CUDA events on a GPU (recorded
+    in the stream, read after the block), the host clock on a CPU, where every op finishes before it returns."""
+
+    def __init__(self, device: torch.device):
+        self.device = device
+        self.cuda = device.type == "cuda"
+
+    def __call__(self, run: Callable[[], None], n: int) -> tuple[float, float]:
+        """(seconds for ``n`` calls of ``run``, peak GPU memory in MiB during them, 0 on a CPU)."""
+        if self.cuda:
+            torch.cuda.synchronize(self.device)
+            torch.cuda.reset_peak_memory_stats(self.device)
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+        t0 = time.perf_counter()
+        for _ in range(n):
+            run()
+        if not self.cuda:
+            return time.perf_counter() - t0, 0.0
+        end.record()
+        end.synchronize()
+        return start.elapsed_time(end) / 1000, torch.cuda.max_memory_allocated(self.device) / 2**20
+
+
+def bench_train(cfg: Config, env: DistEnv, steps: int = 20, warmup: int = 5, repeats: int = 3, timm: bool = False):
+    """Images/s of dist_bot's whole training step against a bare PyTorch loop doing the same work, side by side.
+
+    Sides, each timed in ``repeats`` blocks of ``steps`` optimizer steps (one device wait per block; the step
+    time is the median over blocks of block time / steps), alternating so that a noisy neighbour hurts all
+    alike, after ``warmup`` untimed steps each (torch.compile, cuDNN's autotuning):
+      dist_bot        the Trainer's own step (lr schedule, recipe losses, strategy, loss-scale guard) on one
+                      synthetic batch, in a throw-away run folder;
+      dist_bot+LOADER the same Trainer fed by the real loader (data.loader=dali|torch with data.path), epoch
+                      after epoch: what data loading costs is the ratio of the two;
+      bare            `_bare_loop`; timm (with ``timm=True``): the bare loop with timm's model of that name.
+    Yields one JSON-able record per side, then one with the ratios.
     """
-    cfg.data.loader, cfg.wandb.mode = "synthetic", "disabled"
+    cfg.wandb.mode = "disabled"
+    if cfg.data.loader != "synthetic" and not cfg.data.path:
+        cfg.data.loader = "synthetic"  # nothing to read: the synthetic side alone
     tmp = tempfile.TemporaryDirectory(prefix="dist_bot_bench_")
     cfg.run.out_dir, cfg.run.name, cfg.run.resume = tmp.name, "bench", "never"
     trainer = Trainer(cfg, env)
-    bare = _bare_loop(cfg, env)
-    per_block = warmup + steps
-    if len(trainer.train_loader) < per_block:
-        raise ValueError(f"the synthetic epoch has {len(trainer.train_loader)} steps: ask for fewer than {per_block}")
+    trainer.strategy.model.train()
+    synthetic = SyntheticLoader(cfg, env, True, trainer.num_classes)
+    sides: dict[str, Callable[[], None]] = {}
+    feeds = {"dist_bot": endless_steps(trainer, synthetic)}
+    loader = type(trainer.train_loader).__name__.removesuffix("Loader").lower()  # torch | dali | synthetic
+    if loader != "synthetic":
+        feeds[f"dist_bot+{loader}"] = endless_steps(trainer, trainer.train_loader)
+    for side, feed in feeds.items():
+        sides[side] = functools.partial(next, feed)
+    sides["bare"] = _bare_loop(cfg, env)
+    skipped = {}
+    if timm:
+        found = timm_model(cfg)
+        if isinstance(found, str):
+            skipped["timm"] = found
+        else:
+            sides["timm"] = _bare_loop(cfg, env, found)
 
-    times: dict[str, list[float]] = {"dist_bot": [], "bare": []}
-    marks: list[float] = []
-
-    def mark() -> None:
-        _sync(env.device)
-        marks.append(time.perf_counter())
-
-    trainer.on_step = mark
-    trainer.train_loader.steps = trainer.train_loader.steps[:per_block]
+    timer = BlockTimer(env.device)
+    times: dict[str, list[float]] = {side: [] for side in sides}
+    peak = dict.fromkeys(sides, 0.0)
+    for run in sides.values():
+        timer(run, warmup)
     for _ in range(repeats):
-        trainer.epoch_step = 0
-        _sync(env.device)
-        marks[:] = [time.perf_counter()]
-        trainer.train_epoch()
-        times["dist_bot"] += [b - a for a, b in zip(marks[warmup:], marks[warmup + 1 :], strict=False)]
-        mark_bare = [time.perf_counter()]
-        for _ in range(per_block):
-            bare()
-            _sync(env.device)
-            mark_bare.append(time.perf_counter())
-        times["bare"] += [b - a for a, b in zip(mark_bare[warmup:], mark_bare[warmup + 1 :], strict=False)]
+        for side, run in sides.items():
+            seconds, mem = timer(run, steps)
+            times[side].append(seconds / steps)
+            peak[side] = max(peak[side], mem)
     trainer.tracker.close()
     tmp.cleanup()
 
     batch = cfg.data.batch_size * env.world_size * cfg.optim.grad_accum_steps
+    m = cfg.model
     common = {
-        "model": cfg.model.name,
+        "model": m.name,
         "image_size": cfg.data.image_size,
         "global_batch": batch,
         "processes": env.world_size,
         "precision": cfg.precision,
-        "channels_last": cfg.model.channels_last,
-        "compile": cfg.model.compile,
+        "channels_last": m.channels_last,
+        "compile": m.compile,
+        "compile_mode": m.compile_mode if m.compile else None,
+        "cudnn_benchmark": m.cudnn_benchmark if env.device.type == "cuda" else None,
         "strategy": cfg.strategy,
-        "device": str(env.device),
-    }
+    } | versions(env.device)
     rate = {}
     for side, t in times.items():
         med = statistics.median(t)
         rate[side] = batch / med
-        yield {"bench": "train", "impl": side, "img_per_s": rate[side], "step_s": med, "steps": len(t)} | common
-    yield {
-        "bench": "train",
-        "ratio": rate["dist_bot"] / rate["bare"],
-        "overhead_pct": 100 * (rate["bare"] / rate["dist_bot"] - 1),
-    } | common
+        mem = {"max_gpu_mem_mb": round(peak[side], 1)} if env.device.type == "cuda" else {}
+        mem["max_rss_mb"] = round(local_peak_memory_mb(env)[0], 1)
+        rec = {"bench": "train", "impl": side, "img_per_s": rate[side], "step_s": med, "steps": len(t) * steps}
+        yield rec | {"block_step_s": [round(x, 5) for x in t]} | mem | common
+    for side, why in skipped.items():
+        yield {"bench": "train", "impl": side, "skipped": why} | common
+    ratios = {"ratio": rate["dist_bot"] / rate["bare"], "overhead_pct": 100 * (rate["bare"] / rate["dist_bot"] - 1)}
+    if loader != "synthetic":
+        ratios["data_over_synthetic"] = rate[f"dist_bot+{loader}"] / rate["dist_bot"]
+    if "timm" in rate:
+        ratios["dist_bot_over_timm"] = rate["dist_bot"] / rate["timm"]
+    yield {"bench": "train"} | ratios | common

@@ -7,7 +7,7 @@
     dist-bot data digits OUT_DIR                write the bundled handwritten digits as an ImageFolder
     dist-bot data check DIR [--workers N]       scan a dataset for unreadable files, empty classes, leakage
     dist-bot bench data CONFIG [key=value ...]  images/s of each data loader, side by side (JSON lines)
-    dist-bot bench train [CONFIG] [key=value ...]  training step vs a bare PyTorch loop, and the ratio
+    dist-bot bench train [CONFIG] [key=value ...]  training step vs a bare PyTorch loop (and fed by data.path)
     dist-bot report RUN_DIR [RUN_DIR ...]       PNG plots of loss, lr, img/s, top-1; a table for several runs
 
 Bad input (an unknown key, a wrongly typed value, an unknown model) ends with one line on stderr that
@@ -135,7 +135,7 @@ def cmd_bench_train(args: argparse.Namespace) -> int:
     env = init_distributed(cfg.dist.backend, cfg.dist.timeout_min)
     setup_logging(env.rank)
     try:
-        for record in bench_train(cfg, env, args.steps, args.warmup, args.repeats):
+        for record in bench_train(cfg, env, args.steps, args.warmup, args.repeats, args.timm):
             if env.is_main:
                 print(json.dumps(record), flush=True)
     finally:
@@ -194,9 +194,10 @@ def build_parser() -> argparse.ArgumentParser:
     )
     b.add_argument("config", nargs="?", help="recipe YAML (optional: the defaults, i.e. resnet50d at 224 px)")
     b.add_argument("overrides", nargs="*", metavar="key=value", help="e.g. precision=bf16 data.batch_size=32")
-    b.add_argument("--steps", type=int, default=20, help="timed steps per block, after the warm-up (default 20)")
-    b.add_argument("--warmup", type=int, default=5, help="untimed steps at the start of each block (default 5)")
-    b.add_argument("--repeats", type=int, default=3, help="blocks per side, alternating (default 3)")
+    b.add_argument("--steps", type=int, default=20, help="optimizer steps per timed block (default 20)")
+    b.add_argument("--warmup", type=int, default=5, help="untimed steps per side before the first block (default 5)")
+    b.add_argument("--repeats", type=int, default=3, help="timed blocks per side, alternating (default 3)")
+    b.add_argument("--timm", action="store_true", help="also time timm's model of the same name in the bare loop")
     b.set_defaults(func=cmd_bench_train)
 
     p = sub.add_parser("report", help="PNG plots and a table of one or more runs, from their metrics.jsonl")

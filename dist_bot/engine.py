@@ -1,9 +1,16 @@
 """The training loop: the paper's algorithm, one iteration at a time.
 
-For each optimizer step: set the lr from the schedule; for each micro-batch: smooth the labels, mix the
-batch, forward under autocast (the frozen teacher sees the same mixed images), loss, backward through the
-strategy (no gradient sync until the last micro-batch); then step (skipped on fp16 overflow) and log.
-After each epoch: exact evaluation over the whole validation set, then a checkpoint.
+For each optimizer step: set the lr from the schedule; for each micro-batch the data plan hands over (images,
+labels, loss weight, mixup seed): smooth the labels, mix the batch, forward under autocast (the frozen teacher
+sees the same mixed images), loss, backward through the strategy (no gradient sync until the last
+micro-batch); then step (skipped on fp16 overflow). Every ``run.log_every_steps`` steps: log, and agree over
+all processes whether to stop. After each epoch: exact evaluation over the whole validation set, then a
+checkpoint.
+
+Between two log steps nothing waits for the device: the loss, the fp16 skip flag and the loss-scale guard stay
+device tensors, mixup pairs on the device, the stop flag is agreed only at log steps (``run.stop_after_steps``
+needs no agreement: every process counts the same steps). So the host queues work ahead of the GPU and the
+next batch is fetched while the GPU still computes (tests/test_sync_free.py counts the sync points).
 
     run = Trainer(cfg, env); run.fit()        # what `dist-bot train` does on every process
 """
@@ -11,13 +18,16 @@ After each epoch: exact evaluation over the whole validation set, then a checkpo
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import logging
 import signal
 import time
+from collections.abc import Iterator
+from dataclasses import dataclass, field
 from pathlib import Path
 
-import numpy as np
 import torch
+import torch.distributed as dist
 import torch.nn.functional as F
 import yaml
 
@@ -33,14 +43,15 @@ from .checkpoint import (
 )
 from .config import Config, UserError, from_dict, to_dict, to_yaml
 from .data import DataError, make_loaders
+from .data.sharding import MicroBatch, Step
 from .distributed import build_strategy
-from .distributed.env import DistEnv, all_reduce_sum, any_rank, peak_memory_mb
+from .distributed.env import DistEnv, all_reduce_max, any_rank, local_peak_memory_mb
 from .models import build_model
 from .recipe.losses import distillation_loss, smooth_targets, soft_cross_entropy
 from .recipe.lr import build_schedule
 from .recipe.mixup import mixup
 from .recipe.param_groups import param_groups
-from .recipe.precision import LossScaleGuard, autocast
+from .recipe.precision import LossScaleGuard, autocast, make_sgd
 from .signals import PREEMPT_SIGNALS
 from .tracking import Progress, Tracker
 
@@ -139,9 +150,11 @@ def split_global_batch(cfg: Config, world_size: int) -> tuple[int, int]:
 
 
 def evaluate(model: torch.nn.Module, loader, env: DistEnv, precision: str) -> dict:
-    """top-1/top-5 (%) and mean loss over the WHOLE validation set: each image counted once over all ranks."""
+    """top-1/top-5 (%) and mean loss over the WHOLE validation set: each image counted once over all ranks.
+    The counts stay on the device until one all-reduce at the end (ranks may run different numbers of
+    batches, so there is no collective per batch)."""
     model.eval()
-    sums = torch.zeros(4, dtype=torch.float64)  # correct@1, correct@5, loss sum, samples
+    sums = torch.zeros(4, dtype=torch.float64, device=env.device)  # correct@1, correct@5, loss sum, samples
     with torch.no_grad():
         for images, labels in loader:
             with autocast(precision, env.device):
@@ -149,16 +162,12 @@ def evaluate(model: torch.nn.Module, loader, env: DistEnv, precision: str) -> di
             logits = logits.float()
             top = logits.topk(min(5, logits.shape[1]), dim=1).indices
             hit = top == labels.unsqueeze(1)
-            sums += torch.tensor(
-                [
-                    hit[:, 0].sum().item(),
-                    hit.any(1).sum().item(),
-                    F.cross_entropy(logits, labels, reduction="sum").item(),
-                    labels.numel(),
-                ],
-                dtype=torch.float64,
-            )
-    c1, c5, loss, n = all_reduce_sum(sums.tolist(), env)
+            loss = F.cross_entropy(logits, labels, reduction="sum")
+            sums[:3] += torch.stack([hit[:, 0].sum().double(), hit.any(1).sum().double(), loss.double()])
+            sums[3] += labels.numel()
+    if env.distributed:
+        dist.all_reduce(sums)
+    c1, c5, loss, n = sums.tolist()
     return {"top1": 100 * c1 / n, "top5": 100 * c5 / n, "loss": loss / n, "samples": int(n)}
 
 
@@ -181,6 +190,28 @@ def load_teacher(path: str, num_classes: int, env: DistEnv, channels_last: bool)
     return teacher.to(memory_format=torch.channels_last) if channels_last else teacher
 
 
+@dataclass
+class RunState:
+    """Where the run stands: the counters a checkpoint's meta.pt holds (with the config and RNG states)."""
+
+    epoch: int = 0  # epochs completed
+    epoch_step: int = 0  # optimizer steps done in the current epoch
+    global_step: int = 0  # optimizer steps done in the whole run
+    wandb_id: str | None = None  # the W&B run that a resumed run continues
+    guard: dict = field(default_factory=dict)  # the fp16 loss-scale guard's counters
+
+
+@dataclass
+class Interval:
+    """What the steps since the last log line added up to on this process."""
+
+    loss_sum: torch.Tensor  # summed (unweighted) loss over the samples, on the device
+    samples: int = 0
+    steps: int = 0
+    data_s: float = 0.0  # time spent waiting for the loader
+    t0: float = field(default_factory=time.perf_counter)
+
+
 class Trainer:
     def __init__(self, cfg: Config, env: DistEnv):
         cfg.data.batch_size, cfg.optim.grad_accum_steps = split_global_batch(cfg, env.world_size)
@@ -188,84 +219,115 @@ class Trainer:
         self.run_dir = Path(cfg.run.out_dir) / cfg.run.name
         check_run_dir(cfg, self.run_dir)
         self.train_loader, self.val_loader = make_loaders(cfg, env)
-        self.num_classes = self.train_loader.num_classes
-        if cfg.model.num_classes not in (None, self.num_classes):
-            raise DataError(
-                f"model.num_classes={cfg.model.num_classes} but {cfg.data.path}/train has {self.num_classes} "
-                "class folders: fix the data or drop model.num_classes (it defaults to the data's)"
-            )
-        torch.manual_seed(cfg.run.seed)  # the same initial weights on every process
-        model = build_model(cfg.model.name, self.num_classes, zero_init_last=cfg.model.zero_gamma).to(env.device)
-        if cfg.model.sync_bn and env.device.type == "cuda" and env.distributed:
-            model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)
-        if cfg.model.channels_last:
-            model = model.to(memory_format=torch.channels_last)
-        if cfg.model.compile:
-            model.compile()  # in place: state_dict keys stay those of the plain model
-        o = cfg.optim
-
-        def make_optimizer(m: torch.nn.Module) -> torch.optim.Optimizer:  # the lr is set before every step
-            groups = param_groups(m, o.weight_decay, o.no_bias_decay)
-            return torch.optim.SGD(groups, lr=0.0, momentum=o.momentum, nesterov=o.nesterov)
-
-        self.strategy = build_strategy(cfg.strategy, model, make_optimizer, env, cfg)
-        self.global_batch = cfg.data.batch_size * env.world_size * o.grad_accum_steps
+        self.num_classes = self.check_num_classes(self.train_loader.num_classes)
+        self.strategy = self.create_strategy()  # model (zero gamma, channels_last, compiled), optimizer, wrapper
+        self.loss_fn = self.create_loss()
+        self.global_batch = cfg.data.batch_size * env.world_size * cfg.optim.grad_accum_steps
         self.schedule = build_schedule(
-            cfg.schedule, o.base_lr_per_256, o.ref_batch, self.global_batch, len(self.train_loader)
+            cfg.schedule, cfg.optim.base_lr_per_256, cfg.optim.ref_batch, self.global_batch, len(self.train_loader)
         )
-        d = cfg.loss.distill
-        self.teacher = load_teacher(d.teacher, self.num_classes, env, cfg.model.channels_last) if d.teacher else None
+        self.teacher = self.create_teacher()
         self.guard = LossScaleGuard(cfg.loss_scale.min_scale, cfg.loss_scale.max_steps_at_min)
-        self.epoch, self.epoch_step, self.global_step = 0, 0, 0
-        wandb_id = self.resume()
+        self.state = self.resume()
         if env.is_main:
             self.run_dir.mkdir(parents=True, exist_ok=True)
             (self.run_dir / "config.yaml").write_text(to_yaml(cfg))
-        self.tracker = Tracker(cfg, self.run_dir, env.is_main, wandb_id, to_dict(cfg))
+        self.tracker = Tracker(cfg, self.run_dir, env.is_main, self.state.wandb_id, to_dict(cfg))
+        self.state.wandb_id = self.tracker.wandb_id
         self.stop_requested = False
         self.signals_received: tuple[int, ...] = ()
-        self.on_step = None  # called after every optimizer step (dist-bot bench train times steps with it)
-        self.start_global_step, self.progress = self.global_step, Progress(False, 0)  # fit() sets both
+        self.start_global_step, self.progress = self.state.global_step, Progress(False, 0)  # fit() sets both
+        self.compile_logged = not cfg.model.compile
+
+    # read-only views of the run state, for hooks and tests
+    epoch = property(lambda self: self.state.epoch)
+    epoch_step = property(lambda self: self.state.epoch_step)
+    global_step = property(lambda self: self.state.global_step)
+
+    # -- the parts ---------------------------------------------------------------------------------
+    def check_num_classes(self, found: int) -> int:
+        if self.cfg.model.num_classes not in (None, found):
+            raise DataError(
+                f"model.num_classes={self.cfg.model.num_classes} but {self.cfg.data.path}/train has {found} "
+                "class folders: fix the data or drop model.num_classes (it defaults to the data's)"
+            )
+        return found
+
+    def create_strategy(self):
+        cfg, env, m = self.cfg, self.env, self.cfg.model
+        if env.device.type == "cuda":
+            torch.backends.cudnn.benchmark = m.cudnn_benchmark  # time conv algorithms once, keep the fastest
+        torch.manual_seed(cfg.run.seed)  # the same initial weights on every process
+        model = build_model(m.name, self.num_classes, zero_init_last=m.zero_gamma).to(env.device)
+        if m.sync_bn and env.device.type == "cuda" and env.distributed:
+            model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)
+        if m.channels_last:
+            model = model.to(memory_format=torch.channels_last)
+        if m.compile:
+            model.compile(mode=m.compile_mode)  # in place: state_dict keys stay those of the plain model
+        o = cfg.optim
+
+        def make_optimizer(module: torch.nn.Module) -> torch.optim.Optimizer:  # the lr is set before every step
+            return make_sgd(param_groups(module, o.weight_decay, o.no_bias_decay), o.momentum, o.nesterov)
+
+        return build_strategy(cfg.strategy, model, make_optimizer, self.env, cfg)
+
+    def create_loss(self):
+        """The loss on (logits, soft targets[, teacher logits]): compiled with the model when model.compile is on."""
+        d = self.cfg.loss.distill
+        if d.teacher:
+
+            def loss(logits, targets, teacher_logits):
+                return distillation_loss(logits, teacher_logits, targets, d.temperature, d.hard_weight, d.soft_weight)
+
+        else:
+
+            def loss(logits, targets, teacher_logits=None):
+                return soft_cross_entropy(logits, targets)
+
+        return torch.compile(loss, mode=self.cfg.model.compile_mode) if self.cfg.model.compile else loss
+
+    def create_teacher(self) -> torch.nn.Module | None:
+        d, m = self.cfg.loss.distill, self.cfg.model
+        if not d.teacher:
+            return None
+        teacher = load_teacher(d.teacher, self.num_classes, self.env, m.channels_last)
+        if m.compile:
+            teacher.compile(mode=m.compile_mode)
+        return teacher
 
     # -- checkpoints ------------------------------------------------------------------------------
     def _load(self, path: Path) -> dict:
-        state = read_meta(path)
-        if state["model_name"] != self.cfg.model.name or state["num_classes"] != self.num_classes:
+        meta = read_meta(path)
+        if meta["model_name"] != self.cfg.model.name or meta["num_classes"] != self.num_classes:
             raise RunError(
-                f"checkpoint {path} is of {state['model_name']} with {state['num_classes']} classes, but this run "
+                f"checkpoint {path} is of {meta['model_name']} with {meta['num_classes']} classes, but this run "
                 f"builds {self.cfg.model.name} with {self.num_classes}: use another run.name"
             )
         self.strategy.load(path)
-        return state
+        return meta
 
-    def resume(self) -> str | None:
+    def resume(self) -> RunState:
+        """The state of the newest readable checkpoint (model, optimizer and RNG states restored), or a fresh one."""
         found = load_latest_good(self.run_dir / "checkpoints", self._load)
         if found is None:
-            return None
-        path, state = found
-        self.guard.load_state_dict(state["guard"])
-        self.epoch, self.epoch_step, self.global_step = (
-            state["epoch"],
-            state["epoch_step"],
-            state["global_step"],
-        )
-        set_rng_state(state["rng"])
+            return RunState()
+        path, meta = found
+        state = RunState(**{f.name: meta[f.name] for f in dataclasses.fields(RunState)})
+        self.guard.load_state_dict(state.guard)
+        set_rng_state(meta["rng"])
         if self.env.is_main:
-            log.info("resumed from %s: epoch %d, step %d", path, self.epoch, self.epoch_step)
-        return state["wandb_id"]
+            log.info("resumed from %s: epoch %d, step %d", path, state.epoch, state.epoch_step)
+        return state
 
     def save(self) -> None:
-        meta = {
+        self.state.guard = self.guard.state_dict()
+        meta = dataclasses.asdict(self.state) | {
             "format": FORMAT_VERSION,
-            "guard": self.guard.state_dict(),
-            "epoch": self.epoch,
-            "epoch_step": self.epoch_step,
-            "global_step": self.global_step,
             "rng": rng_state(),
             "config": to_dict(self.cfg),
             "model_name": self.cfg.model.name,
             "num_classes": self.num_classes,
-            "wandb_id": self.tracker.wandb_id,
         }
 
         def write(folder: Path) -> None:
@@ -273,119 +335,153 @@ class Trainer:
             if self.env.is_main:
                 write_file(meta, folder / "meta.pt")
 
-        save_checkpoint(self.run_dir / "checkpoints", self.global_step, self.cfg.run.keep_checkpoints, write)
+        save_checkpoint(self.run_dir / "checkpoints", self.state.global_step, self.cfg.run.keep_checkpoints, write)
 
-    # -- the loop ---------------------------------------------------------------------------------
-    def loss(self, logits, targets, images) -> torch.Tensor:
-        if self.teacher is None:
-            return soft_cross_entropy(logits, targets)
-        with torch.no_grad(), autocast(self.cfg.precision, self.env.device):
-            teacher_logits = self.teacher(images)  # exactly the student's (mixed) input
-        d = self.cfg.loss.distill
-        return distillation_loss(logits, teacher_logits, targets, d.temperature, d.hard_weight, d.soft_weight)
+    # -- one step ---------------------------------------------------------------------------------
+    def micro_loss(self, micro: MicroBatch) -> torch.Tensor:
+        """Mean loss of one micro-batch: smoothed and mixed targets, forward under autocast, (distilled) loss."""
+        c = self.cfg
+        targets = smooth_targets(micro.labels, self.num_classes, c.loss.label_smoothing, c.loss.smoothing_form)
+        images, targets, _ = mixup(micro.images, targets, c.loss.mixup_alpha, micro.mix_seed, c.loss.mixup_pairing)
+        with autocast(c.precision, self.env.device):
+            logits = self.strategy.model(images)
+            if self.teacher is None:
+                return self.loss_fn(logits, targets)
+            with torch.no_grad():
+                teacher_logits = self.teacher(images)  # exactly the student's (mixed) input
+        return self.loss_fn(logits, targets, teacher_logits)
 
-    def train_step(self, step, batches) -> torch.Tensor:
-        """One optimizer step over this process's micro-batches; returns the summed (unweighted) loss."""
-        cfg, env, s = self.cfg, self.env, self.strategy
-        loss_sum = torch.zeros((), device=env.device)
-        for k, micro in enumerate(step.micro_batches):
-            images, labels = next(batches)
-            targets = smooth_targets(labels, self.num_classes, cfg.loss.label_smoothing, cfg.loss.smoothing_form)
-            # lambda and the pairing are a pure function of the position, so a resumed run mixes identically;
-            # keyed like the sharding (k x world + rank), so accumulation mixes like more processes would
-            micro_id = k * env.world_size + env.rank
-            rng = np.random.default_rng([cfg.run.seed, self.epoch, self.epoch_step, micro_id])
-            images, targets, _ = mixup(images, targets, cfg.loss.mixup_alpha, rng, cfg.loss.mixup_pairing)
-            last = k == len(step.micro_batches) - 1
-            with contextlib.nullcontext() if last else s.no_sync():
-                with autocast(cfg.precision, env.device):
-                    logits = s.model(images)
-                loss = self.loss(logits, targets, images)
-                # mean over this micro-batch, weighted so the all-reduced gradient is the step's mean
-                s.backward(loss * (len(micro) * env.world_size / step.step_size))
+    def train_step(self, step: Step, batches: Iterator) -> torch.Tensor:
+        """One optimizer step over this process's micro-batches of ``step``; returns their summed loss (a device
+        tensor) and advances the run state. Nothing here waits for the device."""
+        s = self.strategy
+        s.set_lr(self.schedule(self.state.global_step))
+        loss_sum = torch.zeros((), device=self.env.device)
+        for micro in step.feed(batches):
+            with contextlib.nullcontext() if micro.last else s.no_sync():
+                loss = self.micro_loss(micro)
+                s.backward(loss * micro.loss_weight)  # weighted: the reduced gradient is the step's mean
             loss_sum += loss.detach() * len(micro)
+        taken = s.step()
+        if self.cfg.precision == "fp16":
+            self.guard.update(s.loss_scale_async, taken)
+        self.state.epoch_step += 1
+        self.state.global_step += 1
         return loss_sum
 
-    def check_finite(self, loss_sum: torch.Tensor) -> None:
-        if not torch.isfinite(loss_sum):
+    # -- the loop ---------------------------------------------------------------------------------
+    def check_finite(self, loss: float) -> None:
+        if loss != loss or loss in (float("inf"), float("-inf")):
             raise RunError(
-                f"training loss is {loss_sum.item()} at epoch {self.epoch + 1} step {self.epoch_step}: stopping; "
+                f"training loss is {loss} at epoch {self.state.epoch + 1} step {self.state.epoch_step}: stopping; "
                 "the last good checkpoint is kept. Lower optim.base_lr_per_256, set optim.grad_clip_norm, "
                 "or check the data"
             )
 
-    def log_train(self, loss_sum, samples: int, steps: int, seconds: float) -> None:
-        loss_total, n = all_reduce_sum([loss_sum.item(), samples], self.env)
-        if self.cfg.precision != "fp16":
-            self.check_finite(torch.tensor(loss_total))
+    def log_train(self, interval: Interval) -> bool:
+        """Reduce the interval's metrics over processes, check them, log them; returns whether any process was
+        asked to stop (a preemption signal): the one place the loop agrees on that, so all stop at one step."""
+        env, st = self.env, self.state
+        seconds = time.perf_counter() - interval.t0
+        host = torch.tensor([interval.samples, float(self.stop_requested)], dtype=torch.float64, device=env.device)
+        sums = torch.cat([interval.loss_sum.double().view(1), host])
+        if env.distributed:
+            dist.all_reduce(sums)
+        loss_total, n, stops = sums.tolist()
+        rss, gpu, data_s = all_reduce_max([*local_peak_memory_mb(env), interval.data_s / interval.steps], env)
+        if self.cfg.precision == "fp16":
+            self.guard.check()
+        else:
+            self.check_finite(loss_total / n)
         rec = {
             "split": "train",
-            "epoch": self.epoch,
-            "step": self.global_step,
-            "lr": self.schedule(self.global_step - 1),
+            "epoch": st.epoch,
+            "step": st.global_step,
+            "lr": self.schedule(st.global_step - 1),
             "loss": loss_total / n,
             "img_per_s": n / seconds,
-            "step_s": seconds / steps,
-        } | peak_memory_mb(self.env)
+            "step_s": seconds / interval.steps,
+            "data_s": data_s,  # the slowest process's mean wait for a batch per step
+            "max_rss_mb": round(rss, 1),
+        }
+        if env.device.type == "cuda":
+            rec["max_gpu_mem_mb"] = round(gpu, 1)
         if self.cfg.precision == "fp16":
             rec |= {"loss_scale": self.strategy.loss_scale, "skipped_steps": self.guard.skipped_total}
         self.tracker.log(rec)
         self.progress(
-            self.epoch,
+            st.epoch,
             self.cfg.schedule.epochs,
-            self.epoch_step,
+            st.epoch_step,
             len(self.train_loader),
-            self.global_step - self.start_global_step,
+            st.global_step - self.start_global_step,
             rec,
         )
+        return stops > 0
 
     def _on_signal(self, signum, frame) -> None:
-        self.stop_requested = True  # finish the current step, then checkpoint (see train_epoch)
+        self.stop_requested = True  # finish the current log interval, then checkpoint (see train_epoch)
         self.signals_received += (signum,)
 
-    def should_stop(self) -> bool:
-        """A preemption signal on any rank, or run.stop_after_steps reached (agreed by all ranks)."""
+    def stop_after_reached(self) -> bool:
         after = self.cfg.run.stop_after_steps
-        reached = after is not None and self.global_step - self.start_global_step >= after
-        return any_rank(self.stop_requested or reached, self.env)
+        return after is not None and self.state.global_step - self.start_global_step >= after
+
+    def should_stop(self) -> bool:
+        """A preemption signal on any rank, or run.stop_after_steps reached (agreed by all ranks; a collective)."""
+        return any_rank(self.stop_requested or self.stop_after_reached(), self.env)
+
+    def waited(self, batches: Iterator, interval: Interval) -> Iterator:
+        """The loader's batches, adding the time spent waiting for each to ``interval.data_s``."""
+        while True:
+            t = time.perf_counter()
+            try:
+                batch = next(batches)
+            except StopIteration:
+                return
+            interval.data_s += time.perf_counter() - t
+            yield batch
 
     def train_epoch(self) -> bool:
         """Train the rest of the epoch; True when stopped early (the caller checkpoints and exits)."""
-        cfg, loader = self.cfg, self.train_loader
-        loader.set_epoch(self.epoch, self.epoch_step)
+        cfg, st, loader = self.cfg, self.state, self.train_loader
+        loader.set_epoch(st.epoch, st.epoch_step)
         self.strategy.model.train()
-        batches = iter(loader)
-        loss_sum, samples, steps, t0 = torch.zeros((), device=self.env.device), 0, 0, time.perf_counter()
-        for step in loader.steps[self.epoch_step :]:
-            self.strategy.set_lr(self.schedule(self.global_step))
-            loss_sum += self.train_step(step, batches)
-            samples += sum(len(m) for m in step.micro_batches)
-            steps += 1
-            ok = self.strategy.step()
-            if cfg.precision == "fp16":
-                self.guard.update(self.strategy.loss_scale, skipped=not ok)
-            self.epoch_step += 1
-            self.global_step += 1
-            if self.on_step is not None:
-                self.on_step()
-            done = self.epoch_step == len(loader)
-            if self.epoch_step % cfg.run.log_every_steps == 0 or done:
-                self.log_train(loss_sum, samples, steps, time.perf_counter() - t0)
-                loss_sum, samples, steps, t0 = torch.zeros_like(loss_sum), 0, 0, time.perf_counter()
-            # at the epoch's last step the stop waits for the epoch end (BN sync, evaluation, checkpoint)
-            if not done and self.should_stop():
-                if samples:  # the partial interval's loss must be finite before it is saved
-                    self.log_train(loss_sum, samples, steps, time.perf_counter() - t0)
-                return True
+        interval = Interval(torch.zeros((), device=self.env.device))
+        batches = self.waited(iter(loader), interval)
+        for step in loader.steps[st.epoch_step :]:
+            t0 = time.perf_counter()
+            interval.loss_sum += self.train_step(step, batches)
+            self.log_compile_time(time.perf_counter() - t0)
+            interval.samples += sum(len(m) for m in step.micro_batches)
+            interval.steps += 1
+            done, reached = st.epoch_step == len(loader), self.stop_after_reached()
+            if st.epoch_step % cfg.run.log_every_steps == 0 or done or reached:
+                stop = self.log_train(interval) or reached
+                interval.loss_sum, interval.samples, interval.steps = torch.zeros_like(interval.loss_sum), 0, 0
+                interval.data_s, interval.t0 = 0.0, time.perf_counter()
+                # at the epoch's last step the stop waits for the epoch end (BN sync, evaluation, checkpoint)
+                if stop and not done:
+                    return True
         if loader.bad_images:
             log.warning("rank %d skipped %d unreadable images this epoch", self.env.rank, loader.bad_images)
         return False
 
+    def log_compile_time(self, first_step_s: float) -> None:
+        if not self.compile_logged:
+            self.compile_logged = True
+            if self.env.is_main:
+                log.info(
+                    "torch.compile (mode %s): the first step took %.1f s, most of it tracing and code generation",
+                    self.cfg.model.compile_mode,
+                    first_step_s,
+                )
+
     def fit(self) -> dict:
-        cfg, env = self.cfg, self.env
+        cfg, env, st = self.cfg, self.env, self.state
         epochs = cfg.schedule.epochs
-        self.start_global_step = self.global_step
-        self.progress = Progress(env.is_main, epochs * len(self.train_loader) - self.global_step)
+        self.start_global_step = st.global_step
+        self.progress = Progress(env.is_main, epochs * len(self.train_loader) - st.global_step)
         old = {s: signal.signal(s, self._on_signal) for s in PREEMPT_SIGNALS}
         if env.is_main:
             log.info(
@@ -398,34 +494,43 @@ class Trainer:
                 self.schedule.peak_lr,
                 len(self.train_loader),
             )
+            log.info(
+                "%d process(es), %s over %s on %s, %s, data.loader=%s",
+                env.world_size,
+                cfg.strategy,
+                dist.get_backend() if dist.is_initialized() else "no process group",
+                env.device,
+                cfg.precision,
+                type(self.train_loader).__name__.removesuffix("Loader").lower(),
+            )
         result = {}
-        if self.epoch >= epochs and env.is_main:
+        if st.epoch >= epochs and env.is_main:
             log.info("run %s is complete (%d epochs): nothing to do", self.run_dir, epochs)
         try:
-            while self.epoch < epochs:
+            while st.epoch < epochs:
                 if self.train_epoch():
                     self.save()
-                    raise Preempted(self.global_step, self.signals_received)
-                self.epoch, self.epoch_step = self.epoch + 1, 0
-                last = self.epoch == epochs
+                    raise Preempted(st.global_step, self.signals_received)
+                st.epoch, st.epoch_step = st.epoch + 1, 0
+                last = st.epoch == epochs
                 # BN statistics averaged over ranks at every epoch end, so evaluation and checkpoint agree.
                 # (A preemption checkpoint keeps rank 0's: DDP broadcasts those at the next forward anyway.)
                 eval_model = self.strategy.eval_model()
-                if self.epoch % cfg.run.eval_every_epochs == 0 or last:
+                if st.epoch % cfg.run.eval_every_epochs == 0 or last:
                     result = evaluate(eval_model, self.val_loader, env, cfg.precision)
-                    result = {"split": "val", "epoch": self.epoch - 1, "step": self.global_step} | result
+                    result = {"split": "val", "epoch": st.epoch - 1, "step": st.global_step} | result
                     self.tracker.log(result)
                     if env.is_main:
                         print(
-                            f"epoch {self.epoch}/{epochs} val top1 {result['top1']:.2f} top5 {result['top5']:.2f} "
+                            f"epoch {st.epoch}/{epochs} val top1 {result['top1']:.2f} top5 {result['top5']:.2f} "
                             f"loss {result['loss']:.4f} ({result['samples']} images)",
                             flush=True,
                         )
                 stop = not last and self.should_stop()
-                if self.epoch % cfg.run.checkpoint_every_epochs == 0 or last or stop:
+                if st.epoch % cfg.run.checkpoint_every_epochs == 0 or last or stop:
                     self.save()
                 if stop:
-                    raise Preempted(self.global_step, self.signals_received)
+                    raise Preempted(st.global_step, self.signals_received)
         finally:
             for s, h in old.items():
                 signal.signal(s, h)

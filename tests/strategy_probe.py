@@ -35,7 +35,7 @@ def main(out: str, *overrides: str) -> None:
         if poison and env.rank == 1:  # an overflow in one rank's backward only, as fp16 overflows happen
             loss = loss * float("inf")
         s.backward(loss)
-        record["steps"].append(s.step())
+        record["steps"].append(bool(s.step()))
         record["scales"].append(s.loss_scale)
         record["changed"].append(not torch.equal(before, s.eval_model().state_dict()["fc.weight"]))
     Path(out, f"rank{env.rank}.json").write_text(json.dumps(record))

@@ -1,6 +1,7 @@
-"""GPU paths (marked `gpu`; skipped without CUDA): NCCL DDP in one process, fp16 with a CUDA GradScaler,
-channels_last, SyncBatchNorm, the engine end to end on the GPU, and DALI's "mixed" (nvJPEG) decoding.
-scripts/gpu_check.sh runs these on a lent GPU machine."""
+"""dist_bot's own GPU paths (marked `gpu`; skipped without CUDA): init_distributed with NCCL and the Trainer under
+DDP on CUDA (torchrun, one process), fp16 through dist_bot's loss scaling with fused SGD, a checkpoint written
+and loaded back, the step free of host-device synchronisation under CUDA's sync debug mode, and DALI's "mixed"
+(nvJPEG) decoding. scripts/gpu_check.sh runs these on a GPU host."""
 
 import json
 import socket
@@ -8,12 +9,16 @@ import sys
 
 import pytest
 import torch
-from conftest import run_cmd
+from conftest import run_cmd, torchrun_cmd
+
+from dist_bot.checkpoint import list_checkpoints, load_checkpoint
 
 pytestmark = [
     pytest.mark.gpu,
     pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (scripts/gpu_check.sh on a GPU host)"),
 ]
+
+SMALL = ["data.loader=synthetic", "model.num_classes=10", "data.image_size=64", "data.batch_size=64"]
 
 
 def free_port() -> int:
@@ -22,41 +27,94 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def test_nccl_ddp_fp16_grad_scaler_channels_last_and_sync_bn_in_one_process():
-    import torch.distributed as dist
-    from torch.nn.parallel import DistributedDataParallel
+def test_torchrun_trains_with_nccl_ddp_fp16_and_resumes_from_its_checkpoint(tmp_path):
+    common = ["train", "configs/demo.yaml", *SMALL, "precision=fp16", "schedule.epochs=1", "run.log_every_steps=4"]
+    common += [f"run.out_dir={tmp_path}", "run.name=gpu"]
+    first = run_cmd(torchrun_cmd(1, *common, "run.stop_after_steps=8"))
+    assert "exiting with status 75" in first.stdout, first.stderr[-3000:]
+    assert "ddp over nccl on cuda:0, fp16" in first.stderr  # init_distributed's NCCL group, the DDP strategy
+    lines = [json.loads(x) for x in (tmp_path / "gpu" / "metrics.jsonl").read_text().splitlines()]
+    assert [x["step"] for x in lines] == [4, 8]
+    assert all(x["max_gpu_mem_mb"] > 0 and x["loss_scale"] > 0 and x["data_s"] >= 0 for x in lines)
+    ckpt = list_checkpoints(tmp_path / "gpu" / "checkpoints")[-1]
+    saved = load_checkpoint(ckpt)
+    assert saved["global_step"] == 8 and saved["guard"]["skipped_total"] >= 0
 
-    from dist_bot.config import LossScaleConfig
-    from dist_bot.models import build_model
-    from dist_bot.recipe.precision import make_grad_scaler
+    # the checkpoint loads back into a Trainer on the GPU exactly (model, optimizer, scaler)
+    from dist_bot.config import load_config
+    from dist_bot.distributed.env import DistEnv
+    from dist_bot.engine import Trainer
 
-    dist.init_process_group("nccl", init_method=f"tcp://127.0.0.1:{free_port()}", rank=0, world_size=1)
+    cfg = load_config("configs/demo.yaml", [*common[2:], "wandb.mode=disabled"])
+    trainer = Trainer(cfg, DistEnv(device=torch.device("cuda", 0)))
+    assert trainer.state.global_step == 8
+    live = trainer.strategy.module.state_dict()
+    assert all(torch.equal(live[k].cpu(), v) for k, v in saved["model"].items())
+    assert trainer.strategy.loss_scale == torch.load(ckpt / "train_state.pt", weights_only=True)["scaler"]["scale"]
+    trainer.tracker.close()
+
+    second = run_cmd(torchrun_cmd(1, *common, "run.stop_after_steps=4"))
+    assert "resumed from" in second.stderr and "exiting with status 75" in second.stdout, second.stderr[-3000:]
+    assert load_checkpoint(list_checkpoints(tmp_path / "gpu" / "checkpoints")[-1])["global_step"] == 12
+
+
+def test_fp16_loss_scaling_skips_an_overflow_with_fused_sgd_on_the_gpu():
+    from dist_bot.config import load_config
+    from dist_bot.distributed.ddp import DDPStrategy
+    from dist_bot.distributed.env import DistEnv
+    from dist_bot.recipe.precision import make_sgd
+
+    cfg = load_config(None, ["precision=fp16", "loss_scale.init_scale=1024"])
+    dev = torch.device("cuda", 0)
+    model = torch.nn.Linear(8, 4).to(dev)
+    groups = [{"params": list(model.parameters()), "weight_decay": 0.0}]
+    strategy = DDPStrategy(model, lambda m: make_sgd(groups, 0.9, True), DistEnv(device=dev), cfg)
+    assert strategy.optimizer.defaults["fused"], "fused SGD takes the scale and overflow flag on the device"
+    strategy.set_lr(0.1)
+    before = model.weight.detach().clone()
+    strategy.backward(model(torch.randn(4, 8, device=dev)).sum() * float("inf"))
+    taken = strategy.step()
+    assert taken.device == dev and not taken.item()
+    assert strategy.loss_scale == 512 and torch.equal(before, model.weight)
+    strategy.backward(model(torch.randn(4, 8, device=dev)).sum())
+    assert strategy.step().item() and not torch.equal(before, model.weight)
+
+
+def test_two_log_intervals_of_the_bs1024_recipe_never_sync_outside_log_steps(tmp_path, monkeypatch):
+    """configs/resnet50d_bs1024.yaml on one GPU (8 accumulated micro-batches of 128, fp16, mixup, label smoothing)
+    on synthetic data; from the first log step on, CUDA raises at any synchronising call except in log steps and
+    the checkpoint (the first interval warms up: cuDNN's algorithm search, lazy initialisation)."""
+    from dist_bot.config import load_config
+    from dist_bot.distributed.env import DistEnv
+    from dist_bot.engine import Preempted, Trainer
+
+    overrides = ["data.loader=synthetic", "run.log_every_steps=3", "run.stop_after_steps=6", "wandb.mode=disabled"]
+    cfg = load_config("configs/resnet50d_bs1024.yaml", [*overrides, f"run.out_dir={tmp_path}"])
+    logs = []
+    real_log, real_save = Trainer.log_train, Trainer.save
+
+    def log_train(self, interval):
+        torch.cuda.set_sync_debug_mode(0)
+        try:
+            return real_log(self, interval)
+        finally:
+            logs.append(self.state.global_step)
+            torch.cuda.set_sync_debug_mode("error")
+
+    def save(self):
+        torch.cuda.set_sync_debug_mode(0)
+        real_save(self)
+
+    monkeypatch.setattr(Trainer, "log_train", log_train)
+    monkeypatch.setattr(Trainer, "save", save)
+    trainer = Trainer(cfg, DistEnv(device=torch.device("cuda", 0)))
+    assert trainer.cfg.optim.grad_accum_steps == 8 and trainer.cfg.data.batch_size == 128
     try:
-        dev = torch.device("cuda", 0)
-        model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(build_model("resnet18d", num_classes=10))
-        assert any(isinstance(m, torch.nn.SyncBatchNorm) for m in model.modules())
-        model = model.to(dev, memory_format=torch.channels_last)
-        ddp = DistributedDataParallel(model, device_ids=[0])
-        opt = torch.optim.SGD(ddp.parameters(), lr=0.1, momentum=0.9)
-        scaler = make_grad_scaler("fp16", dev, LossScaleConfig())
-        x = torch.randn(16, 3, 64, 64, device=dev).to(memory_format=torch.channels_last)
-        y = torch.randint(0, 10, (16,), device=dev)
-        before = [p.detach().clone() for p in model.parameters()]
-        for _ in range(3):
-            with torch.autocast("cuda", dtype=torch.float16):
-                loss = torch.nn.functional.cross_entropy(ddp(x), y)
-            scaler.scale(loss).backward()
-            scaler.step(opt)
-            scaler.update()
-            opt.zero_grad(set_to_none=True)
-        assert torch.isfinite(loss) and scaler.get_scale() > 0
-        assert any(not torch.equal(a, b) for a, b in zip(before, model.parameters(), strict=True))
-        assert model.stem.conv1.weight.is_contiguous(memory_format=torch.channels_last)
-        t = torch.ones(4, device=dev)
-        dist.all_reduce(t)
-        assert t.tolist() == [1.0] * 4
+        with pytest.raises(Preempted):
+            trainer.fit()
     finally:
-        dist.destroy_process_group()
+        torch.cuda.set_sync_debug_mode(0)
+    assert logs == [3, 6]
 
 
 @pytest.mark.parametrize("precision", ["fp16", "bf16"])
@@ -68,13 +126,10 @@ def test_training_run_on_the_gpu(tmp_path, precision):
             "dist_bot",
             "train",
             "configs/demo.yaml",
-            "data.loader=synthetic",
-            "model.num_classes=10",
-            "data.image_size=64",
-            "data.batch_size=64",
+            *SMALL,
             f"precision={precision}",
             "schedule.epochs=1",
-            "run.log_every_steps=4",
+            "run.log_every_steps=16",
             f"run.out_dir={tmp_path}",
             "run.name=gpu",
         ]
@@ -83,6 +138,7 @@ def test_training_run_on_the_gpu(tmp_path, precision):
     lines = [json.loads(x) for x in (tmp_path / "gpu" / "metrics.jsonl").read_text().splitlines()]
     train = [x for x in lines if x["split"] == "train"]
     assert train and all(x["max_gpu_mem_mb"] > 0 for x in train)
+    assert [x["samples"] for x in lines if x["split"] == "val"] == [64]
     if precision == "fp16":
         assert all(x["loss_scale"] > 0 for x in train)
 
@@ -104,3 +160,24 @@ def test_dali_mixed_decoding_on_the_gpu(tiny_digits):
     assert images.shape == (8, 3, 32, 32) and images.dtype == torch.float16
     assert images.is_contiguous(memory_format=torch.channels_last)
     assert sum(len(labels) for _, labels in val) == val.samples
+    assert all(labels.device.type == "cuda" for _, labels in val)
+
+
+def test_sync_bn_with_nccl_in_one_process():
+    """model.sync_bn: SyncBatchNorm needs CUDA and a process group."""
+    import torch.distributed as dist
+
+    from dist_bot.models import build_model
+
+    dist.init_process_group("nccl", init_method=f"tcp://127.0.0.1:{free_port()}", rank=0, world_size=1)
+    try:
+        dev = torch.device("cuda", 0)
+        model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(build_model("resnet18d", num_classes=10)).to(dev)
+        ddp = torch.nn.parallel.DistributedDataParallel(model.to(memory_format=torch.channels_last), device_ids=[0])
+        x = torch.randn(16, 3, 64, 64, device=dev).to(memory_format=torch.channels_last)
+        with torch.autocast("cuda", dtype=torch.float16):
+            loss = ddp(x).float().logsumexp(1).mean()
+        loss.backward()
+        assert torch.isfinite(loss) and model.fc.weight.grad is not None
+    finally:
+        dist.destroy_process_group()

@@ -172,7 +172,7 @@ def test_overflow_skips_the_step_and_halves_the_scale():
     loss = model(torch.randn(3, 4)).sum()
     strategy.backward(loss)
     model.weight.grad[0, 0] = float("inf")  # an injected overflow
-    assert strategy.step() is False
+    assert strategy.step().tolist() is False  # a device tensor: the engine reads it only at log steps
     assert strategy.loss_scale == 512
     assert all(torch.equal(a, b) for a, b in zip(before, model.parameters(), strict=True))
 
@@ -182,7 +182,7 @@ def test_clean_steps_update_weights_and_grow_the_scale():
     before = model.weight.detach().clone()
     for _ in range(2):
         strategy.backward(model(torch.randn(3, 4)).sum())
-        assert strategy.step() is True
+        assert strategy.step().tolist() is True
     assert strategy.loss_scale == 2048  # doubled after growth_interval=2 clean steps
     assert not torch.equal(before, model.weight)
 
@@ -198,12 +198,22 @@ def test_scaled_gradients_are_unscaled_before_the_update():
 
 
 def test_loss_scale_collapse_stops_with_a_clear_error():
+    """update() only does arithmetic on the step's (device) values; check() reads them (at log steps)."""
     guard = LossScaleGuard(min_scale=1.0, max_steps_at_min=3)
-    guard.update(2.0, skipped=True)
-    guard.update(1.0, skipped=True)
-    guard.update(0.5, skipped=True)
+    guard.update(torch.tensor(2.0), taken=torch.tensor(False))
+    guard.check()
+    guard.update(torch.tensor(1.0), taken=torch.tensor(False))
+    guard.update(torch.tensor(0.5), taken=torch.tensor(False))
+    guard.check()  # 2 steps at the minimum so far
+    guard.update(torch.tensor(0.25), taken=torch.tensor(False))
     with pytest.raises(LossScaleCollapse, match=r"loss scale has been <= 1 for 3 steps.*precision=bf16"):
-        guard.update(0.25, skipped=True)
+        guard.check()
+    assert guard.skipped_total == 4
     recovered = LossScaleGuard(min_scale=1.0, max_steps_at_min=3)
     for scale in (1.0, 1.0, 2.0, 1.0, 1.0):  # a clean step above the minimum resets the count
-        recovered.update(scale, skipped=False)
+        recovered.update(torch.tensor(scale), taken=torch.tensor(True))
+    recovered.check()
+    assert (recovered.steps_at_min, recovered.skipped_total) == (2, 0)
+    recovered.update(torch.tensor(1.0), taken=torch.tensor(True))  # the run at the minimum spans two checks
+    with pytest.raises(LossScaleCollapse):
+        recovered.check()

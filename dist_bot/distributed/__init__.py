@@ -22,8 +22,9 @@ class Strategy(Protocol):
     def backward(self, loss: torch.Tensor) -> None:
         """Backward of ``loss`` (scaled under fp16)."""
 
-    def step(self) -> bool:
-        """Unscale, clip, optimizer step, update the loss scale; False when skipped for overflow."""
+    def step(self) -> torch.Tensor:
+        """Unscale, clip, optimizer step, update the loss scale. Returns a 0-dim bool tensor, False when the step
+        was skipped for overflow; on the device where the strategy can decide there, so nothing waits for it."""
 
     def no_sync(self) -> contextlib.AbstractContextManager:
         """Accumulate gradients locally for a micro-batch that is not the last of its step."""
@@ -32,7 +33,11 @@ class Strategy(Protocol):
 
     @property
     def loss_scale(self) -> float:
-        """Current fp16 loss scale (1.0 when not scaling)."""
+        """Current fp16 loss scale (1.0 when not scaling); reading it waits for the device."""
+
+    @property
+    def loss_scale_async(self) -> torch.Tensor | float:
+        """The same without waiting: a 0-dim device tensor (or a float where the strategy keeps it on the host)."""
 
     def eval_model(self) -> nn.Module:
         """The plain module with full weights and synced BN statistics, for evaluation (no collectives in its

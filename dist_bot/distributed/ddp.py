@@ -5,19 +5,20 @@ from __future__ import annotations
 import contextlib
 from pathlib import Path
 
+import torch.distributed as dist
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
 from ..checkpoint import read_file, read_model, write_file
-from .common import ScaledOptimizerSteps, average_buffers
-from .env import DistEnv
+from ..recipe.precision import ScaledOptimizer
+from .env import DistEnv, average_buffers
 
 
-class DDPStrategy(ScaledOptimizerSteps):
+class DDPStrategy(ScaledOptimizer):
     def __init__(self, model: nn.Module, make_optimizer, env: DistEnv, cfg):
         self.module, self.env = model, env
         self.init_steps(make_optimizer(model), env, cfg)
-        if env.distributed:
+        if dist.is_initialized():  # also a group of one (torchrun --nproc_per_node=1): the same code as on many
             self.model = DistributedDataParallel(
                 model, device_ids=[env.device.index] if env.device.type == "cuda" else None
             )

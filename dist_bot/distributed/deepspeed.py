@@ -22,8 +22,7 @@ from torch import nn
 
 from ..checkpoint import CheckpointError, write_file
 from ..config import UserError
-from .common import average_buffers
-from .env import DistEnv
+from .env import DistEnv, average_buffers
 
 
 def deepspeed_config(cfg, world_size: int) -> dict:
@@ -83,11 +82,13 @@ class DeepSpeedStrategy:
         if not self._boundary:
             self.engine.step()  # off the boundary DeepSpeed only counts the micro-batch
 
-    def step(self) -> bool:
+    def step(self) -> torch.Tensor:
+        """As ScaledOptimizer.step. DeepSpeed checks fp16 overflow on the host (it waits for the GPU there), so
+        the flag is a CPU tensor."""
         skipped = self.engine.skipped_steps
         self.engine.set_gradient_accumulation_boundary(True)
         self.engine.step()
-        return self.engine.skipped_steps == skipped
+        return torch.tensor(self.engine.skipped_steps == skipped)
 
     @contextlib.contextmanager
     def no_sync(self):
@@ -104,6 +105,8 @@ class DeepSpeedStrategy:
     @property
     def loss_scale(self) -> float:
         return float(getattr(self.engine.optimizer, "cur_scale", 1.0)) if self.fp16 else 1.0
+
+    loss_scale_async = loss_scale  # DeepSpeed keeps its scale on the host
 
     def eval_model(self) -> nn.Module:
         module = self.engine.module  # ZeRO 0-2 keep every parameter on every rank

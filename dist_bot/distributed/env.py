@@ -109,7 +109,8 @@ def init_distributed(backend: str = "auto", timeout_min: float = 30.0) -> DistEn
         torch.cuda.set_device(device)
     else:
         device = torch.device("cpu")
-    if world > 1 and not dist.is_initialized():
+    # A launcher's single process joins a group too (of one): the same NCCL/gloo and DDP code runs as on many.
+    if (world > 1 or launch["source"] == "torchrun") and not dist.is_initialized():
         if backend == "auto":
             backend = "nccl" if device.type == "cuda" else "gloo"
         os.environ.setdefault("MASTER_ADDR", str(launch["master_addr"]))
@@ -147,12 +148,20 @@ def all_reduce_max(values: list[float], env: DistEnv) -> list[float]:
     return t.tolist()
 
 
-def peak_memory_mb(env: DistEnv) -> dict[str, float]:
-    """Peak resident memory of the busiest process (and peak GPU memory allocated), in MiB."""
+def local_peak_memory_mb(env: DistEnv) -> tuple[float, float]:
+    """This process's peak resident memory and peak GPU memory allocated (0 without a GPU), in MiB."""
     rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux reports KiB
     gpu = torch.cuda.max_memory_allocated(env.device) / 2**20 if env.device.type == "cuda" else 0.0
-    rss, gpu = all_reduce_max([rss, gpu], env)
-    return {"max_rss_mb": round(rss, 1)} | ({"max_gpu_mem_mb": round(gpu, 1)} if env.device.type == "cuda" else {})
+    return rss, gpu
+
+
+def average_buffers(module: torch.nn.Module, env: DistEnv) -> None:
+    """Average floating buffers (BN running statistics) over processes, in place; a collective."""
+    if env.distributed:
+        for buf in module.buffers():
+            if buf.is_floating_point():
+                dist.all_reduce(buf)
+                buf.div_(env.world_size)
 
 
 def any_rank(flag: bool, env: DistEnv) -> bool:

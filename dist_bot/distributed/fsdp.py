@@ -31,11 +31,11 @@ from torch.distributed.fsdp import fully_shard
 from ..checkpoint import CheckpointError, read_file, write_file
 from ..config import UserError
 from ..models.resnet import BasicBlock, Bottleneck
-from .common import ScaledOptimizerSteps, average_buffers
-from .env import DistEnv
+from ..recipe.precision import ScaledOptimizer
+from .env import DistEnv, average_buffers
 
 
-class FSDPStrategy(ScaledOptimizerSteps):
+class FSDPStrategy(ScaledOptimizer):
     def __init__(self, model: nn.Module, make_optimizer, env: DistEnv, cfg):
         if not env.distributed:
             raise UserError("strategy=fsdp shards over processes: start 2 or more with torchrun or srun, or use ddp")

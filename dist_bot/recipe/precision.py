@@ -3,8 +3,13 @@
 fp16: the model keeps fp32 weights, autocast runs matmuls/convs in fp16, and the loss is multiplied by a
 scale S before backward so small gradients do not flush to zero. An overflow (inf/NaN gradient) skips the
 step and halves S; ``growth_interval`` clean steps double it. torch.amp.GradScaler implements exactly this
-(on CPU too), so it is used rather than rewritten; this module adds the collapse guard it lacks.
+(on CPU too), so it is used rather than rewritten; this module adds what it lacks: knowing, without waiting
+for the GPU, whether a step was skipped, and a guard against a scale that collapses.
 bf16 has fp32's exponent range: no scaling needed.
+
+Nothing here reads a device value per step: GradScaler's own ``step`` would (``.item()`` on the overflow
+flag) unless the optimizer applies the scale itself, which fused SGD does (``make_sgd``); the skip flag and
+the guard's counters are device tensors, read once per log interval.
 """
 
 from __future__ import annotations
@@ -12,6 +17,7 @@ from __future__ import annotations
 import contextlib
 
 import torch
+from torch import nn
 
 from ..config import UserError
 
@@ -41,26 +47,103 @@ def make_grad_scaler(precision: str, device: torch.device, cfg) -> torch.amp.Gra
     )
 
 
+def make_sgd(groups: list[dict], momentum: float, nesterov: bool) -> torch.optim.SGD:
+    """SGD with (Nesterov) momentum, fused where torch has the kernel (CUDA, CPU): one kernel per parameter group
+    instead of one per tensor, and it takes GradScaler's scale and overflow flag as device tensors, so a step
+    never waits for the GPU. Elsewhere the multi-tensor (foreach) form."""
+    params = [p for g in groups for p in g["params"]]
+    fused = all(type(p) is nn.Parameter and p.device.type in ("cuda", "cpu") for p in params)  # not DTensors
+    return torch.optim.SGD(groups, lr=0.0, momentum=momentum, nesterov=nesterov, fused=fused or None)
+
+
+class ScaledOptimizer:
+    """backward / step / set_lr / loss scale for strategies that drive a torch optimizer through a GradScaler
+    (DDP, FSDP2). Subclasses set ``self.model`` and call ``init_steps`` with their optimizer."""
+
+    model: nn.Module
+
+    def init_steps(self, optimizer: torch.optim.Optimizer, env, cfg) -> None:
+        self.optimizer = optimizer
+        self.grad_clip_norm = cfg.optim.grad_clip_norm
+        self.scaler = make_grad_scaler(cfg.precision, env.device, cfg.loss_scale)
+        self._taken = torch.ones((), dtype=torch.bool, device=env.device)  # what step() returns without fp16
+
+    def backward(self, loss: torch.Tensor) -> None:
+        self.scaler.scale(loss).backward()
+
+    def step(self) -> torch.Tensor:
+        """Unscale, clip, step (skipped on overflow), update the scale. Returns a 0-dim bool tensor on the device,
+        True when the step was taken; reading it waits for the GPU, so the engine reads it only when it logs."""
+        # _get_scale_async: the scale tensor itself (get_scale() would copy it to the host and wait)
+        scale_before = self.scaler._get_scale_async().clone() if self.scaler.is_enabled() else None
+        if self.grad_clip_norm is not None:
+            self.scaler.unscale_(self.optimizer)  # clip the true gradients, not the scaled ones
+            nn.utils.clip_grad_norm_(self.model.parameters(), self.grad_clip_norm)  # over all ranks' shards
+        self.scaler.step(self.optimizer)  # skipped when a gradient is inf/NaN (in the fused kernel: no sync)
+        self.scaler.update()
+        self.optimizer.zero_grad(set_to_none=True)
+        if scale_before is None:
+            return self._taken
+        # The scale only falls on an overflow, and gradients were reduced over ranks before the scaler looked
+        # at them: every rank decides the same.
+        return self.scaler._get_scale_async() >= scale_before
+
+    def set_lr(self, lr: float) -> None:
+        for group in self.optimizer.param_groups:
+            group["lr"] = lr
+
+    @property
+    def loss_scale(self) -> float:
+        return self.scaler.get_scale() if self.scaler.is_enabled() else 1.0
+
+    @property
+    def loss_scale_async(self) -> torch.Tensor | float:
+        """The current scale without waiting for the device (a 0-dim tensor under fp16)."""
+        return self.scaler._get_scale_async() if self.scaler.is_enabled() else 1.0
+
+
 class LossScaleGuard:
-    """Stops a run whose loss scale has sat at or below ``min_scale`` for ``max_steps_at_min`` steps in a row."""
+    """Stops a run whose loss scale has sat at or below ``min_scale`` for ``max_steps_at_min`` steps in a row.
+
+    ``update`` is called every step with the strategy's scale and step flag, as device tensors (or host values
+    where the strategy keeps them there), and only does arithmetic on them; ``check``, called where the engine
+    reads the device anyway (log steps), raises if the longest run at the minimum since the last check reached
+    the limit, and refreshes the host counters ``steps_at_min`` and ``skipped_total``.
+    """
 
     def __init__(self, min_scale: float, max_steps_at_min: int):
         self.min_scale, self.max_steps_at_min = min_scale, max_steps_at_min
-        self.steps_at_min = 0
+        self.steps_at_min = 0  # host copies, as of the last check()
         self.skipped_total = 0
+        self._at_min = self._longest = self._skipped = None  # device counters since the last check()
 
-    def update(self, scale: float, skipped: bool) -> None:
-        self.skipped_total += int(skipped)
-        self.steps_at_min = self.steps_at_min + 1 if scale <= self.min_scale else 0
-        if self.steps_at_min >= self.max_steps_at_min:
+    def update(self, scale, taken) -> None:
+        scale, taken = torch.as_tensor(scale), torch.as_tensor(taken)  # tensors stay on their device
+        if self._at_min is None:
+            zero = torch.zeros((), dtype=torch.int64, device=scale.device)
+            self._at_min, self._longest, self._skipped = zero + self.steps_at_min, zero + self.steps_at_min, zero
+        self._at_min = (self._at_min + 1) * (scale <= self.min_scale)
+        self._longest = torch.maximum(self._longest, self._at_min)
+        self._skipped = self._skipped + (~taken).long()
+
+    def check(self) -> None:
+        """Read the counters (waits for the device) and raise LossScaleCollapse if the scale collapsed."""
+        if self._at_min is None:
+            return
+        at_min, longest, skipped = torch.stack([self._at_min, self._longest, self._skipped]).tolist()
+        self.steps_at_min, self.skipped_total = at_min, self.skipped_total + skipped
+        self._at_min = self._longest = self._skipped = None
+        if longest >= self.max_steps_at_min:
             raise LossScaleCollapse(
-                f"fp16 loss scale has been <= {self.min_scale:g} for {self.steps_at_min} steps (now {scale:g}; "
-                f"{self.skipped_total} steps skipped for overflow so far). The gradients overflow even "
-                "unscaled: lower optim.base_lr_per_256, set optim.grad_clip_norm, or train with precision=bf16."
+                f"fp16 loss scale has been <= {self.min_scale:g} for {longest} steps ({self.skipped_total} steps "
+                "skipped for overflow so far). The gradients overflow even unscaled: lower optim.base_lr_per_256, "
+                "set optim.grad_clip_norm, or train with precision=bf16."
             )
 
     def state_dict(self) -> dict:
+        self.check()
         return {"steps_at_min": self.steps_at_min, "skipped_total": self.skipped_total}
 
     def load_state_dict(self, state: dict) -> None:
         self.steps_at_min, self.skipped_total = state["steps_at_min"], state["skipped_total"]
+        self._at_min = self._longest = self._skipped = None
