@@ -5,6 +5,7 @@
     dist-bot models [--image-size 224]          every model: parameters and multiply-adds
     dist-bot config CONFIG [key=value ...]      the resolved config of a recipe plus overrides, as YAML
     dist-bot data digits OUT_DIR                write the bundled handwritten digits as an ImageFolder
+    dist-bot data fake OUT_DIR [--images 2000]  random JPEGs of ImageNet's size, for loader and GPU benchmarks
     dist-bot data check DIR [--workers N]       scan a dataset for unreadable files, empty classes, leakage
     dist-bot bench data CONFIG [key=value ...]  images/s of each data loader, side by side (JSON lines)
     dist-bot bench train [CONFIG] [key=value ...]  training step vs a bare PyTorch loop (and fed by data.path)
@@ -106,6 +107,15 @@ def cmd_data_digits(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_data_fake(args: argparse.Namespace) -> int:
+    from dist_bot.datasets import write_fake_jpegs
+
+    width, _, height = args.size.partition("x")
+    counts = write_fake_jpegs(args.out_dir, args.images, int(width), int(height), args.classes)
+    print(json.dumps({"dataset": "fake", "path": args.out_dir, **counts}))
+    return 0
+
+
 def cmd_data_check(args: argparse.Namespace) -> int:
     from dist_bot.data.check import check_dataset
 
@@ -173,6 +183,12 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("out_dir", help="new folder to write")
     d.add_argument("--size", type=int, default=32, help="image size in pixels (default 32)")
     d.set_defaults(func=cmd_data_digits)
+    d = dsub.add_parser("fake", help="random JPEGs of ImageNet's typical size in class folders (train/ and val/)")
+    d.add_argument("out_dir", help="new folder to write")
+    d.add_argument("--images", type=int, default=2000, help="images in all (default 2000, 10%% of them in val/)")
+    d.add_argument("--size", default="500x375", help="WIDTHxHEIGHT in pixels (default 500x375, ImageNet's typical)")
+    d.add_argument("--classes", type=int, default=10, help="class folders (default 10)")
+    d.set_defaults(func=cmd_data_fake)
     d = dsub.add_parser("check", help="scan train/ and val/: counts, unreadable files, empty classes, leakage")
     d.add_argument("dir", help="dataset folder holding train/ and val/")
     d.add_argument("--workers", type=int, default=8, help="parallel readers (default 8)")

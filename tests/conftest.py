@@ -39,6 +39,16 @@ def tiny_digits(tmp_path_factory, digits_dir) -> Path:
 
 
 @pytest.fixture(scope="session")
+def fake_jpegs(tmp_path_factory) -> Path:
+    """40 random 48 x 40 JPEGs in 4 classes (36 train, 4 val), made with PIL alone (no scikit-learn)."""
+    from dist_bot.datasets import write_fake_jpegs
+
+    out = tmp_path_factory.mktemp("fake") / "jpegs"
+    write_fake_jpegs(out, images=40, width=48, height=40, classes=4)
+    return out
+
+
+@pytest.fixture(scope="session")
 def imagenette_subset(tmp_path_factory) -> Path:
     """20 train and 10 val images per class of ../shared/data/imagenette."""
     if not (IMAGENETTE / "train").is_dir():

@@ -143,14 +143,14 @@ def test_training_run_on_the_gpu(tmp_path, precision):
         assert all(x["loss_scale"] > 0 for x in train)
 
 
-def test_dali_mixed_decoding_on_the_gpu(tiny_digits):
+def test_dali_mixed_decoding_on_the_gpu(fake_jpegs):
     pytest.importorskip("nvidia.dali", reason="DALI is not installed here (its wheel did not travel)")
     from dist_bot.config import load_config
     from dist_bot.data import make_loaders
     from dist_bot.distributed.env import DistEnv
 
     cfg = load_config(
-        "configs/demo.yaml", [f"data.path={tiny_digits}", "data.loader=dali", "data.batch_size=8", "precision=fp16"]
+        "configs/demo.yaml", [f"data.path={fake_jpegs}", "data.loader=dali", "data.batch_size=8", "precision=fp16"]
     )
     env = DistEnv(device=torch.device("cuda", 0))
     train, val = make_loaders(cfg, env)

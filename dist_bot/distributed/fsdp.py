@@ -34,6 +34,8 @@ from ..models.resnet import BasicBlock, Bottleneck
 from ..recipe.precision import ScaledOptimizer
 from .env import DistEnv, average_buffers
 
+BROADCAST_BUCKET_BYTES = 250 * 2**20  # DDP's default bucket for its buffer broadcast
+
 
 class FSDPStrategy(ScaledOptimizer):
     def __init__(self, model: nn.Module, make_optimizer, env: DistEnv, cfg):
@@ -62,8 +64,9 @@ class FSDPStrategy(ScaledOptimizer):
             self._buffers_from_rank0()
 
     def _buffers_from_rank0(self) -> None:
-        for buf in self.model.buffers():
-            dist.broadcast(buf, src=0)
+        # one coalesced broadcast (as DDP does for its buffers), not one collective per BN buffer
+        buffers = [b.detach() for b in self.model.buffers()]
+        dist._broadcast_coalesced(dist.group.WORLD, buffers, BROADCAST_BUCKET_BYTES, 0)
 
     @contextlib.contextmanager
     def no_sync(self):
