@@ -44,8 +44,8 @@ def feeder_fields(data) -> list[str]:
 
 @dataclass(frozen=True)
 class FileList:
-    """A split's files as a few flat arrays: pickled to every DALI worker, ImageNet's 1.28 M files take about 50 MB
-    and milliseconds, where a tuple of 1.28 M (path, label) tuples takes seconds."""
+    """A split's files as a few flat arrays, pickled to every DALI worker: ImageNet's 1.28 M files take about 60 MB
+    and 0.1 s to pickle and load (measured), where the tuple of 1.28 M (path, label) tuples takes 1.8 s."""
 
     root: str
     names: bytes  # the paths relative to root, file-system encoded, concatenated
