@@ -23,41 +23,81 @@ from .recipe.precision import DTYPES, make_grad_scaler, make_sgd
 
 
 def bench_data(cfg: Config, loaders: list[str], batches: int = 20, repeats: int = 3, warmup: int = 3):
-    """Training-loader throughput (decode + augmentation + transfer to the device), one record per loader.
+    """Training-loader throughput (decode + augmentation + transfer to the device) and the training thread's CPU
+    time per batch, one record per loader variant: a loader's name, or ``name@key=value@key=value`` (e.g.
+    ``dali@data.dali_py_workers=0``), on the training device (cuda:0 when there is one, else the CPU).
 
     Each repeat times ``batches`` batches after ``warmup`` batches, from a fresh epoch iterator (so DALI's
-    pipeline build and DataLoader worker start-up stay outside the timing). Runs alternate between loaders
-    so that a noisy neighbour hurts them alike; the median over repeats is reported.
+    pipeline build and DataLoader worker start-up stay outside the timing). Runs alternate between variants
+    so that a noisy neighbour hurts them alike; the median over repeats is reported. ``main_thread_ms`` is the
+    training thread's CPU time per batch (``time.thread_time`` around the timed ``next()`` calls): what the
+    loader takes from the thread that must also keep the GPU fed.
     """
-    env = DistEnv()
+    import os
+    import platform
+
+    from .config import from_dict, parse_override
+
+    device = torch.device("cuda", 0) if torch.cuda.is_available() else torch.device("cpu")
+    env = DistEnv(device=device)
     built = {}
-    for name in loaders:
-        c = dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, loader=name))
-        built[name] = make_loaders(c, env)[0]
-    rates: dict[str, list[float]] = {name: [] for name in loaders}
+    for spec in loaders:
+        name, *overrides = spec.split("@")
+        data = dataclasses.asdict(cfg)
+        for key, value in map(parse_override, [f"data.loader={name}", *overrides]):
+            *sections, leaf = key.split(".")
+            node = data
+            for part in sections:
+                node = node[part]
+            node[leaf] = value
+        built[spec] = make_loaders(from_dict(data), env)[0]
+    rates: dict[str, list[float]] = {spec: [] for spec in loaders}
+    thread_ms: dict[str, list[float]] = {spec: [] for spec in loaders}
     for rep in range(repeats):
-        for name, loader in built.items():
+        for spec, loader in built.items():
             loader.set_epoch(rep)
             it = iter(loader)
             for _ in range(warmup):
                 next(it)
-            n, t0 = 0, time.perf_counter()
+            n, t0, cpu0 = 0, time.perf_counter(), time.thread_time()
             for _ in range(batches):
                 images, _ = next(it)
                 n += images.shape[0]
+            thread_ms[spec].append(1000 * (time.thread_time() - cpu0) / batches)
             images.sum().item()  # wait for asynchronous device work
-            rates[name].append(n / (time.perf_counter() - t0))
+            rates[spec].append(n / (time.perf_counter() - t0))
             del it
-    for name, r in rates.items():
+    if device.type == "cuda":
+        device_name = torch.cuda.get_device_name(device)
+    else:
+        device_name = platform.processor() or "cpu"
+        if os.path.exists("/proc/cpuinfo"):
+            with open("/proc/cpuinfo") as f:
+                device_name = next((x.partition(":")[2].strip() for x in f if x.startswith("model name")), device_name)
+    try:
+        import nvidia.dali
+
+        dali_version = nvidia.dali.__version__
+    except ImportError:
+        dali_version = None
+    for spec, r in rates.items():
+        loader = built[spec]
         yield {
             "bench": "data",
-            "loader": name,
+            "loader": loader.cfg.data.loader,
+            "variant": spec,
             "img_per_s": statistics.median(r),
             "runs": [round(x, 1) for x in r],
-            "image_size": cfg.data.image_size,
-            "batch_size": cfg.data.batch_size,
-            "workers": cfg.data.workers,
-            "device": str(env.device),
+            "main_thread_ms": statistics.median(thread_ms[spec]),
+            "image_size": loader.cfg.data.image_size,
+            "batch_size": loader.cfg.data.batch_size,
+            "workers": getattr(loader, "workers", loader.cfg.data.workers),
+            **({"py_workers": loader.py_workers} if hasattr(loader, "py_workers") else {}),
+            "device": str(device),
+            "device_name": device_name,
+            "cpus": len(os.sched_getaffinity(0)),
+            "torch": torch.__version__,
+            "dali": dali_version,
             "ratio_to_" + loaders[-1]: statistics.median(r) / statistics.median(rates[loaders[-1]]),
         }
 

@@ -200,7 +200,12 @@ def build_parser() -> argparse.ArgumentParser:
     b = bsub.add_parser("data", help="images/s of each data loader over the same batches, side by side")
     b.add_argument("config", help="recipe YAML (data.path, image size, batch size, workers)")
     b.add_argument("overrides", nargs="*", metavar="key=value", help="dotted overrides, e.g. data.image_size=224")
-    b.add_argument("--loaders", default="dali,torch", help="comma-separated loaders (default dali,torch)")
+    b.add_argument(
+        "--loaders",
+        default="dali,torch",
+        help="comma-separated loaders, each a name or name@key=value@..., e.g. dali@data.dali_py_workers=0,dali,torch "
+        "(default dali,torch)",
+    )
     b.add_argument("--batches", type=int, default=20, help="timed batches per run, after 3 warm-up (default 20)")
     b.add_argument("--repeats", type=int, default=3, help="runs per loader; the median is reported (default 3)")
     b.set_defaults(func=cmd_bench_data)

@@ -67,7 +67,8 @@ class DataConfig:
     # gradient accumulation steps are taken when the global batch would not fit (e.g. on fewer GPUs)
     val_batch_size: int | None = None  # images per process per validation step; None: same as batch_size
     workers: int | None = None  # decoding workers per process (torch: DataLoader processes; DALI: CPU threads);
-    # None: the CPUs this process may use (affinity, SLURM_CPUS_PER_TASK) shared among the node's processes
+    # None: the CPUs this process may use (affinity, SLURM_CPUS_PER_TASK) shared among the node's processes (torch:
+    # one fewer, left to the training thread)
     dali_py_workers: int | None = None  # DALI: Python processes that read files and draw each image's augmentation
     # ahead of the training thread; None: a quarter of this process's CPUs (1-8); 0: in the training thread
     min_crop_area: float = 0.08  # RandomResizedCrop keeps 8-100 % of the image area (paper 2.1)

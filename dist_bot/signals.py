@@ -11,6 +11,7 @@ blocked through fork and exec, and while blocked in this process a signal waits 
 from __future__ import annotations
 
 import contextlib
+import multiprocessing.resource_tracker
 import signal
 
 PREEMPT_SIGNALS = (signal.SIGTERM, signal.SIGUSR1, signal.SIGUSR2)
@@ -24,3 +25,14 @@ def preemption_signals_blocked():
         yield
     finally:
         signal.pthread_sigmask(signal.SIG_SETMASK, old)
+
+
+@contextlib.contextmanager
+def helpers_shielded():
+    """Start helper processes inside (DataLoader's forkserver, DALI's Python workers): they inherit PREEMPT_SIGNALS
+    blocked. multiprocessing's resource tracker, which a spawn or forkserver start launches first when it is not
+    running, is started here beforehand: launching it, multiprocessing unblocks SIGTERM on its way out."""
+    with preemption_signals_blocked():
+        multiprocessing.resource_tracker.ensure_running()
+        with preemption_signals_blocked():
+            yield

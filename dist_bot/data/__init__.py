@@ -11,9 +11,7 @@ decoding, or DALI's CPU-only mode), ``synthetic`` (random tensors made once on t
 
 from __future__ import annotations
 
-from .folder import DataError, scan_dataset
-from .torch_loader import BadImageError, TorchLoader
-from .transforms import eval_transform, train_transform
+from .folder import BadImageError, DataError, scan_dataset
 
 
 def make_loaders(cfg, env):
@@ -35,6 +33,10 @@ def make_loaders(cfg, env):
                 "data.loader=dali but DALI is not installed: pip install 'dist-bot[dali]', or data.loader=torch"
             )
         return DaliLoader(train_list, cfg, env, train=True), DaliLoader(val_list, cfg, env, train=False)
+    # imported here, not above: DALI's Python workers import this package and should not pay for torch
+    from .torch_loader import TorchLoader
+    from .transforms import eval_transform, train_transform
+
     d = cfg.data
     train = TorchLoader(
         train_list, train_transform(d.image_size, d.min_crop_area, d.hflip, d.color_jitter), cfg, env, train=True

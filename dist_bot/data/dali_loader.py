@@ -1,13 +1,19 @@
 """The DALI loader: JPEG decoding and augmentation on the GPU ("mixed" nvJPEG decoding), or in DALI's
 CPU-only mode on hosts without one (``device_id=None``, the same pipeline code).
 
-Training: the exact sharding plan (sharding.py) picks each micro-batch's files; Python reads their bytes
-and draws every image's crop, flip and colour jitter from its (seed, epoch, index) seed; DALI decodes only
-the crop (``decoders.image_slice``, the fused decode + crop), resizes it, jitters, flips and normalizes.
-So a batch is a pure function of (seed, epoch, step): mid-epoch resume is exact, and every process runs
-the same number of steps. (DALI's own ``readers.file`` sharding was measured unfit for training here: with
-``pad_last_batch`` and a partial last batch, one shard of 97 images in batches of 8 yields an EMPTY last
-batch every other epoch, and shards swap halves between epochs.)
+Training: the exact sharding plan (sharding.py) picks each micro-batch's files; ``TrainFeeder`` (dali_feeder.py)
+reads their bytes and draws every image's crop, flip, colour jitter and lighting from its (seed, epoch, index)
+seed, in DALI's parallel external source workers (``data.dali_py_workers`` Python processes), ahead of the
+training thread; DALI decodes only the crop (``decoders.image_slice``, the fused decode + crop), resizes it,
+jitters, flips, adds the lighting and normalizes. So a batch is a pure function of (seed, epoch, step): mid-epoch
+resume is exact, and every process runs the same number of steps. One pipeline, with its workers, serves
+consecutive epochs; any other ``set_epoch`` (a resumed epoch, an abandoned one, another order) builds a new one.
+(DALI's own ``readers.file`` sharding was measured unfit for training here: with ``pad_last_batch`` and a
+partial last batch, one shard of 97 images in batches of 8 yields an EMPTY last batch every other epoch, and
+shards swap halves between epochs.)
+
+Nothing here waits for the device per batch: the labels go to the GPU inside the pipeline, the lighting is part
+of its normalisation, and the skipped-image flags stay on the CPU, unread until ``bad_images`` is.
 
 Validation: ``fn.readers.file`` sharded by GLOBAL rank (``shard_id``/``num_shards``), ``pad_last_batch``
 with ``reader_name`` and a partial last batch, ``stick_to_shard``: each image exactly once over all ranks,
@@ -16,19 +22,21 @@ padding never reaches the metrics. Resize the shorter side to size / 0.875, cent
 
 from __future__ import annotations
 
-import io
 import logging
+from dataclasses import dataclass
+from typing import Any
 
-import numpy as np
 import torch
-from PIL import Image, UnidentifiedImageError
 
-from .folder import ImageList
-from .sharding import MIN_PER_MICRO_BATCH, PlannedLoader
-from .torch_loader import BadImageError, load_rgb, sample_seed
-from .transforms import PCA_EIGVAL, PCA_EIGVEC, sample_resized_crop
+from ..signals import helpers_shielded
+from .dali_feeder import FIELDS, FileList, TrainFeeder, read_image, unreadable_from
+from .folder import BadImageError, ImageList, load_rgb
+from .sharding import MIN_PER_MICRO_BATCH, PlannedLoader, dali_py_workers, decode_workers
 
 log = logging.getLogger(__name__)
+
+PIPELINE_PREFETCH = 2  # pipeline iterations run ahead of the training thread
+TRAIN_OUTPUTS = ["images", "labels", "ok"]
 
 
 def dali_available() -> bool:
@@ -39,90 +47,7 @@ def dali_available() -> bool:
     return True
 
 
-def image_size_of(data: bytes, path: str) -> tuple[int, int]:
-    """(width, height) from the file header, without decoding; a non-image names the file."""
-    try:
-        with Image.open(io.BytesIO(data)) as im:
-            return im.size
-    except Exception as e:
-        why = "not an image file, or its header is damaged" if isinstance(e, UnidentifiedImageError) else e
-        raise BadImageError(
-            f"cannot read image {path}: {why}. Remove or replace the file, or set data.skip_bad_images=true"
-        ) from None
-
-
-# name -> DALI type of each per-sample input the Python side computes
-TRAIN_FIELDS = {
-    "jpeg": "UINT8",
-    "label": "INT64",
-    "anchor": "INT32",
-    "shape": "INT32",
-    "flip": "INT32",
-    "twist": "FLOAT",
-    "lighting": "FLOAT",
-}
-
-
-def train_fields(cfg) -> list[str]:
-    """The external source's outputs; colour jitter's only when it is on (DALI warns about unused ones)."""
-    return [f for f in TRAIN_FIELDS if f != "twist" or cfg.data.color_jitter > 0]
-
-
-class TrainSource:
-    """DALI external source: one micro-batch per call, in the order of the epoch's plan, then StopIteration."""
-
-    def __init__(self, images: ImageList, batches: list[tuple[int, ...]], cfg, epoch: int):
-        self.images, self.batches, self.cfg, self.epoch = images, batches, cfg, epoch
-        self.fields = train_fields(cfg)
-        self.i = 0
-        self.skipped = 0  # bad images replaced by the next readable one
-        self.error: BadImageError | None = None  # DALI wraps errors raised here; the loader re-raises this
-        self.last_files: list[str] = []
-
-    def __iter__(self):
-        return self
-
-    def read(self, index: int):
-        """Bytes, label and the index actually used (a skipped bad image is replaced by the next one)."""
-        n = len(self.images)
-        for attempt in range(n):
-            path, label = self.images.samples[(index + attempt) % n]
-            with open(path, "rb") as f:
-                data = f.read()
-            try:
-                return data, label, image_size_of(data, path), path
-            except BadImageError as e:
-                if not self.cfg.data.skip_bad_images:
-                    self.error = e
-                    raise
-                self.skipped += 1
-                log.warning("skipping: %s", e)
-        raise BadImageError(f"no readable image in {self.images.root}")
-
-    def __next__(self):
-        if self.i >= len(self.batches):
-            raise StopIteration
-        d = self.cfg.data
-        out = {k: [] for k in ("jpeg", "label", "anchor", "shape", "flip", "twist", "lighting")}
-        self.last_files = []
-        for index in self.batches[self.i]:
-            data, label, (w, h), path = self.read(index)
-            rng = np.random.default_rng(sample_seed(self.cfg.run.seed, self.epoch, index))
-            x, y, cw, ch = sample_resized_crop(w, h, (d.min_crop_area, 1.0), (3 / 4, 4 / 3), rng)
-            j = d.color_jitter
-            out["jpeg"].append(np.frombuffer(data, dtype=np.uint8))
-            out["label"].append(np.array(label, dtype=np.int64))
-            out["anchor"].append(np.array([x, y], dtype=np.int32))
-            out["shape"].append(np.array([cw, ch], dtype=np.int32))
-            out["flip"].append(np.array(int(d.hflip and rng.random() < 0.5), dtype=np.int32))
-            out["twist"].append(rng.uniform(1 - j, 1 + j, size=3).astype(np.float32))  # brightness, contrast, sat.
-            out["lighting"].append(rng.standard_normal(3).astype(np.float32))
-            self.last_files.append(path)
-        self.i += 1
-        return [out[k] for k in self.fields]
-
-
-def _pipelines(cfg, device_id, max_batch: int, num_threads: int):
+def _pipelines(cfg, device_id, max_batch: int, num_threads: int, py_workers: int = 0):
     """The two pipeline definitions; imported lazily so dist_bot runs without DALI installed."""
     from nvidia.dali import fn, pipeline_def, types
 
@@ -133,28 +58,41 @@ def _pipelines(cfg, device_id, max_batch: int, num_threads: int):
     layout = "HWC" if cfg.model.channels_last else "CHW"  # HWC batches are NHWC = channels_last in torch
     mean, std = [255 * m for m in d.mean], [255 * s for s in d.std]
 
-    @pipeline_def(batch_size=max_batch, num_threads=num_threads, device_id=device_id, exec_dynamic=True)
-    def train_pipe(source):
-        fields = train_fields(cfg)
+    # Python workers are spawned, never forked: CUDA is initialised before the pipeline on GPU hosts, and a
+    # fork while gloo or OpenMP threads hold locks can deadlock the child.
+    @pipeline_def(
+        batch_size=max_batch,
+        num_threads=num_threads,
+        device_id=device_id,
+        exec_dynamic=True,
+        py_num_workers=max(1, py_workers),
+        py_start_method="spawn",
+    )
+    def train_pipe(feeder: TrainFeeder):
+        # Each worker computes whole micro-batches (batch mode: see TrainFeeder); one more in flight than
+        # workers keeps them all busy.
+        parallel = {"parallel": True, "prefetch_queue_depth": py_workers + 1} if py_workers else {}
         nodes = fn.external_source(
-            source=source,
-            num_outputs=len(fields),
+            source=feeder,
+            num_outputs=len(feeder.fields),
             batch=True,
-            cycle="raise",
-            dtype=[getattr(types, TRAIN_FIELDS[f]) for f in fields],
+            batch_info=True,
+            dtype=[getattr(types, FIELDS[f]) for f in feeder.fields],
+            **parallel,
         )
-        x = dict(zip(fields, nodes, strict=True))
+        x = dict(zip(feeder.fields, nodes, strict=True))
         images = fn.decoders.image_slice(
             x["jpeg"], x["anchor"], x["shape"], device=decode_device, output_type=types.RGB, axis_names="WH"
         )
         images = fn.resize(images, size=[d.image_size, d.image_size], antialias=True, device=op_device)
-        if d.color_jitter > 0:
+        if "twist" in x:
             t = x["twist"]
             images = fn.color_twist(images, brightness=t[0], contrast=t[1], saturation=t[2])
-        images = fn.crop_mirror_normalize(
-            images, dtype=out_dtype, output_layout=layout, mean=mean, std=std, mirror=x["flip"]
+        images = fn.crop_mirror_normalize(  # a per-image mean when lighting is on (TrainFeeder.batch)
+            images, dtype=out_dtype, output_layout=layout, mean=x.get("mean", mean), std=std, mirror=x["flip"]
         )
-        return images, x["label"], x["lighting"]
+        labels = x["label"].gpu() if gpu else x["label"]
+        return images, labels, x["ok"]  # ok stays on the CPU: it is counted there, without waiting for the GPU
 
     @pipeline_def(batch_size=max_batch, num_threads=num_threads, device_id=device_id, exec_dynamic=True)
     def val_pipe(files, labels, shard_id, num_shards):
@@ -175,18 +113,40 @@ def _pipelines(cfg, device_id, max_batch: int, num_threads: int):
         images = fn.crop_mirror_normalize(
             images, dtype=out_dtype, output_layout=layout, mean=mean, std=std, crop=(d.image_size, d.image_size)
         )
-        return images, label
+        return images, label.gpu() if gpu else label
 
     return train_pipe, val_pipe
+
+
+@dataclass
+class _Feed:
+    """A built training pipeline and the epoch it serves."""
+
+    pipe: Any
+    it: Any  # DALIGenericIterator over pipe
+    feeder: TrainFeeder
+    epoch: int
+    total: int  # this epoch's micro-batches
+    delivered: int = 0
+    uses: int = 0  # one per epoch served: an iterator of an earlier epoch must not take this one's batches
 
 
 class DaliLoader(PlannedLoader):
     """The data interface of dist_bot/data/__init__.py, served by DALI."""
 
     def __init__(self, images: ImageList, cfg, env, train: bool):
-        self.device_id = env.device.index if env.device.type == "cuda" else None  # None: CPU-only DALI
-        self.num_threads = max(1, cfg.data.workers)
+        dev = env.device
+        self.device_id = None  # CPU-only DALI
+        if dev.type == "cuda":
+            self.device_id = dev.index if dev.index is not None else torch.cuda.current_device()
+        self.workers = max(1, decode_workers(cfg, env))  # DALI's CPU threads
+        self.py_workers = dali_py_workers(cfg, env) if train else 0
         self._val_pipe = None
+        self._feed: _Feed | None = None
+        self._files: FileList | None = None  # the training split, compact, for the feeder
+        self._epoch_batches: list[tuple[int, ...]] = []  # the micro-batches being served
+        self._flags: list[torch.Tensor] = []  # "ok" outputs (CPU) not yet counted into _bad ...
+        self._flagged = 0  # ... of the micro-batches from this one on
         super().__init__(images, cfg, env, train)
 
     def _val_shard(self) -> tuple[int, int]:
@@ -210,50 +170,113 @@ class DaliLoader(PlannedLoader):
         lo, hi = self._val_shard()
         return hi - lo
 
+    @property
+    def bad_images(self) -> int:
+        """Unreadable images skipped so far this epoch. The feeder only flags them (``ok`` 0, an output on the CPU
+        that no batch waits for): reading this counts them, and names their files in the log."""
+        if self._flags:
+            flags = torch.cat(self._flags)
+            batches = self._epoch_batches[self._flagged : self._flagged + len(self._flags)]
+            self._flags, self._flagged = [], self._flagged + len(self._flags)
+            planned = [i for b in batches for i in b]
+            for pos in (flags == 0).nonzero().flatten().tolist():
+                self._bad += 1
+                for error in unreadable_from(self._files, planned[pos]):
+                    log.warning("skipping: %s", error)
+        return self._bad
+
     def _to_torch(self, images: torch.Tensor) -> torch.Tensor:
+        """DALI's output, already on this process's device, as the model takes it."""
         if self.cfg.model.channels_last:  # NHWC from DALI: the same memory as an NCHW channels_last tensor
             images = images.permute(0, 3, 1, 2)
-        return images.to(self.device, non_blocking=True)
+        return images
 
     def __iter__(self):
         return self._iter_train() if self.train else self._iter_val()
 
     def _iter_train(self):
+        batches = self.train_batches()
+        self._bad, self._epoch_batches, self._flags, self._flagged = 0, batches, [], 0
+        if not batches:
+            return
+        feed = self._feed_for(batches)
+        uses = feed.uses
+        while feed.delivered < feed.total:
+            if self._feed is not feed or feed.uses != uses:
+                raise RuntimeError("a DaliLoader iterator was resumed after a later iter(): use one at a time")
+            (out,) = self._guarded(feed.it.__next__, batches, feed.delivered)
+            feed.delivered += 1
+            self._flags.append(out["ok"].clone())  # a copy: DALI's buffer is not held until bad_images is read
+            yield self._to_torch(out["images"]), out["labels"].view(-1)
+
+    def _feed_for(self, batches: list[tuple[int, ...]]) -> _Feed:
+        """The pipeline for this epoch: the last one when it has served the epoch before in full, else a new one
+        (its Python workers started anew)."""
+        feed = self._feed
+        follows = feed is not None and feed.delivered == feed.total and feed.epoch + 1 == self.epoch
+        if not follows or self.start_step != 0:
+            self._feed = None  # the old pipeline and its workers end as it is collected, before new ones start
+            self._feed = self._build_feed(batches)
+            return self._feed
+        try:  # the engine takes exactly the planned batches: DALI's end of the epoch is still to be taken
+            feed.it.next()
+        except StopIteration:
+            pass
+        else:
+            raise RuntimeError(f"DALI served more micro-batches than the plan of epoch {feed.epoch}")
+        self._guarded(feed.it.reset, batches, 0)  # the pipeline starts the next epoch here, ahead
+        feed.epoch, feed.total, feed.delivered, feed.uses = self.epoch, len(batches), 0, feed.uses + 1
+        return feed
+
+    def _build_feed(self, batches: list[tuple[int, ...]]) -> _Feed:
         from nvidia.dali.plugin.pytorch import DALIGenericIterator
 
-        batches = self.train_batches()
-        max_batch = max((len(b) for b in batches), default=1) + MIN_PER_MICRO_BATCH
-        source = TrainSource(self.images, batches, self.cfg, self.epoch)
-        train_pipe, _ = _pipelines(self.cfg, self.device_id, max_batch, self.num_threads)
-        pipe = train_pipe(source, seed=self.cfg.run.seed, prefetch_queue_depth=2)
+        if self._files is None:
+            self._files = FileList.of(self.images)
+        feeder = TrainFeeder(self._files, self.planner(), self.cfg, self.epoch, self.start_step)
+        max_batch = self.cfg.data.batch_size + MIN_PER_MICRO_BATCH  # any epoch's largest (see plan_epoch)
+        train_pipe, _ = _pipelines(self.cfg, self.device_id, max_batch, self.workers, self.py_workers)
+        pipe = train_pipe(feeder, seed=self.cfg.run.seed, prefetch_queue_depth=PIPELINE_PREFETCH)
+        if self.py_workers:
+            with helpers_shielded():  # Slurm's SIGTERM to every process leaves the workers to the trainer
+                pipe.start_py_workers()
         pipe.build()
-        it = DALIGenericIterator([pipe], ["images", "labels", "lighting"], auto_reset=False)
-        std = torch.tensor(self.cfg.data.std).view(1, 3, 1, 1)
-        self.bad_images = 0
-        while True:
-            try:
-                (out,) = next(it)
-            except StopIteration:
-                return
-            except RuntimeError as e:
-                raise source.error or self._name_bad_file(source.last_files, e) from None
-            self.bad_images = source.skipped  # complete once the epoch's last batch is out
-            x = self._to_torch(out["images"])
-            if self.cfg.data.pca_lighting > 0:
-                # lighting is added to [0, 1] pixels before normalisation, so shift by rgb / std here
-                rgb = (out["lighting"].cpu() * self.cfg.data.pca_lighting * PCA_EIGVAL) @ PCA_EIGVEC.T
-                x = x + (rgb.view(-1, 3, 1, 1) / std).to(x.device, x.dtype)
-            yield x, out["labels"].view(-1).long().to(self.device, non_blocking=True)
+        it = self._guarded(lambda: DALIGenericIterator([pipe], TRAIN_OUTPUTS, auto_reset=False), batches, 0)
+        return _Feed(pipe, it, feeder, self.epoch, len(batches))
 
-    def _name_bad_file(self, files: list[str], error: Exception) -> Exception:
-        """A file whose header reads but whose data DALI cannot decode; skip_bad_images cannot skip it
-        (the batch is already in DALI): `dist-bot data check` finds such files before a run."""
-        for path in files:  # DALI's error does not say which sample: decode the batch's files to find it
+    def _guarded(self, call, batches: list[tuple[int, ...]], delivered: int):
+        """``call()``; when DALI fails in it, the error names the bad file of the micro-batches it may have been
+        working on (the next undelivered one and those prefetched behind it), or is re-raised if none is bad.
+        DALI's errors name neither the file nor, prefetching, the batch; a worker's error even loses its type."""
+        try:
+            return call()
+        except StopIteration:
+            raise
+        except Exception:
+            bad = self._find_bad_file(batches[delivered : delivered + PIPELINE_PREFETCH + 2])
+            if bad is None:
+                raise
+            raise bad from None
+
+    def _find_bad_file(self, batches: list[tuple[int, ...]]) -> BadImageError | None:
+        """The first file of ``batches`` that the feeder rejects (header) or PIL cannot decode (data)."""
+        skip = self.cfg.data.skip_bad_images
+        for index in (i for b in batches for i in b):
+            try:
+                _, _, _, skipped = read_image(self._files, index, skip)
+            except BadImageError as e:
+                return e
+            path = self._files.path((index + skipped) % len(self._files))
             try:
                 load_rgb(path)
             except BadImageError as e:
-                return e
-        return RuntimeError(f"DALI failed on a batch of {len(files)} images ({files[:3]}...): {error}")
+                if not skip:
+                    return e
+                return BadImageError(  # its header reads, so it was not skipped: its data does not decode
+                    f"cannot read image {path}: its data does not decode, and data.skip_bad_images skips only files "
+                    "whose header is unreadable: remove or replace it (`dist-bot data check` finds all such files)"
+                )
+        return None
 
     def _iter_val(self):
         from nvidia.dali.plugin.pytorch import DALIGenericIterator, LastBatchPolicy
@@ -261,7 +284,7 @@ class DaliLoader(PlannedLoader):
         if self._val_pipe is None:
             files = [p for p, _ in self.images.samples]
             labels = [lbl for _, lbl in self.images.samples]
-            _, val_pipe = _pipelines(self.cfg, self.device_id, self._val_batch(), self.num_threads)
+            _, val_pipe = _pipelines(self.cfg, self.device_id, self._val_batch(), self.workers)
             pipe = val_pipe(files, labels, self.env.rank, self.env.world_size, seed=self.cfg.run.seed)
             pipe.build()
             self._val_pipe = DALIGenericIterator(
@@ -274,4 +297,4 @@ class DaliLoader(PlannedLoader):
         for (out,) in self._val_pipe:
             labels = out["labels"].view(-1)
             if labels.numel():  # a shard one image shorter ends on an empty (all-padding) batch
-                yield self._to_torch(out["images"]), labels.long().to(self.device, non_blocking=True)
+                yield self._to_torch(out["images"]), labels.long()

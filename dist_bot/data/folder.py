@@ -1,10 +1,17 @@
-"""An ImageNet-layout folder: ``<root>/{train,val}/<class>/<image>``; checked before anything is trained."""
+"""An ImageNet-layout folder: ``<root>/{train,val}/<class>/<image>``; checked before anything is trained.
+Reading one of its images: decoded to RGB, or only its size from the header; a file that cannot be read is
+named in a ``BadImageError``. (No torch here: DALI's Python workers import this module.)
+"""
 
 from __future__ import annotations
 
+import io
 import os
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
+
+from PIL import Image, UnidentifiedImageError
 
 from ..config import UserError
 
@@ -13,6 +20,42 @@ IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff", "
 
 class DataError(UserError, ValueError):
     """The data folder is missing, empty, or laid out wrongly; the message names the path and the fix."""
+
+
+class BadImageError(UserError, RuntimeError):
+    """An image file that cannot be decoded (named in the message)."""
+
+
+def load_rgb(path: str) -> Image.Image:
+    """Decode an image file to RGB (grayscale, CMYK and palette images are converted)."""
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            with Image.open(path) as im:
+                return im.convert("RGB")
+    except (
+        OSError,
+        UnidentifiedImageError,
+        ValueError,
+        Image.DecompressionBombWarning,
+        Image.DecompressionBombError,
+    ) as e:
+        raise BadImageError(
+            f"cannot read image {path}: {e}. Remove or replace the file, or set data.skip_bad_images=true "
+            "to skip unreadable images (they are counted and reported)"
+        ) from None
+
+
+def image_size_of(data: bytes, path: str) -> tuple[int, int]:
+    """(width, height) from the file header, without decoding; a non-image names the file."""
+    try:
+        with Image.open(io.BytesIO(data)) as im:
+            return im.size
+    except Exception as e:
+        why = "not an image file, or its header is damaged" if isinstance(e, UnidentifiedImageError) else e
+        raise BadImageError(
+            f"cannot read image {path}: {why}. Remove or replace the file, or set data.skip_bad_images=true"
+        ) from None
 
 
 @dataclass(frozen=True)

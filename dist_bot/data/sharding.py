@@ -17,6 +17,7 @@ accumulation mixes exactly as more processes would.
 
 from __future__ import annotations
 
+import functools
 import itertools
 import os
 from collections.abc import Iterator
@@ -120,6 +121,23 @@ def decode_workers(cfg, env) -> int:
     return cpus_per_process(env) if cfg.data.workers is None else cfg.data.workers
 
 
+def dataloader_workers(cfg, env) -> int:
+    """torch DataLoader processes: data.workers, or (None) this process's CPUs but one, which the training
+    thread needs itself (it receives, transfers and normalizes the batches); at least one."""
+    return max(1, cpus_per_process(env) - 1) if cfg.data.workers is None else cfg.data.workers
+
+
+MAX_DALI_PY_WORKERS = 8  # reading files and drawing crops is light next to decoding: a few keep ahead of it
+
+
+def dali_py_workers(cfg, env) -> int:
+    """DALI's Python workers: data.dali_py_workers, or (None) a quarter of this process's CPUs, 1 to 8; 0 runs
+    their work in the training thread."""
+    if cfg.data.dali_py_workers is not None:
+        return cfg.data.dali_py_workers
+    return min(MAX_DALI_PY_WORKERS, max(1, cpus_per_process(env) // 4))
+
+
 class PlannedLoader:
     """What every file-based loader shares: the split, this process's place, and the epoch's plan."""
 
@@ -127,9 +145,14 @@ class PlannedLoader:
         self.images, self.cfg, self.env, self.train = images, cfg, env, train
         self.device = env.device
         self.epoch, self.start_step = 0, 0
-        self.bad_images = 0  # unreadable images skipped so far this epoch, on this process
+        self._bad = 0  # see bad_images: a loader may keep it as a CPU tensor, read only when asked for
         self.steps: list[Step] = []
         self.set_epoch(0)
+
+    @property
+    def bad_images(self) -> int:
+        """Unreadable images skipped so far this epoch on this process (each replaced by the next readable one)."""
+        return int(self._bad)
 
     @property
     def num_classes(self) -> int:
@@ -144,10 +167,15 @@ class PlannedLoader:
         """Fix the epoch's order from (seed, epoch); iteration starts at optimizer step ``start_step``."""
         self.epoch, self.start_step = epoch, start_step
         if self.train:
-            d, o, env = self.cfg.data, self.cfg.optim, self.env
-            self.steps = plan_epoch(
-                len(self.images), d.batch_size, env.rank, env.world_size, o.grad_accum_steps, self.cfg.run.seed, epoch
-            )
+            self.steps = self.planner()(epoch=epoch)
+
+    def planner(self) -> functools.partial:
+        """``plan_epoch`` for this process, given the epoch: a small, picklable function of it (DALI's Python
+        workers plan each epoch themselves)."""
+        d, o, env = self.cfg.data, self.cfg.optim, self.env
+        return functools.partial(
+            plan_epoch, len(self.images), d.batch_size, env.rank, env.world_size, o.grad_accum_steps, self.cfg.run.seed
+        )
 
     def train_batches(self) -> list[tuple[int, ...]]:
         """This process's micro-batches from ``start_step`` to the end of the epoch."""

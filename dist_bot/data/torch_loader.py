@@ -10,44 +10,16 @@ import functools
 import logging
 import multiprocessing
 import multiprocessing.forkserver
-import multiprocessing.resource_tracker
-import warnings
 
-import numpy as np
 import torch
-from PIL import Image, UnidentifiedImageError
 
-from ..config import UserError
-from ..signals import preemption_signals_blocked
-from .folder import ImageList
-from .sharding import PlannedLoader, shard_eval
-from .transforms import normalize, pca_lighting
+from ..signals import helpers_shielded
+from .augment import sample_seed
+from .folder import BadImageError, ImageList, load_rgb
+from .sharding import PlannedLoader, dataloader_workers, shard_eval
+from .transforms import PCA_EIGVAL, PCA_EIGVEC, normalize, pca_lighting
 
 log = logging.getLogger(__name__)
-
-
-class BadImageError(UserError, RuntimeError):
-    """An image file that cannot be decoded (named in the message)."""
-
-
-def load_rgb(path: str) -> Image.Image:
-    """Decode an image file to RGB (grayscale, CMYK and palette images are converted)."""
-    try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("error", Image.DecompressionBombWarning)
-            with Image.open(path) as im:
-                return im.convert("RGB")
-    except (
-        OSError,
-        UnidentifiedImageError,
-        ValueError,
-        Image.DecompressionBombWarning,
-        Image.DecompressionBombError,
-    ) as e:
-        raise BadImageError(
-            f"cannot read image {path}: {e}. Remove or replace the file, or set data.skip_bad_images=true "
-            "to skip unreadable images (they are counted and reported)"
-        ) from None
 
 
 class ImageDataset(torch.utils.data.Dataset):
@@ -87,16 +59,9 @@ def worker_context() -> multiprocessing.context.BaseContext:
     ctx.set_forkserver_preload(["torch", "torchvision", "PIL.Image", __name__])  # workers start in ms
     # The forkserver, and so every worker forked from it, never sees Slurm's preemption signals: the step
     # and evaluation that finish a preempted run still get their batches (see dist_bot/signals.py).
-    # The resource tracker comes first: starting it, multiprocessing unblocks SIGTERM on its way out.
-    with preemption_signals_blocked():
-        multiprocessing.resource_tracker.ensure_running()
-        with preemption_signals_blocked():
-            multiprocessing.forkserver.ensure_running()
+    with helpers_shielded():
+        multiprocessing.forkserver.ensure_running()
     return ctx
-
-
-def sample_seed(seed: int, epoch: int, index: int) -> int:
-    return int(np.random.SeedSequence([seed, epoch, index]).generate_state(1)[0])
 
 
 class TorchLoader(PlannedLoader):
@@ -110,6 +75,12 @@ class TorchLoader(PlannedLoader):
         self.dataset = ImageDataset(images, transform, cfg.data.skip_bad_images)
         self.memory_format = torch.channels_last if cfg.model.channels_last else torch.contiguous_format
         self.dtype = torch.float16 if cfg.precision == "fp16" else torch.float32  # as DALI emits: half the bytes
+        self.workers = dataloader_workers(cfg, env)
+        # Constants on the device once: made per batch, each would be a copy from pageable memory that waits.
+        d, dev = cfg.data, env.device
+        self.pca = (PCA_EIGVAL.to(dev), PCA_EIGVEC.to(dev))
+        self.mean = torch.tensor(d.mean, device=dev).view(1, 3, 1, 1)
+        self.std = torch.tensor(d.std, device=dev).view(1, 3, 1, 1)
         super().__init__(images, cfg, env, train)
 
     def __len__(self) -> int:
@@ -136,20 +107,23 @@ class TorchLoader(PlannedLoader):
         loader = torch.utils.data.DataLoader(
             self.dataset,
             batch_sampler=batches,
-            num_workers=self.cfg.data.workers,
+            num_workers=self.workers,
             pin_memory=self.device.type == "cuda",
             persistent_workers=False,
             # Workers start from a clean forkserver, not by forking this process: a fork while gloo/NCCL or
             # OpenMP threads hold locks deadlocks the child now and then (seen here in evaluation).
-            multiprocessing_context=worker_context() if self.cfg.data.workers > 0 else None,
-            prefetch_factor=4 if self.cfg.data.workers > 0 else None,
+            multiprocessing_context=worker_context() if self.workers > 0 else None,
+            prefetch_factor=4 if self.workers > 0 else None,
         )
-        self.bad_images = 0
+        # Nothing below waits for the device: the batch is pinned (copies are asynchronous), the bad-image
+        # count stays a CPU tensor until bad_images is read, and the constants are already on the device.
+        self._bad = torch.zeros((), dtype=torch.int64)
+        lighting_std = self.cfg.data.pca_lighting
         for images, labels, ok, lighting in loader:
-            self.bad_images += int((ok == 0).sum())
+            self._bad += (ok == 0).sum()
             x = images.to(self.device, non_blocking=True).float().div_(255)
-            if self.train and self.cfg.data.pca_lighting > 0:
-                x = pca_lighting(x, lighting * self.cfg.data.pca_lighting)
-            x = normalize(x, self.cfg.data.mean, self.cfg.data.std).to(self.dtype)
+            if self.train and lighting_std > 0:
+                x = pca_lighting(x, lighting.to(self.device, non_blocking=True) * lighting_std, *self.pca)
+            x = normalize(x, self.mean, self.std).to(self.dtype)
             x = x.contiguous(memory_format=self.memory_format)
             yield x, labels.to(self.device, non_blocking=True)

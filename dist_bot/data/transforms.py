@@ -7,20 +7,19 @@ that trained the paper's released models jitters brightness, contrast and satura
 Evaluation: resize the shorter side to size / 0.875 (256 for 224), center crop.
 
 CPU workers produce uint8 CHW tensors; conversion to float, PCA lighting and normalisation happen on the
-training device in one batched op (4x less host-to-device traffic, as DALI and FFCV do).
+training device in one batched op (4x less host-to-device traffic, as DALI and FFCV do). The DALI loader draws
+this recipe's parameters per image with augment.py and applies them inside its pipeline.
 """
 
 from __future__ import annotations
 
-import math
-
-import numpy as np
 import torch
 from torchvision import transforms as T
 
-# AlexNet's PCA of ImageNet RGB pixels in [0, 1] (as in fb.resnet.torch and GluonCV).
-PCA_EIGVAL = torch.tensor([0.2175, 0.0188, 0.0045])
-PCA_EIGVEC = torch.tensor([[-0.5675, 0.7192, 0.4009], [-0.5808, -0.0045, -0.8140], [-0.5836, -0.6948, 0.4203]])
+from . import augment
+
+PCA_EIGVAL = torch.tensor(augment.PCA_EIGVAL, dtype=torch.float32)
+PCA_EIGVEC = torch.tensor(augment.PCA_EIGVEC, dtype=torch.float32)
 
 
 def train_transform(image_size: int, min_crop_area: float, hflip: bool, color_jitter: float) -> T.Compose:
@@ -31,29 +30,6 @@ def train_transform(image_size: int, min_crop_area: float, hflip: bool, color_ji
         ops.append(T.ColorJitter(brightness=color_jitter, contrast=color_jitter, saturation=color_jitter))
     ops.append(T.PILToTensor())
     return T.Compose(ops)
-
-
-def sample_resized_crop(
-    width: int, height: int, scale: tuple[float, float], ratio: tuple[float, float], rng: np.random.Generator
-) -> tuple[int, int, int, int]:
-    """(x, y, w, h) of a random crop covering ``scale`` of the area with aspect ratio in ``ratio`` (log-uniform):
-    torchvision's RandomResizedCrop algorithm, drawn from ``rng`` so a loader can seed it per image."""
-    area = width * height
-    log_ratio = (math.log(ratio[0]), math.log(ratio[1]))
-    for _ in range(10):
-        target = area * rng.uniform(*scale)
-        aspect = math.exp(rng.uniform(*log_ratio))
-        w, h = round(math.sqrt(target * aspect)), round(math.sqrt(target / aspect))
-        if 0 < w <= width and 0 < h <= height:
-            return int(rng.integers(0, width - w + 1)), int(rng.integers(0, height - h + 1)), w, h
-    in_ratio = width / height  # fallback: the largest center crop within the ratio range
-    if in_ratio < ratio[0]:
-        w, h = width, round(width / ratio[0])
-    elif in_ratio > ratio[1]:
-        w, h = round(height * ratio[1]), height
-    else:
-        w, h = width, height
-    return (width - w) // 2, (height - h) // 2, w, h
 
 
 class CenterCrop:
@@ -79,14 +55,19 @@ def eval_transform(image_size: int, resize_ratio: float) -> T.Compose:
     )
 
 
-def pca_lighting(images: torch.Tensor, alpha: torch.Tensor) -> torch.Tensor:
+def pca_lighting(
+    images: torch.Tensor, alpha: torch.Tensor, eigval: torch.Tensor = PCA_EIGVAL, eigvec: torch.Tensor = PCA_EIGVEC
+) -> torch.Tensor:
     """Add sum_k alpha_k lambda_k v_k to every pixel of each image (float images in [0, 1]); ``alpha`` is
-    (N, 3), drawn per image from N(0, std) (std 0.1 in the paper)."""
-    rgb = (alpha.float() * PCA_EIGVAL) @ PCA_EIGVEC.T  # (N, 3)
+    (N, 3), drawn per image from N(0, std) (std 0.1 in the paper). On a GPU pass ``alpha`` and the PCA
+    constants on the device (made once): a copy from pageable CPU memory would wait for the device."""
+    rgb = (alpha.float() * eigval) @ eigvec.T  # (N, 3)
     return images + rgb.to(images.device, images.dtype).view(-1, 3, 1, 1)
 
 
 def normalize(images: torch.Tensor, mean, std) -> torch.Tensor:
-    m = torch.tensor(mean, device=images.device, dtype=images.dtype).view(1, 3, 1, 1)
-    s = torch.tensor(std, device=images.device, dtype=images.dtype).view(1, 3, 1, 1)
+    """(images - mean) / std per channel; ``mean`` and ``std`` are sequences, or tensors already on the device
+    (made once: building them per batch would copy them to the device, and wait for it, every time)."""
+    m = torch.as_tensor(mean, device=images.device, dtype=images.dtype).view(1, 3, 1, 1)
+    s = torch.as_tensor(std, device=images.device, dtype=images.dtype).view(1, 3, 1, 1)
     return (images - m) / s

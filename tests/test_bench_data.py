@@ -1,0 +1,23 @@
+"""`dist-bot bench data`: loader variants side by side, with the training thread's time per batch."""
+
+import pytest
+import torch
+
+from dist_bot.config import load_config
+
+
+def test_bench_data_names_each_variant_and_times_the_training_thread(tiny_digits):
+    pytest.importorskip("nvidia.dali", reason="DALI is not installed (pip install -e '.[dali]')")
+    from dist_bot.bench import bench_data
+
+    cfg = load_config("configs/demo.yaml", [f"data.path={tiny_digits}", "data.batch_size=4"])
+    variants = ["dali@data.dali_py_workers=0@data.workers=2", "torch@data.workers=0"]
+    records = list(bench_data(cfg, variants, batches=2, repeats=1, warmup=1))
+    assert [r["variant"] for r in records] == variants
+    assert [r["loader"] for r in records] == ["dali", "torch"]
+    assert (records[0]["workers"], records[0]["py_workers"], records[1]["workers"]) == (2, 0, 0)
+    for r in records:
+        assert r["img_per_s"] > 0 and r["main_thread_ms"] > 0 and len(r["runs"]) == 1
+        assert r["device"] == ("cuda:0" if torch.cuda.is_available() else "cpu") and r["device_name"]
+        assert r["torch"] == torch.__version__ and r["dali"]
+    assert records[1]["ratio_to_torch@data.workers=0"] == 1.0
