@@ -171,3 +171,27 @@ def test_loader_workers_and_their_forkserver_outlive_preemption_signals():
     finally:
         worker.kill()
         worker.join()
+
+
+def test_one_dataloader_serves_consecutive_epochs_reading_ahead_across_their_end(tiny_digits, monkeypatch):
+    """The torch loader keeps its DataLoader (and its workers) from one epoch to the next, so the next epoch's
+    first batches are decoded while this one ends; a resume, an abandoned epoch or another order starts anew."""
+    import itertools
+
+    from dist_bot.data.torch_loader import TorchLoader
+
+    built, real = [], TorchLoader._dataloader
+    monkeypatch.setattr(TorchLoader, "_dataloader", lambda self, b: built.append(self.epoch) or real(self, b))
+    train, _ = loaders("torch", tiny_digits)
+    seen = {}
+    for epoch, start, take in ((0, 0, None), (1, 0, None), (2, 0, 3), (3, 0, None), (3, 4, None)):
+        train.set_epoch(epoch, start)
+        planned = len(train.train_batches())
+        got = [y.tolist() for _, y in itertools.islice(iter(train), planned if take is None else take)]
+        assert len(got) == (planned if take is None else take)
+        seen[(epoch, start)] = got
+    assert built == [0, 3, 3]  # epochs 0-2 from one DataLoader; after the abandoned epoch 2 and for the resume
+    assert seen[(3, 4)] == seen[(3, 0)][4:]
+    fresh, _ = loaders("torch", tiny_digits)  # the same batches as a loader that starts at each epoch
+    fresh.set_epoch(1)
+    assert [y.tolist() for _, y in fresh] == seen[(1, 0)]

@@ -1,11 +1,12 @@
 """Exact sharding: every sample once per epoch over all processes, same step count everywhere."""
 
 import collections
+import itertools
 
 import numpy as np
 import pytest
 
-from dist_bot.data.sharding import MIN_PER_MICRO_BATCH, plan_epoch, shard_eval
+from dist_bot.data.sharding import MIN_PER_MICRO_BATCH, EpochStream, plan_epoch, shard_eval
 
 
 @pytest.mark.parametrize(
@@ -77,3 +78,16 @@ def test_accumulation_sees_the_batches_more_processes_would():
     for s, step in enumerate(one_proc):
         assert step.micro_batches == tuple(p[s].micro_batches[0] for p in two_procs)
         assert step.step_size == two_procs[0][s].step_size
+
+
+def test_an_epoch_stream_runs_on_from_a_resumed_epoch_through_the_following_epochs():
+    import functools
+    import pickle
+
+    planner = functools.partial(plan_epoch, 103, 8, 1, 2, 2, 0)  # 103 samples, rank 1 of 2, 2 micro-batches
+    micro = {e: [mb for s in planner(epoch=e) for mb in s.micro_batches] for e in (3, 4, 5)}
+    stream = EpochStream(planner, first_epoch=3, first_step=2)
+    expected = [(3, mb) for mb in micro[3][4:]] + [(e, mb) for e in (4, 5) for mb in micro[e]]
+    assert [stream[i] for i in range(len(expected))] == expected
+    assert list(itertools.islice(iter(pickle.loads(pickle.dumps(stream))), len(expected))) == expected
+    assert stream[len(expected) + 1] == (6, planner(epoch=6)[0].micro_batches[1])

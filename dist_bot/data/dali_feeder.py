@@ -1,7 +1,7 @@
 """What the DALI training pipeline is fed: each micro-batch's file bytes, labels and augmentation parameters.
 
-``TrainFeeder`` is a pure function of DALI's (epoch_idx, iteration) -> that micro-batch of the exact plan
-(sharding.py): it looks the micro-batch up, reads its files, parses their headers and draws every image's crop,
+``TrainFeeder`` is a pure function of DALI's iteration -> that micro-batch of the exact plan (sharding.py,
+epoch after epoch): it looks the micro-batch up, reads its files, parses their headers and draws every image's crop,
 flip, colour jitter and lighting from the image's own seed (augment.py). DALI runs it ahead of the training
 thread in its parallel external source workers (``data.dali_py_workers`` processes), or in the training thread
 itself when that is 0. The result is the same either way, and whatever the number of workers.
@@ -21,6 +21,7 @@ import numpy as np
 
 from .augment import lighting_rgb, sample_resized_crop, sample_seed
 from .folder import BadImageError, ImageList, image_size_of
+from .sharding import EpochStream
 
 # name -> DALI type of each per-sample field the feeder computes, in the order of its outputs
 FIELDS = {
@@ -114,10 +115,10 @@ def die_with_parent(parent_pid: int) -> None:
 
 
 class TrainFeeder:
-    """DALI's external source for training: ``BatchInfo(iteration, epoch_idx)`` -> the fields of that micro-batch
-    (``fields``, each a batch: a list of arrays for the bytes, one (n, ...) array for the rest), then
-    StopIteration at the epoch's end. DALI's epoch_idx k is epoch ``first_epoch + k``, which starts at step
-    ``first_step`` when k = 0 (a resumed epoch) and at step 0 after that.
+    """DALI's external source for training: ``BatchInfo(iteration, epoch_idx)`` -> the fields of micro-batch
+    ``iteration`` of an EpochStream (sharding.py): the epoch ``first_epoch`` from ``first_step``, then every
+    following epoch, without end, so DALI reads ahead across an epoch's end (the loader takes each epoch's
+    micro-batches from it, one epoch after another).
 
     Batch mode, because per-sample mode (``batch=False``) cannot feed the plan: the pipeline's batch size is fixed
     there, and the plan's micro-batches vary in size (an epoch's last step is shorter, or folded into the one
@@ -125,31 +126,16 @@ class TrainFeeder:
 
     def __init__(self, files: FileList, planner, cfg, first_epoch: int, first_step: int):
         d = cfg.data
-        self.files, self.planner = files, planner  # planner(epoch=e) -> the steps of epoch e (sharding.py)
-        self.first_epoch, self.first_step = first_epoch, first_step
+        self.files = files
+        self.stream = EpochStream(planner, first_epoch, first_step)  # planner(epoch=e) -> epoch e's steps
         self.seed, self.skip_bad = cfg.run.seed, d.skip_bad_images
         self.min_crop_area, self.hflip, self.color_jitter = d.min_crop_area, d.hflip, d.color_jitter
         self.pca_lighting, self.mean = d.pca_lighting, np.asarray(d.mean, dtype=np.float64)
         self.fields = feeder_fields(d)
         self.parent_pid = os.getpid()
-        self._plan: tuple[int, list[tuple[int, ...]]] = (-1, [])  # one epoch's micro-batches, cached
-
-    def epoch_of(self, epoch_idx: int) -> tuple[int, int]:
-        """(epoch, first step) served as DALI's epoch ``epoch_idx``."""
-        return self.first_epoch + epoch_idx, self.first_step if epoch_idx == 0 else 0
-
-    def micro_batches(self, epoch_idx: int) -> list[tuple[int, ...]]:
-        if self._plan[0] != epoch_idx:
-            epoch, first_step = self.epoch_of(epoch_idx)
-            steps = self.planner(epoch=epoch)[first_step:]
-            self._plan = (epoch_idx, [mb for step in steps for mb in step.micro_batches])
-        return self._plan[1]
 
     def __call__(self, info) -> list:
-        batches = self.micro_batches(info.epoch_idx)
-        if info.iteration >= len(batches):
-            raise StopIteration  # also for the iterations DALI asks for ahead, past the end
-        return self.batch(self.epoch_of(info.epoch_idx)[0], batches[info.iteration])
+        return self.batch(*self.stream[info.iteration])
 
     def batch(self, epoch: int, indices: tuple[int, ...]) -> list:
         n, j = len(indices), self.color_jitter
@@ -173,9 +159,6 @@ class TrainFeeder:
         out = {"jpeg": jpegs, "label": labels, "anchor": anchor, "shape": shape, "flip": flip, "twist": twist}
         out |= {"mean": mean, "ok": ok}
         return [out[f] for f in self.fields]
-
-    def __getstate__(self) -> dict:
-        return self.__dict__ | {"_plan": (-1, [])}  # a worker plans for itself
 
     def __setstate__(self, state: dict) -> None:
         self.__dict__.update(state)

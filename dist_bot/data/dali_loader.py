@@ -7,7 +7,8 @@ seed, in DALI's parallel external source workers (``data.dali_py_workers`` Pytho
 training thread; DALI decodes only the crop (``decoders.image_slice``, the fused decode + crop), resizes it,
 jitters, flips, adds the lighting and normalizes. So a batch is a pure function of (seed, epoch, step): mid-epoch
 resume is exact, and every process runs the same number of steps. One pipeline, with its workers, serves
-consecutive epochs; any other ``set_epoch`` (a resumed epoch, an abandoned one, another order) builds a new one.
+consecutive epochs, reading ahead across their ends; any other ``set_epoch`` (a resumed epoch, an abandoned one,
+another order) builds a new one.
 (DALI's own ``readers.file`` sharding was measured unfit for training here: with ``pad_last_batch`` and a
 partial last batch, one shard of 97 images in batches of 8 yields an EMPTY last batch every other epoch, and
 shards swap halves between epochs.)
@@ -120,15 +121,12 @@ def _pipelines(cfg, device_id, max_batch: int, num_threads: int, py_workers: int
 
 @dataclass
 class _Feed:
-    """A built training pipeline and the epoch it serves."""
+    """A built training pipeline, fed by one TrainFeeder's endless stream of micro-batches."""
 
     pipe: Any
     it: Any  # DALIGenericIterator over pipe
     feeder: TrainFeeder
-    epoch: int
-    total: int  # this epoch's micro-batches
-    delivered: int = 0
-    uses: int = 0  # one per epoch served: an iterator of an earlier epoch must not take this one's batches
+    served: int = 0  # micro-batches taken from it so far
 
 
 class DaliLoader(PlannedLoader):
@@ -192,43 +190,34 @@ class DaliLoader(PlannedLoader):
         return images
 
     def __iter__(self):
-        return self._iter_train() if self.train else self._iter_val()
-
-    def _iter_train(self):
+        """This epoch's batches. Training takes them from one pipeline fed by an endless stream of epochs, kept from
+        one epoch to the next (DALI reads and decodes ahead across an epoch's end, its workers keep running); a
+        new pipeline is built only for a resume, an abandoned epoch or an epoch out of order. Set up here, at
+        iter(), not at the first next() (which the engine calls inside a training step)."""
+        if not self.train:
+            return self._iter_val()
         batches = self.train_batches()
         self._bad, self._epoch_batches, self._flags, self._flagged = 0, batches, [], 0
-        if not batches:
-            return
-        feed = self._feed_for(batches)
-        uses = feed.uses
-        while feed.delivered < feed.total:
-            if self._feed is not feed or feed.uses != uses:
+        if not self.stream_continues() or self._feed is None:
+            self._feed = None  # the old pipeline and its workers end as it is collected, before new ones start
+            self._feed = self._build_feed()
+        self._token = token = object()
+        return self._deliver(self._feed, len(batches), token)
+
+    def _deliver(self, feed: _Feed, count: int, token: object):
+        if count == 0:
+            self.stream_served()
+        for k in range(count):
+            if self._token is not token:
                 raise RuntimeError("a DaliLoader iterator was resumed after a later iter(): use one at a time")
-            (out,) = self._guarded(feed.it.__next__, batches, feed.delivered)
-            feed.delivered += 1
+            (out,) = self._guarded(feed.it.__next__, feed.feeder.stream, feed.served)
+            feed.served += 1
             self._flags.append(out["ok"].clone())  # a copy: DALI's buffer is not held until bad_images is read
+            if k == count - 1:  # the engine takes exactly the plan's batches: it never asks past the last
+                self.stream_served()
             yield self._to_torch(out["images"]), out["labels"].view(-1)
 
-    def _feed_for(self, batches: list[tuple[int, ...]]) -> _Feed:
-        """The pipeline for this epoch: the last one when it has served the epoch before in full, else a new one
-        (its Python workers started anew)."""
-        feed = self._feed
-        follows = feed is not None and feed.delivered == feed.total and feed.epoch + 1 == self.epoch
-        if not follows or self.start_step != 0:
-            self._feed = None  # the old pipeline and its workers end as it is collected, before new ones start
-            self._feed = self._build_feed(batches)
-            return self._feed
-        try:  # the engine takes exactly the planned batches: DALI's end of the epoch is still to be taken
-            feed.it.next()
-        except StopIteration:
-            pass
-        else:
-            raise RuntimeError(f"DALI served more micro-batches than the plan of epoch {feed.epoch}")
-        self._guarded(feed.it.reset, batches, 0)  # the pipeline starts the next epoch here, ahead
-        feed.epoch, feed.total, feed.delivered, feed.uses = self.epoch, len(batches), 0, feed.uses + 1
-        return feed
-
-    def _build_feed(self, batches: list[tuple[int, ...]]) -> _Feed:
+    def _build_feed(self) -> _Feed:
         from nvidia.dali.plugin.pytorch import DALIGenericIterator
 
         if self._files is None:
@@ -241,19 +230,21 @@ class DaliLoader(PlannedLoader):
             with helpers_shielded():  # Slurm's SIGTERM to every process leaves the workers to the trainer
                 pipe.start_py_workers()
         pipe.build()
-        it = self._guarded(lambda: DALIGenericIterator([pipe], TRAIN_OUTPUTS, auto_reset=False), batches, 0)
-        return _Feed(pipe, it, feeder, self.epoch, len(batches))
+        # no reader and a source without end: the iterator serves as many batches as asked for
+        it = self._guarded(lambda: DALIGenericIterator([pipe], TRAIN_OUTPUTS, auto_reset=False), feeder.stream, 0)
+        return _Feed(pipe, it, feeder)
 
-    def _guarded(self, call, batches: list[tuple[int, ...]], delivered: int):
+    def _guarded(self, call, stream, served: int):
         """``call()``; when DALI fails in it, the error names the bad file of the micro-batches it may have been
-        working on (the next undelivered one and those prefetched behind it), or is re-raised if none is bad.
-        DALI's errors name neither the file nor, prefetching, the batch; a worker's error even loses its type."""
+        working on (the stream's next undelivered one and those prefetched behind it, maybe of the next epoch),
+        or is re-raised if none is bad. DALI's errors name neither the file nor, prefetching, the batch; a
+        worker's error even loses its type."""
         try:
             return call()
         except StopIteration:
             raise
         except Exception:
-            bad = self._find_bad_file(batches[delivered : delivered + PIPELINE_PREFETCH + 2])
+            bad = self._find_bad_file([stream[served + k][1] for k in range(PIPELINE_PREFETCH + 3)])
             if bad is None:
                 raise
             raise bad from None

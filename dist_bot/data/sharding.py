@@ -138,6 +138,43 @@ def dali_py_workers(cfg, env) -> int:
     return min(MAX_DALI_PY_WORKERS, max(1, cpus_per_process(env) // 4))
 
 
+class EpochStream:
+    """This process's micro-batches of epoch ``first_epoch`` from step ``first_step`` on, then of every following
+    epoch from its start, without end: ``stream[i]`` is (epoch, sample indices) of the i-th. A loader reads it
+    ahead across an epoch's end, so the next epoch's first batches are decoded while this one's last train, with
+    no stop-and-restart of the loader between epochs. Picklable (DALI's workers index it themselves)."""
+
+    def __init__(self, planner, first_epoch: int, first_step: int):
+        self.planner, self.first_epoch, self.first_step = planner, first_epoch, first_step
+        self._cache: dict[int, list[tuple[int, ...]]] = {}
+
+    def epoch(self, epoch: int) -> list[tuple[int, ...]]:
+        """The micro-batches the stream serves of ``epoch`` (from ``first_step`` for the first)."""
+        if epoch not in self._cache:
+            start = self.first_step if epoch == self.first_epoch else 0
+            self._cache = {e: v for e, v in self._cache.items() if e == epoch - 1}  # two epochs at most
+            self._cache[epoch] = [mb for step in self.planner(epoch=epoch)[start:] for mb in step.micro_batches]
+        return self._cache[epoch]
+
+    def __getitem__(self, i: int) -> tuple[int, tuple[int, ...]]:
+        first = self.epoch(self.first_epoch)
+        if i < len(first):
+            return self.first_epoch, first[i]
+        i -= len(first)
+        whole = len(self.epoch(self.first_epoch + 1))  # every epoch's plan has as many micro-batches
+        epoch = self.first_epoch + 1 + i // whole
+        return epoch, self.epoch(epoch)[i % whole]
+
+    def __iter__(self) -> Iterator[tuple[int, tuple[int, ...]]]:
+        i = 0
+        while True:
+            yield self[i]
+            i += 1
+
+    def __getstate__(self) -> dict:
+        return self.__dict__ | {"_cache": {}}  # a worker plans for itself
+
+
 class PlannedLoader:
     """What every file-based loader shares: the split, this process's place, and the epoch's plan."""
 
@@ -147,6 +184,7 @@ class PlannedLoader:
         self.epoch, self.start_step = 0, 0
         self._bad = 0  # see bad_images: a loader may keep it as a CPU tensor, read only when asked for
         self.steps: list[Step] = []
+        self._follows: tuple[int, int] | None = None  # (epoch, step) the loader's stream serves next, if at hand
         self.set_epoch(0)
 
     @property
@@ -180,6 +218,17 @@ class PlannedLoader:
     def train_batches(self) -> list[tuple[int, ...]]:
         """This process's micro-batches from ``start_step`` to the end of the epoch."""
         return [mb for step in self.steps[self.start_step :] for mb in step.micro_batches]
+
+    def stream_continues(self) -> bool:
+        """Whether the stream at hand serves (epoch, start_step) next: it served the epoch before in full and this
+        epoch starts at its first step. Else the loader starts a new stream (a resume, an abandoned epoch, or an
+        epoch out of order). Either way, until this epoch is served in full it serves no other."""
+        follows, self._follows = self._follows == (self.epoch, self.start_step), None
+        return follows
+
+    def stream_served(self) -> None:
+        """The epoch was served in full: its stream serves the next epoch from its first step next."""
+        self._follows = (self.epoch + 1, 0)
 
 
 def shard_eval(num_samples: int, batch_size: int, rank: int, world_size: int) -> list[tuple[int, ...]]:

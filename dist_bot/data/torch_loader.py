@@ -7,6 +7,7 @@ whatever the number of workers, and a resumed run sees exactly the images it wou
 from __future__ import annotations
 
 import functools
+import itertools
 import logging
 import multiprocessing
 import multiprocessing.forkserver
@@ -16,7 +17,7 @@ import torch
 from ..signals import helpers_shielded
 from .augment import sample_seed
 from .folder import BadImageError, ImageList, load_rgb
-from .sharding import PlannedLoader, dataloader_workers, shard_eval
+from .sharding import EpochStream, PlannedLoader, dataloader_workers, shard_eval
 from .transforms import PCA_EIGVAL, PCA_EIGVEC, normalize, pca_lighting
 
 log = logging.getLogger(__name__)
@@ -81,6 +82,7 @@ class TorchLoader(PlannedLoader):
         self.pca = (PCA_EIGVAL.to(dev), PCA_EIGVEC.to(dev))
         self.mean = torch.tensor(d.mean, device=dev).view(1, 3, 1, 1)
         self.std = torch.tensor(d.std, device=dev).view(1, 3, 1, 1)
+        self._stream = None  # training: the DataLoader iterator over an EpochStream, kept across epochs
         super().__init__(images, cfg, env, train)
 
     def __len__(self) -> int:
@@ -101,25 +103,50 @@ class TorchLoader(PlannedLoader):
     def _batches(self) -> list[tuple[int, ...]]:
         return self.train_batches() if self.train else self._eval_batches()
 
-    def __iter__(self):
-        seed, epoch = self.cfg.run.seed, self.epoch
-        batches = [[(i, sample_seed(seed, epoch, i)) for i in b] for b in self._batches()]
-        loader = torch.utils.data.DataLoader(
+    def _dataloader(self, batches) -> torch.utils.data.DataLoader:
+        return torch.utils.data.DataLoader(
             self.dataset,
             batch_sampler=batches,
             num_workers=self.workers,
             pin_memory=self.device.type == "cuda",
-            persistent_workers=False,
             # Workers start from a clean forkserver, not by forking this process: a fork while gloo/NCCL or
             # OpenMP threads hold locks deadlocks the child now and then (seen here in evaluation).
             multiprocessing_context=worker_context() if self.workers > 0 else None,
             prefetch_factor=4 if self.workers > 0 else None,
         )
-        # Nothing below waits for the device: the batch is pinned (copies are asynchronous), the bad-image
-        # count stays a CPU tensor until bad_images is read, and the constants are already on the device.
+
+    def __iter__(self):
+        """This epoch's batches. Training reads them from one DataLoader over an endless stream of epochs, kept
+        from one epoch to the next, so its workers decode the next epoch's first batches while this one's last
+        train; a new one starts only for a resume, an abandoned epoch or an epoch out of order. Set up here, at
+        iter(), not at the first next() (which the engine calls inside a training step)."""
+        if not self.train:
+            return self._deliver(iter(self._dataloader(self._keyed(self._eval_batches()))), None)
+        if not self.stream_continues():
+            self._stream = None  # the old DataLoader's workers end before new ones start
+            stream = EpochStream(self.planner(), self.epoch, self.start_step)
+            self._stream = iter(self._dataloader(KeyedBatches(stream, self.cfg.run.seed)))
+        return self._deliver(self._stream, len(self.train_batches()))
+
+    def _keyed(self, batches: list[tuple[int, ...]]) -> list[list[tuple[int, int]]]:
+        seed, epoch = self.cfg.run.seed, self.epoch
+        return [[(i, sample_seed(seed, epoch, i)) for i in b] for b in batches]
+
+    def _deliver(self, batches, count: int | None):
+        """``count`` batches of ``batches`` (all, for None), on the device. Nothing here waits for the device: the
+        batch is pinned (copies are asynchronous), the bad-image count stays a CPU tensor until bad_images is
+        read, and the constants are already on the device."""
         self._bad = torch.zeros((), dtype=torch.int64)
         lighting_std = self.cfg.data.pca_lighting
-        for images, labels, ok, lighting in loader:
+        if count == 0:
+            self.stream_served()
+        for k in itertools.count() if count is None else range(count):
+            batch = next(batches, None)
+            if batch is None:
+                return
+            if count is not None and k == count - 1:  # the engine never asks past the last batch
+                self.stream_served()
+            images, labels, ok, lighting = batch
             self._bad += (ok == 0).sum()
             x = images.to(self.device, non_blocking=True).float().div_(255)
             if self.train and lighting_std > 0:
@@ -127,3 +154,14 @@ class TorchLoader(PlannedLoader):
             x = normalize(x, self.mean, self.std).to(self.dtype)
             x = x.contiguous(memory_format=self.memory_format)
             yield x, labels.to(self.device, non_blocking=True)
+
+
+class KeyedBatches:
+    """A DataLoader's batch sampler over an EpochStream: each sample's key is (index, its augmentation seed)."""
+
+    def __init__(self, stream: EpochStream, seed: int):
+        self.stream, self.seed = stream, seed
+
+    def __iter__(self):
+        for epoch, indices in self.stream:
+            yield [(i, sample_seed(self.seed, epoch, i)) for i in indices]
