@@ -94,3 +94,18 @@ def test_bench_data_prints_one_json_line_per_loader(tmp_path):
     assert [x["loader"] for x in lines] == ["dali", "torch"]
     assert all(x["img_per_s"] > 0 and len(x["runs"]) == 2 for x in lines)
     assert lines[1]["ratio_to_torch"] == 1.0 and lines[0]["ratio_to_torch"] > 0
+
+
+def test_data_fake_writes_jpegs_of_the_asked_size_in_class_folders_and_refuses_a_full_folder(tmp_path):
+    from PIL import Image
+
+    out = tmp_path / "fake"
+    res = run("data", "fake", str(out), "--images", "30", "--size", "50x40")
+    assert res.returncode == 0, res.stderr
+    report = json.loads(res.stdout)
+    assert (report["train"], report["val"]) == (20, 10) and report["mean_kb"] > 1  # 10 classes: 1 of 3 in val
+    files = sorted(out.glob("*/*/*.jpg"))
+    assert len(files) == 30 and len({f.parent.name for f in files}) == 10
+    assert all(Image.open(f).size == (50, 40) for f in files)
+    again = run("data", "fake", str(out))
+    assert again.returncode == 2 and "is not empty" in again.stderr
