@@ -8,9 +8,15 @@ A checkpoint is a folder ``checkpoints/step_<global step>/`` holding
     ...         the strategy's training state (DDP: train_state.pt; FSDP: dcp/, torch.distributed.checkpoint
                 shards that load at any world size)
 
-Every process writes its part into ``.tmp_step_<N>/``; when all are done, rank 0 renames it into place, so
-a crash mid-write never leaves a half checkpoint under a real name. Loading uses
-``torch.load(weights_only=True)``: a checkpoint cannot execute code.
+Every process writes its part into ``.tmp_step_<N>/``; when all are done, rank 0 fsyncs the files, renames the
+folder into place and fsyncs its parent, so a crash mid-write never leaves a half checkpoint under a real name. A
+write that fails on any process (a full disk) is an error on every process, agreed by one collective, and the
+previous checkpoint stays the newest. Temporary folders left by a crash are removed when a run starts.
+
+Resuming, rank 0 chooses the checkpoint and every process reads its part of it completely (each file's CRC
+checked) before any of it is applied; a checkpoint that some process cannot read is reported and the previous
+one tried, all processes together (``agree_on_checkpoint``). Loading uses ``torch.load(weights_only=True)``: a
+checkpoint cannot execute code.
 """
 
 from __future__ import annotations
@@ -20,8 +26,10 @@ import os
 import random
 import re
 import shutil
+import zipfile
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -38,13 +46,50 @@ class CheckpointError(UserError, RuntimeError):
     """A checkpoint that cannot be read or is not dist_bot's."""
 
 
-def _barrier() -> None:
-    if dist.is_initialized():
-        dist.barrier()
+class CheckpointWriteError(UserError, RuntimeError):
+    """Writing a checkpoint failed on some process; the previous checkpoint is kept."""
 
 
 def _is_main() -> bool:
     return not dist.is_initialized() or dist.get_rank() == 0
+
+
+def _gather(item: Any) -> list[Any]:
+    """``item`` of every process, in rank order (a collective; just ``[item]`` without a process group)."""
+    if not dist.is_initialized():
+        return [item]
+    out: list[Any] = [None] * dist.get_world_size()
+    dist.all_gather_object(out, item)
+    return out
+
+
+def _broadcast(item: Any) -> Any:
+    """Rank 0's ``item`` on every process."""
+    if not dist.is_initialized():
+        return item
+    box = [item]
+    dist.broadcast_object_list(box, src=0)
+    return box[0]
+
+
+def _failure(e: BaseException) -> str:
+    return f"{type(e).__name__}: {e}"
+
+
+def fsync_path(path: Path) -> None:
+    """Flush a file or a folder (its entries: files created, renamed) to disk."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def fsync_tree(root: Path) -> None:
+    for folder, _, files in os.walk(root):
+        for name in files:
+            fsync_path(Path(folder) / name)
+        fsync_path(Path(folder))
 
 
 def rng_state() -> dict:
@@ -75,29 +120,69 @@ def list_checkpoints(folder: Path) -> list[Path]:
     return [p for _, p in sorted(found)]
 
 
+def remove_stale_temporaries(folder: Path) -> list[Path]:
+    """Delete the ``.tmp_*`` folders an interrupted save left behind (call before any process saves)."""
+    stale = sorted(folder.glob(".tmp_*")) if folder.is_dir() else []
+    for path in stale:
+        shutil.rmtree(path, ignore_errors=True)
+    return stale
+
+
 def save_checkpoint(folder: Path, step: int, keep_last: int, write: Callable[[Path], None]) -> Path:
     """Collective: every process calls ``write(tmp_dir)`` to add its files, then rank 0 renames the folder
-    into place as ``folder/step_<step>`` and deletes all but the newest ``keep_last`` checkpoints."""
+    into place as ``folder/step_<step>`` and deletes all but the newest ``keep_last`` checkpoints.
+
+    A failure on any process (the folder, a file, the rename) raises CheckpointWriteError on every process, with
+    the failing ranks and their errors; nothing under a real name changes then. ``write`` should do its
+    collectives before its local writes, so that a failing process does not leave the others inside one."""
     final = folder / f"step_{step:09d}"
     tmp = folder / f".tmp_step_{step:09d}"
-    if _is_main():
-        shutil.rmtree(tmp, ignore_errors=True)  # left by a crash during an earlier attempt
-        tmp.mkdir(parents=True)
-    _barrier()
-    try:
-        write(tmp)
-    except BaseException:
+
+    def agree(what: str, error: str | None) -> None:
+        errors = _gather(error)
+        failed = [(r, e) for r, e in enumerate(errors) if e is not None]
+        if not failed:
+            return
         if _is_main():
             shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    _barrier()
+        kept = list_checkpoints(folder)
+        raise CheckpointWriteError(
+            f"{what} checkpoint {final} failed on "
+            + "; ".join(f"rank {r} ({e})" for r, e in failed)
+            + f". Nothing was replaced: the newest checkpoint is {kept[-1] if kept else 'none (no checkpoint yet)'}."
+            " Free space or fix the folder, then start the run again (it resumes from there)"
+        )
+
+    error = None
     if _is_main():
-        if final.exists():  # the same step saved before (a resumed run stopping again at once)
-            shutil.rmtree(final)
-        tmp.rename(final)  # atomic: the folder appears whole or not at all
-        for old in list_checkpoints(folder)[:-keep_last]:
+        try:
+            shutil.rmtree(tmp, ignore_errors=True)  # left by a crash during an earlier attempt
+            tmp.mkdir(parents=True)
+        except OSError as e:
+            error = _failure(e)
+    agree("creating the folder of", error)
+    error = None
+    try:
+        write(tmp)
+    except Exception as e:  # agreed below, so every process raises, not only this one
+        error = _failure(e)
+    agree("writing", error)
+    error, old = None, folder / f".tmp_old_step_{step:09d}"
+    if _is_main():
+        try:
+            fsync_tree(tmp)  # every file on disk before the folder gets its real name
+            if final.exists():  # the same step saved before (a resumed run stopping again at once)
+                final.rename(old)
+            tmp.rename(final)  # atomic: the folder appears whole or not at all
+            fsync_path(folder)  # ... and the rename itself is on disk
             shutil.rmtree(old, ignore_errors=True)
-    _barrier()
+            for stale in list_checkpoints(folder)[:-keep_last]:
+                shutil.rmtree(stale, ignore_errors=True)
+        except OSError as e:
+            error = _failure(e)
+            if old.exists() and not final.exists():
+                old.rename(final)  # put the earlier save of this step back
+    agree("renaming into place", error)
     return final
 
 
@@ -109,11 +194,24 @@ def write_file(obj, path: Path) -> None:
         os.fsync(f.fileno())
 
 
+def verify_file(path: Path) -> None:
+    """Check a file torch.save wrote without unpickling it: every entry read back against its CRC (torch.load
+    itself does not notice flipped bits in tensor data). Raises CheckpointError."""
+    try:
+        with zipfile.ZipFile(path) as z:
+            bad = z.testzip()
+    except Exception as e:  # missing, truncated (no central directory), not a zip
+        raise CheckpointError(f"checkpoint file {path} is unreadable ({_failure(e)})") from None
+    if bad is not None:
+        raise CheckpointError(f"checkpoint file {path} is damaged (entry {bad} fails its CRC check)")
+
+
 def read_file(path: Path, map_location="cpu"):
+    verify_file(path)
     try:
         return torch.load(path, map_location=map_location, weights_only=True)
-    except Exception as e:  # truncated zip, bad pickle, missing file: all mean "unusable"
-        raise CheckpointError(f"checkpoint file {path} is unreadable ({type(e).__name__}: {e})") from None
+    except Exception as e:  # bad pickle, foreign objects: all mean "unusable"
+        raise CheckpointError(f"checkpoint file {path} is unreadable ({_failure(e)})") from None
 
 
 def read_meta(path: Path) -> dict:
@@ -136,6 +234,41 @@ def load_checkpoint(path: Path, map_location="cpu") -> dict:
     return read_meta(path) | {"model": read_model(path, map_location)}
 
 
+def agree_on_checkpoint(folder: Path, read: Callable[[Path], Any]) -> tuple[Path, Any] | None:
+    """Collective: the newest checkpoint in ``folder`` that EVERY process can ``read`` (rank 0 lists them; each
+    process reads its part completely and nothing is applied here), with this process's result; None when there
+    is no checkpoint. One that some process cannot read is reported and the previous one tried. If checkpoints
+    exist but none is readable everywhere, or ``read`` raises any other UserError on some process, every process
+    raises the same error: a run never silently starts again from scratch beside damaged checkpoints."""
+    candidates = _broadcast([p.name for p in reversed(list_checkpoints(folder))] if _is_main() else None)
+    damaged = []
+    for name in candidates:
+        path = folder / name
+        try:
+            result, error = read(path), None
+        except CheckpointError as e:
+            result, error = None, ("damaged", str(e))
+        except UserError as e:
+            result, error = None, ("fatal", str(e))
+        errors = [(r, e) for r, e in enumerate(_gather(error)) if e is not None]
+        if not errors:
+            return path, result
+        del result
+        fatal = [msg for _, (kind, msg) in errors if kind == "fatal"]
+        if fatal:
+            raise CheckpointError(fatal[0])
+        report = "; ".join(f"rank {r}: {msg}" for r, (_, msg) in errors)
+        damaged.append(report)
+        if _is_main():
+            log.warning("checkpoint %s cannot be used (%s); trying the previous checkpoint", path, report)
+    if damaged:
+        raise CheckpointError(
+            f"no checkpoint in {folder} is readable by every process: {' | '.join(damaged)}. Restore the damaged "
+            f"files, or move {folder} aside to start the run again from scratch"
+        )
+    return None
+
+
 def load_latest_good(folder: Path, load: Callable[[Path], dict]) -> tuple[Path, dict] | None:
     """``load`` the newest checkpoint that loads; unreadable ones are reported and skipped, never used."""
     for path in reversed(list_checkpoints(folder)):
@@ -144,3 +277,25 @@ def load_latest_good(folder: Path, load: Callable[[Path], dict]) -> tuple[Path, 
         except CheckpointError as e:
             log.warning("%s; trying the previous checkpoint", e)
     return None
+
+
+def check_state_dict(state: Any, reference: dict, path: Path) -> None:
+    """``state`` has exactly the keys, shapes and dtypes of ``reference`` (a module's state_dict); else
+    CheckpointError. Checked before loading: ``load_state_dict`` copies the tensors that fit before it complains."""
+    if not isinstance(state, dict):
+        raise CheckpointError(f"{path} holds no state_dict ({type(state).__name__})")
+    missing, extra = sorted(reference.keys() - state.keys()), sorted(state.keys() - reference.keys())
+    if missing or extra:
+        raise CheckpointError(f"{path} does not fit the model: missing {missing[:3]}, unexpected {extra[:3]}")
+    for k, ref in reference.items():
+        got = state[k]
+        if not isinstance(got, torch.Tensor) or got.shape != ref.shape:
+            raise CheckpointError(f"{path}: {k} has shape {getattr(got, 'shape', None)}, the model's is {ref.shape}")
+
+
+def check_optimizer_state(state: Any, optimizer: torch.optim.Optimizer, path: Path) -> None:
+    """``state`` is an optimizer state_dict for ``optimizer``'s parameter groups (same groups, same sizes)."""
+    groups = state.get("param_groups") if isinstance(state, dict) else None
+    sizes = [len(g["params"]) for g in optimizer.param_groups]
+    if not isinstance(groups, list) or [len(g.get("params", ())) for g in groups] != sizes:
+        raise CheckpointError(f"{path}: the optimizer state does not fit this model's parameter groups {sizes}")

@@ -48,21 +48,29 @@ def setup_logging(rank: int) -> None:
 
 
 def cmd_train(args: argparse.Namespace) -> int:
-    from dist_bot.distributed.env import init_distributed, shutdown
-    from dist_bot.engine import REQUEUE_EXIT_CODE, Preempted, Trainer
+    from dist_bot.signals import PREEMPTION
 
-    cfg = load_config(args.config, args.overrides)
-    env = init_distributed(cfg.dist.backend, cfg.dist.timeout_min)
-    setup_logging(env.rank)
+    # First, before torch is imported: a preemption signal during start-up is then a requeue (status 75, the
+    # Trainer acts on it at its first agreement), not a death by signal that no launcher requeues.
+    PREEMPTION.install()
     try:
-        Trainer(cfg, env).fit()
-    except Preempted as stop:
-        if env.is_main:
-            print(f"{stop}; exiting with status {REQUEUE_EXIT_CODE} so the launcher requeues", flush=True)
-        return REQUEUE_EXIT_CODE
+        from dist_bot.distributed.env import init_distributed, shutdown
+        from dist_bot.engine import REQUEUE_EXIT_CODE, Preempted, Trainer
+
+        cfg = load_config(args.config, args.overrides)
+        env = init_distributed(cfg.dist.backend, cfg.dist.timeout_min)
+        setup_logging(env.rank)
+        try:
+            Trainer(cfg, env).fit()
+        except Preempted as stop:
+            if env.is_main:
+                print(f"{stop}; exiting with status {REQUEUE_EXIT_CODE} so the launcher requeues", flush=True)
+            return REQUEUE_EXIT_CODE
+        finally:
+            shutdown()
+        return 0
     finally:
-        shutdown()
-    return 0
+        PREEMPTION.restore()  # last: after the tracker and the process group are closed
 
 
 def cmd_eval(args: argparse.Namespace) -> int:

@@ -33,9 +33,11 @@ import yaml
 
 from .checkpoint import (
     FORMAT_VERSION,
+    agree_on_checkpoint,
     load_checkpoint,
     load_latest_good,
     read_meta,
+    remove_stale_temporaries,
     rng_state,
     save_checkpoint,
     set_rng_state,
@@ -52,7 +54,7 @@ from .recipe.lr import build_schedule
 from .recipe.mixup import mixup
 from .recipe.param_groups import param_groups
 from .recipe.precision import LossScaleGuard, autocast, make_sgd
-from .signals import PREEMPT_SIGNALS
+from .signals import PREEMPTION
 from .tracking import Progress, Tracker
 
 log = logging.getLogger(__name__)
@@ -199,6 +201,7 @@ class RunState:
     global_step: int = 0  # optimizer steps done in the whole run
     wandb_id: str | None = None  # the W&B run that a resumed run continues
     guard: dict = field(default_factory=dict)  # the fp16 loss-scale guard's counters
+    pending_eval: bool = False  # epoch `epoch` is trained but not yet evaluated (stopped at its last step)
 
 
 @dataclass
@@ -228,14 +231,13 @@ class Trainer:
         )
         self.teacher = self.create_teacher()
         self.guard = LossScaleGuard(cfg.loss_scale.min_scale, cfg.loss_scale.max_steps_at_min)
+        self.owns_signal_handlers = PREEMPTION.install()  # `dist-bot train` installed them at process start
         self.state = self.resume()
         if env.is_main:
             self.run_dir.mkdir(parents=True, exist_ok=True)
             (self.run_dir / "config.yaml").write_text(to_yaml(cfg))
         self.tracker = Tracker(cfg, self.run_dir, env.is_main, self.state.wandb_id, to_dict(cfg))
         self.state.wandb_id = self.tracker.wandb_id
-        self.stop_requested = False
-        self.signals_received: tuple[int, ...] = ()
         self.start_global_step, self.progress = self.state.global_step, Progress(False, 0)  # fit() sets both
         self.compile_logged = not cfg.model.compile
 
@@ -297,23 +299,76 @@ class Trainer:
         return teacher
 
     # -- checkpoints ------------------------------------------------------------------------------
-    def _load(self, path: Path) -> dict:
+    def layout(self) -> dict:
+        """How the global batch is made here; meta.pt records it, and resuming checks it."""
+        c = self.cfg
+        return {
+            "world_size": self.env.world_size,
+            "global_batch": self.global_batch,
+            "batch_size": c.data.batch_size,
+            "grad_accum_steps": c.optim.grad_accum_steps,
+            "steps_per_epoch": len(self.train_loader),
+        }
+
+    def _read(self, path: Path) -> tuple[dict, object]:
+        """A checkpoint's meta and this process's strategy state, read and checked, nothing applied."""
         meta = read_meta(path)
         if meta["model_name"] != self.cfg.model.name or meta["num_classes"] != self.num_classes:
             raise RunError(
                 f"checkpoint {path} is of {meta['model_name']} with {meta['num_classes']} classes, but this run "
                 f"builds {self.cfg.model.name} with {self.num_classes}: use another run.name"
             )
-        self.strategy.load(path)
-        return meta
+        self.check_layout(path, meta.get("layout"))
+        return meta, self.strategy.read(path)
+
+    def check_layout(self, path: Path, saved: dict | None) -> None:
+        """The global batch (so the lr, the steps per epoch and the data plan) a checkpoint continues must be the
+        one it was written with; the split over processes may change when data.global_batch_size fixes it."""
+        now = self.layout()
+        if saved is None or saved == now:
+            return
+        if saved["global_batch"] != now["global_batch"]:
+            raise RunError(
+                f"checkpoint {path} was written by {saved['world_size']} process(es) x {saved['batch_size']} images x "
+                f"{saved['grad_accum_steps']} accumulation = global batch {saved['global_batch']}; with "
+                f"{now['world_size']} process(es) this run's global batch is {now['global_batch']}, which would change "
+                f"the learning rate, the steps per epoch and the data plan. Resume with {saved['world_size']} "
+                f"process(es), or set data.global_batch_size={saved['global_batch']} (in the recipe, from the start) "
+                "to keep the recipe at any number of processes"
+            )
+        if saved["steps_per_epoch"] != now["steps_per_epoch"]:
+            raise RunError(
+                f"checkpoint {path} was written with {saved['steps_per_epoch']} steps per epoch by "
+                f"{saved['world_size']} process(es), and the same global batch makes {now['steps_per_epoch']} with "
+                f"{now['world_size']} process(es): the epoch's last, shorter step is folded into the one before when it "
+                "cannot give every process at least 2 images. Resume with "
+                f"{saved['world_size']} process(es), or with a number for which the last step splits the same way"
+            )
+        if self.env.is_main:
+            log.info(
+                "continuing a checkpoint of %d process(es) x %d x %d on %d x %d x %d: global batch %d, the same plan",
+                saved["world_size"],
+                saved["batch_size"],
+                saved["grad_accum_steps"],
+                now["world_size"],
+                now["batch_size"],
+                now["grad_accum_steps"],
+                now["global_batch"],
+            )
 
     def resume(self) -> RunState:
-        """The state of the newest readable checkpoint (model, optimizer and RNG states restored), or a fresh one."""
-        found = load_latest_good(self.run_dir / "checkpoints", self._load)
+        """The state of the checkpoint rank 0 chose (the newest that every process reads completely), applied only
+        after every process has read and checked its part; a fresh state when there is none."""
+        folder = self.run_dir / "checkpoints"
+        if self.env.is_main:
+            for stale in remove_stale_temporaries(folder):
+                log.info("removed %s, left by a checkpoint write that did not finish", stale)
+        found = agree_on_checkpoint(folder, self._read)
         if found is None:
             return RunState()
-        path, meta = found
-        state = RunState(**{f.name: meta[f.name] for f in dataclasses.fields(RunState)})
+        path, (meta, strategy_state) = found
+        self.strategy.apply(strategy_state)
+        state = RunState(**{f.name: meta[f.name] for f in dataclasses.fields(RunState) if f.name in meta})
         self.guard.load_state_dict(state.guard)
         set_rng_state(meta["rng"])
         if self.env.is_main:
@@ -324,6 +379,7 @@ class Trainer:
         self.state.guard = self.guard.state_dict()
         meta = dataclasses.asdict(self.state) | {
             "format": FORMAT_VERSION,
+            "layout": self.layout(),
             "rng": rng_state(),
             "config": to_dict(self.cfg),
             "model_name": self.cfg.model.name,
@@ -383,7 +439,7 @@ class Trainer:
         asked to stop (a preemption signal): the one place the loop agrees on that, so all stop at one step."""
         env, st = self.env, self.state
         seconds = time.perf_counter() - interval.t0
-        host = torch.tensor([interval.samples, float(self.stop_requested)], dtype=torch.float64, device=env.device)
+        host = torch.tensor([interval.samples, float(bool(PREEMPTION.received))], dtype=torch.float64, device=env.device)
         sums = torch.cat([interval.loss_sum.double().view(1), host])
         if env.distributed:
             dist.all_reduce(sums)
@@ -419,17 +475,13 @@ class Trainer:
         )
         return stops > 0
 
-    def _on_signal(self, signum, frame) -> None:
-        self.stop_requested = True  # finish the current log interval, then checkpoint (see train_epoch)
-        self.signals_received += (signum,)
-
     def stop_after_reached(self) -> bool:
         after = self.cfg.run.stop_after_steps
         return after is not None and self.state.global_step - self.start_global_step >= after
 
     def should_stop(self) -> bool:
         """A preemption signal on any rank, or run.stop_after_steps reached (agreed by all ranks; a collective)."""
-        return any_rank(self.stop_requested or self.stop_after_reached(), self.env)
+        return any_rank(bool(PREEMPTION.received) or self.stop_after_reached(), self.env)
 
     def waited(self, batches: Iterator, interval: Interval) -> Iterator:
         """The loader's batches, adding the time spent waiting for each to ``interval.data_s``."""
@@ -443,7 +495,8 @@ class Trainer:
             yield batch
 
     def train_epoch(self) -> bool:
-        """Train the rest of the epoch; True when stopped early (the caller checkpoints and exits)."""
+        """Train the rest of the epoch; True when a stop was agreed (the caller checkpoints and exits), which may be
+        at the epoch's last step: then the checkpoint is written before the evaluation."""
         cfg, st, loader = self.cfg, self.state, self.train_loader
         loader.set_epoch(st.epoch, st.epoch_step)
         self.strategy.model.train()
@@ -456,12 +509,12 @@ class Trainer:
             interval.samples += sum(len(m) for m in step.micro_batches)
             interval.steps += 1
             done, reached = st.epoch_step == len(loader), self.stop_after_reached()
+            reached = reached and not (done and st.epoch + 1 == cfg.schedule.epochs)  # at the run's end: finish it
             if st.epoch_step % cfg.run.log_every_steps == 0 or done or reached:
                 stop = self.log_train(interval) or reached
                 interval.loss_sum, interval.samples, interval.steps = torch.zeros_like(interval.loss_sum), 0, 0
                 interval.data_s, interval.t0 = 0.0, time.perf_counter()
-                # at the epoch's last step the stop waits for the epoch end (BN sync, evaluation, checkpoint)
-                if stop and not done:
+                if stop:
                     return True
         if loader.bad_images:
             log.warning("rank %d skipped %d unreadable images this epoch", self.env.rank, loader.bad_images)
@@ -477,12 +530,35 @@ class Trainer:
                     first_step_s,
                 )
 
+    def end_epoch(self, sync_buffers: bool) -> dict:
+        """After an epoch's training: exact evaluation (when due), then the checkpoint (when due, or to stop).
+        BN statistics are averaged over ranks first (``sync_buffers``), so evaluation and checkpoint agree."""
+        cfg, st, epochs = self.cfg, self.state, self.cfg.schedule.epochs
+        last, result = st.epoch == epochs, {}
+        eval_model = self.strategy.eval_model(sync_buffers=sync_buffers)
+        st.pending_eval = False
+        if st.epoch % cfg.run.eval_every_epochs == 0 or last:
+            result = evaluate(eval_model, self.val_loader, self.env, cfg.precision)
+            result = {"split": "val", "epoch": st.epoch - 1, "step": st.global_step} | result
+            self.tracker.log(result)
+            if self.env.is_main:
+                print(
+                    f"epoch {st.epoch}/{epochs} val top1 {result['top1']:.2f} top5 {result['top5']:.2f} "
+                    f"loss {result['loss']:.4f} ({result['samples']} images)",
+                    flush=True,
+                )
+        stop = not last and self.should_stop()
+        if st.epoch % cfg.run.checkpoint_every_epochs == 0 or last or stop:
+            self.save()
+        if stop:
+            raise Preempted(st.global_step, PREEMPTION.received)
+        return result
+
     def fit(self) -> dict:
         cfg, env, st = self.cfg, self.env, self.state
         epochs = cfg.schedule.epochs
         self.start_global_step = st.global_step
         self.progress = Progress(env.is_main, epochs * len(self.train_loader) - st.global_step)
-        old = {s: signal.signal(s, self._on_signal) for s in PREEMPT_SIGNALS}
         if env.is_main:
             log.info(
                 "%s: %d classes, %d train / %d val images, global batch %d, peak lr %.4g, %d steps/epoch",
@@ -504,35 +580,28 @@ class Trainer:
                 type(self.train_loader).__name__.removesuffix("Loader").lower(),
             )
         result = {}
-        if st.epoch >= epochs and env.is_main:
+        if st.epoch >= epochs and not st.pending_eval and env.is_main:
             log.info("run %s is complete (%d epochs): nothing to do", self.run_dir, epochs)
         try:
+            if self.should_stop():  # a preemption signal during start-up: requeue now, nothing written
+                raise Preempted(st.global_step, PREEMPTION.received)
+            if st.pending_eval:  # resumed after a stop at an epoch's last step: BN was averaged before that checkpoint
+                result = self.end_epoch(sync_buffers=False)
             while st.epoch < epochs:
-                if self.train_epoch():
-                    self.save()
-                    raise Preempted(st.global_step, self.signals_received)
-                st.epoch, st.epoch_step = st.epoch + 1, 0
-                last = st.epoch == epochs
-                # BN statistics averaged over ranks at every epoch end, so evaluation and checkpoint agree.
-                # (A preemption checkpoint keeps rank 0's: DDP broadcasts those at the next forward anyway.)
-                eval_model = self.strategy.eval_model()
-                if st.epoch % cfg.run.eval_every_epochs == 0 or last:
-                    result = evaluate(eval_model, self.val_loader, env, cfg.precision)
-                    result = {"split": "val", "epoch": st.epoch - 1, "step": st.global_step} | result
-                    self.tracker.log(result)
-                    if env.is_main:
-                        print(
-                            f"epoch {st.epoch}/{epochs} val top1 {result['top1']:.2f} top5 {result['top5']:.2f} "
-                            f"loss {result['loss']:.4f} ({result['samples']} images)",
-                            flush=True,
-                        )
-                stop = not last and self.should_stop()
-                if st.epoch % cfg.run.checkpoint_every_epochs == 0 or last or stop:
-                    self.save()
-                if stop:
-                    raise Preempted(st.global_step, self.signals_received)
+                stopped = self.train_epoch()
+                if st.epoch_step == len(self.train_loader):
+                    st.epoch, st.epoch_step = st.epoch + 1, 0
+                    if not stopped:
+                        result = self.end_epoch(sync_buffers=True)
+                        continue
+                    # stopped at the epoch's last step: checkpoint before the evaluation (the requeued run
+                    # evaluates), with BN averaged as the uninterrupted run averages it before evaluating
+                    st.pending_eval = True
+                    self.strategy.eval_model()
+                self.save()
+                raise Preempted(st.global_step, PREEMPTION.received)
         finally:
-            for s, h in old.items():
-                signal.signal(s, h)
             self.tracker.close()
+            if self.owns_signal_handlers:  # restored last (the CLI restores those it installed itself)
+                PREEMPTION.restore()
         return result

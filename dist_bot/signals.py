@@ -36,3 +36,43 @@ def helpers_shielded():
         multiprocessing.resource_tracker.ensure_running()
         with preemption_signals_blocked():
             yield
+
+
+class PreemptionRequests:
+    """The preemption signals this process received, caught from ``install()`` on.
+
+    `dist-bot train` installs the handlers first thing, before torch is imported, so a signal during start-up
+    (loaders, DALI's build, resume, W&B) is recorded rather than killing the process with a status the launchers
+    do not requeue; the Trainer acts on it at its first agreement (exit 75, no checkpoint written). ``restore()``
+    puts the previous handlers back: the CLI does that last, after the tracker and the process group are closed.
+    """
+
+    def __init__(self) -> None:
+        self.received: tuple[int, ...] = ()
+        self._previous: dict[int, object] | None = None
+
+    @property
+    def installed(self) -> bool:
+        return self._previous is not None
+
+    def install(self) -> bool:
+        """Catch PREEMPT_SIGNALS from now on; False (and nothing done) when already installed."""
+        if self._previous is not None:
+            return False
+        self._previous = {s: signal.signal(s, self._handle) for s in PREEMPT_SIGNALS}
+        return True
+
+    def restore(self) -> None:
+        if self._previous is not None:
+            for s, handler in self._previous.items():
+                signal.signal(s, handler)
+            self._previous = None
+
+    def clear(self) -> None:
+        self.received = ()
+
+    def _handle(self, signum, frame) -> None:
+        self.received += (signum,)
+
+
+PREEMPTION = PreemptionRequests()  # one per process: signal handlers are process-wide

@@ -11,11 +11,14 @@ import torch
 from dist_bot.checkpoint import (
     FORMAT_VERSION,
     CheckpointError,
+    CheckpointWriteError,
+    agree_on_checkpoint,
     list_checkpoints,
     load_checkpoint,
     load_latest_good,
     read_meta,
     rng_state,
+    remove_stale_temporaries,
     save_checkpoint,
     set_rng_state,
     write_file,
@@ -57,10 +60,60 @@ def test_a_failed_write_leaves_the_good_checkpoint(tmp_path):
         write_file({"format": FORMAT_VERSION}, folder / "meta.pt")
         raise OSError("No space left on device")
 
-    with pytest.raises(OSError, match="No space"):
+    with pytest.raises(CheckpointWriteError) as e:
         save_checkpoint(tmp_path, 2, keep_last=3, write=half_written)
+    assert "writing checkpoint" in str(e.value) and "rank 0 (OSError: No space left on device)" in str(e.value)
+    assert f"the newest checkpoint is {good}" in str(e.value)
     assert list_checkpoints(tmp_path) == [good] and not list(tmp_path.glob(".tmp_*"))
     assert read_meta(good)["global_step"] == 1
+
+
+def test_a_failed_rewrite_of_the_same_step_keeps_the_earlier_save(tmp_path, monkeypatch):
+    good = save_checkpoint(tmp_path, 1, keep_last=3, write=writer(1))
+    real_rename = type(good).rename
+
+    def rename(self, target):
+        if self.name.startswith(".tmp_step_"):  # the new folder cannot take the real name
+            raise OSError("Input/output error")
+        return real_rename(self, target)
+
+    monkeypatch.setattr(type(good), "rename", rename)
+    with pytest.raises(CheckpointWriteError, match="renaming into place checkpoint .* failed on rank 0"):
+        save_checkpoint(tmp_path, 1, keep_last=3, write=writer(1))
+    assert list_checkpoints(tmp_path) == [good] and read_meta(good)["global_step"] == 1
+
+
+def test_stale_temporary_folders_are_removed(tmp_path):
+    good = save_checkpoint(tmp_path, 1, keep_last=3, write=writer(1))
+    (tmp_path / ".tmp_step_000000007").mkdir()
+    (tmp_path / ".tmp_step_000000007" / "meta.pt").write_bytes(b"half")
+    assert [p.name for p in remove_stale_temporaries(tmp_path)] == [".tmp_step_000000007"]
+    assert list(tmp_path.iterdir()) == [good]
+
+
+def test_a_flipped_bit_in_tensor_data_is_caught_by_the_crc(tmp_path):
+    latest = save_checkpoint(tmp_path, 1, keep_last=3, write=writer(1))
+    model = latest / "model.pt"
+    data = bytearray(model.read_bytes())
+    data[data.index(torch.full((3,), 1.0).numpy().tobytes())] ^= 0x01  # torch.load alone would not notice
+    model.write_bytes(bytes(data))
+    with pytest.raises(CheckpointError, match="model.pt is damaged"):
+        load_checkpoint(latest)
+
+
+def test_agreement_falls_back_past_a_damaged_checkpoint_and_never_starts_fresh(tmp_path, caplog):
+    save_checkpoint(tmp_path, 1, keep_last=3, write=writer(1))
+    latest = save_checkpoint(tmp_path, 2, keep_last=3, write=writer(2))
+    (latest / "model.pt").write_bytes((latest / "model.pt").read_bytes()[:50])
+    with caplog.at_level(logging.WARNING):
+        path, state = agree_on_checkpoint(tmp_path, load_checkpoint)
+    assert path.name == "step_000000001" and state["global_step"] == 1
+    assert "step_000000002 cannot be used (rank 0: checkpoint file" in caplog.text
+    first = path / "meta.pt"
+    first.write_bytes(first.read_bytes()[:50])  # now no checkpoint is readable: an error, not a fresh start
+    with pytest.raises(CheckpointError, match="no checkpoint in .* is readable by every process: rank 0: "):
+        agree_on_checkpoint(tmp_path, load_checkpoint)
+    assert agree_on_checkpoint(tmp_path / "none", load_checkpoint) is None
 
 
 def test_pickled_code_is_refused(tmp_path):

@@ -150,15 +150,21 @@ def test_stop_after_one_epoch_and_resume_equals_straight_run(straight_run, digit
     first = run_cmd(torchrun_cmd(2, *args, f"run.stop_after_steps={steps_per_epoch}"))
     assert first.returncode != 0 and "exiting with status 75" in first.stdout  # torchrun reports the requeue
     stopped = load_checkpoint(list_checkpoints(tmp_path / "r" / "checkpoints")[-1])
-    # a stop at the last step of an epoch waits for the epoch end: the checkpoint is of epoch 1, step 0
-    assert (stopped["epoch"], stopped["epoch_step"], stopped["global_step"]) == (1, 0, 23)
+    # a stop at the last step of an epoch checkpoints BEFORE the evaluation (Slurm's KillWait is short): the
+    # epoch is done, its evaluation pending, and nothing was evaluated yet
+    assert (stopped["epoch"], stopped["epoch_step"], stopped["global_step"], stopped["pending_eval"]) == (1, 0, 23, True)
+    assert not [m for m in read_metrics(tmp_path / "r") if m["split"] == "val"]
 
     second = run_cmd(torchrun_cmd(2, *args))
     assert second.returncode == 0, second.stderr[-3000:]
     assert max_diff(final_weights(tmp_path / "r"), final_weights(straight_run)) <= 1e-6
+    # the requeued run evaluated epoch 1 first, with the BN statistics the straight run evaluated with
     val = [m for m in read_metrics(tmp_path / "r") if m["split"] == "val"]
     ref = [m for m in read_metrics(straight_run) if m["split"] == "val"]
-    assert val[-1]["top1"] == pytest.approx(ref[-1]["top1"]) and val[-1]["samples"] == 360
+    assert [(m["epoch"], m["step"], m["samples"]) for m in val] == [(m["epoch"], m["step"], 360) for m in ref]
+    for got, want in zip(val, ref, strict=True):
+        assert (got["top1"], got["top5"]) == pytest.approx((want["top1"], want["top5"]))
+        assert got["loss"] == pytest.approx(want["loss"], rel=1e-5)
 
 
 def test_signal_to_one_rank_mid_epoch_checkpoints_all_and_resumes_exactly(straight_run, digits_dir, tmp_path, loader):

@@ -5,7 +5,7 @@ from __future__ import annotations
 import contextlib
 from collections.abc import Callable
 from pathlib import Path
-from typing import Protocol
+from typing import Any, Protocol
 
 import torch
 from torch import nn
@@ -39,16 +39,20 @@ class Strategy(Protocol):
     def loss_scale_async(self) -> torch.Tensor | float:
         """The same without waiting: a 0-dim device tensor (or a float where the strategy keeps it on the host)."""
 
-    def eval_model(self) -> nn.Module:
-        """The plain module with full weights and synced BN statistics, for evaluation (no collectives in its
-        forward). A collective itself: every process calls it."""
+    def eval_model(self, sync_buffers: bool = True) -> nn.Module:
+        """The plain module with full weights and BN statistics averaged over processes (unless ``sync_buffers`` is
+        False: they already are), for evaluation (no collectives in its forward). A collective: every process
+        calls it."""
 
     def save(self, folder: Path) -> None:
         """Collective: write model.pt (full weights, one file) and the training state into ``folder``."""
 
-    def load(self, folder: Path) -> None:
-        """Collective: restore model, optimizer and loss scaler from a checkpoint folder; raises
-        CheckpointError when a file is unreadable."""
+    def read(self, folder: Path) -> Any:
+        """Collective: this process's part of a checkpoint (model, optimizer, loss scaler), read completely and
+        checked, NOT applied; raises CheckpointError when a file is missing, damaged or does not fit."""
+
+    def apply(self, state: Any) -> None:
+        """Restore what ``read`` returned (on every process, after all of them read theirs)."""
 
 
 def build_strategy(

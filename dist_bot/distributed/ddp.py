@@ -9,7 +9,7 @@ import torch.distributed as dist
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
-from ..checkpoint import read_file, read_model, write_file
+from ..checkpoint import CheckpointError, check_optimizer_state, check_state_dict, read_file, read_model, write_file
 from ..recipe.precision import ScaledOptimizer
 from .env import DistEnv, average_buffers
 
@@ -28,12 +28,13 @@ class DDPStrategy(ScaledOptimizer):
     def no_sync(self) -> contextlib.AbstractContextManager:
         return self.model.no_sync() if isinstance(self.model, DistributedDataParallel) else contextlib.nullcontext()
 
-    def eval_model(self) -> nn.Module:
+    def eval_model(self, sync_buffers: bool = True) -> nn.Module:
         """The bare module, with BN running statistics averaged over processes (a collective: call it on
         every process). DDP's own forward would broadcast buffers per batch, which hangs when ranks run
         different numbers of validation batches (exact evaluation shards unevenly); and each rank's last
         training forward updated its statistics from its own images only."""
-        average_buffers(self.module, self.env)
+        if sync_buffers:
+            average_buffers(self.module, self.env)
         return self.module
 
     def save(self, folder: Path) -> None:
@@ -42,9 +43,18 @@ class DDPStrategy(ScaledOptimizer):
             state = {"optimizer": self.optimizer.state_dict(), "scaler": self.scaler.state_dict()}
             write_file(state, folder / "train_state.pt")
 
-    def load(self, folder: Path) -> None:
-        self.module.load_state_dict(read_model(folder, self.env.device))
+    def read(self, folder: Path) -> dict:
+        """The checkpoint's model, optimizer and loss-scaler state, read and checked; nothing applied yet."""
+        model = read_model(folder, self.env.device)
+        check_state_dict(model, self.module.state_dict(), folder / "model.pt")
         state = read_file(folder / "train_state.pt", self.env.device)
+        if not isinstance(state, dict) or not {"optimizer", "scaler"} <= state.keys():
+            raise CheckpointError(f"{folder / 'train_state.pt'} is not a dist_bot training state")
+        check_optimizer_state(state["optimizer"], self.optimizer, folder / "train_state.pt")
+        return state | {"model": model}
+
+    def apply(self, state: dict) -> None:
+        self.module.load_state_dict(state["model"])
         self.optimizer.load_state_dict(state["optimizer"])
         if state["scaler"]:
             self.scaler.load_state_dict(state["scaler"])

@@ -20,7 +20,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from ..checkpoint import CheckpointError, write_file
+from ..checkpoint import CheckpointError, check_state_dict, read_model, verify_file, write_file
 from ..config import UserError
 from .env import DistEnv, average_buffers
 
@@ -108,23 +108,34 @@ class DeepSpeedStrategy:
 
     loss_scale_async = loss_scale  # DeepSpeed keeps its scale on the host
 
-    def eval_model(self) -> nn.Module:
+    def eval_model(self, sync_buffers: bool = True) -> nn.Module:
         module = self.engine.module  # ZeRO 0-2 keep every parameter on every rank
-        average_buffers(module, self.env)
+        if sync_buffers:
+            average_buffers(module, self.env)
         return module
 
     def save(self, folder: Path) -> None:
+        self.engine.save_checkpoint(str(folder / "deepspeed"), tag="state", save_latest=False)  # collective first
         if self.env.is_main:
             full = {k: v.float() if v.is_floating_point() else v for k, v in self.engine.module.state_dict().items()}
             write_file(full, folder / "model.pt")
-        self.engine.save_checkpoint(str(folder / "deepspeed"), tag="state", save_latest=False)
 
-    def load(self, folder: Path) -> None:
+    def read(self, folder: Path) -> Path:
+        """Check the checkpoint without applying it: every DeepSpeed file read back against its CRCs (DeepSpeed
+        itself loads them with full pickle, and applies as it reads), and rank 0 checks model.pt."""
+        state = folder / "deepspeed" / "state"
+        if not (state / "mp_rank_00_model_states.pt").is_file():
+            raise CheckpointError(f"checkpoint {folder / 'deepspeed'} has no DeepSpeed state")
+        for f in sorted(state.glob("*.pt")):
+            verify_file(f)
+        if self.env.is_main:
+            check_state_dict(read_model(folder), self.engine.module.state_dict(), folder / "model.pt")
+        return folder
+
+    def apply(self, folder: Path) -> None:
         try:
             path, _ = self.engine.load_checkpoint(str(folder / "deepspeed"), tag="state")
-        except Exception as e:
-            raise CheckpointError(
-                f"checkpoint {folder / 'deepspeed'} is unreadable ({type(e).__name__}: {e})"
-            ) from None
+        except Exception as e:  # after read() checked every file: the state may be half applied, so stop
+            raise RuntimeError(f"DeepSpeed could not load {folder / 'deepspeed'}: {type(e).__name__}: {e}") from e
         if path is None:
-            raise CheckpointError(f"checkpoint {folder / 'deepspeed'} has no DeepSpeed state")
+            raise RuntimeError(f"DeepSpeed found no state in {folder / 'deepspeed'}")

@@ -115,15 +115,30 @@ def init_distributed(backend: str = "auto", timeout_min: float = 30.0) -> DistEn
             backend = "nccl" if device.type == "cuda" else "gloo"
         os.environ.setdefault("MASTER_ADDR", str(launch["master_addr"]))
         os.environ.setdefault("MASTER_PORT", str(launch["master_port"]))
+        timeout = datetime.timedelta(minutes=timeout_min)
         dist.init_process_group(
             backend,
-            init_method="env://",
+            store=restart_safe_store(world, timeout),  # None: the usual env:// rendezvous
             rank=rank,
             world_size=world,
-            timeout=datetime.timedelta(minutes=timeout_min),
+            timeout=timeout,
             device_id=device if device.type == "cuda" else None,
         )
     return DistEnv(rank, world, local, device, str(launch["source"]), int(launch["local_world_size"]))
+
+
+def restart_safe_store(world: int, timeout: datetime.timedelta) -> dist.Store | None:
+    """Under torchrun, the agent's store with a key prefix of its own for each restart of the workers.
+
+    torchrun (--max-restarts) keeps one store for the whole job, and the keys the failed attempt's processes wrote
+    stay in it: gloo's rendezvous then reads the dead processes' addresses and the restarted group never forms
+    (torch 2.14; a test in tests/test_faults.py restarts a group after a SIGKILL). Elsewhere: None.
+    """
+    env = os.environ
+    if env.get("TORCHELASTIC_USE_AGENT_STORE") != "True" or "TORCHELASTIC_RESTART_COUNT" not in env:
+        return None
+    store = dist.TCPStore(env["MASTER_ADDR"], int(env["MASTER_PORT"]), world, is_master=False, timeout=timeout)
+    return dist.PrefixStore(f"dist_bot/attempt_{env['TORCHELASTIC_RESTART_COUNT']}/", store)
 
 
 def shutdown() -> None:

@@ -27,8 +27,9 @@ from torch.distributed.checkpoint.state_dict import (
 )
 from torch.distributed.device_mesh import init_device_mesh
 from torch.distributed.fsdp import fully_shard
+from torch.utils._pytree import tree_map
 
-from ..checkpoint import CheckpointError, read_file, write_file
+from ..checkpoint import CheckpointError, check_state_dict, read_file, read_model, write_file
 from ..config import UserError
 from ..models.resnet import BasicBlock, Bottleneck
 from ..recipe.precision import ScaledOptimizer
@@ -79,8 +80,9 @@ class FSDPStrategy(ScaledOptimizer):
     def _full_state(self, cpu_offload: bool) -> dict:
         return get_model_state_dict(self.model, options=StateDictOptions(full_state_dict=True, cpu_offload=cpu_offload))
 
-    def eval_model(self) -> nn.Module:
-        average_buffers(self.model, self.env)
+    def eval_model(self, sync_buffers: bool = True) -> nn.Module:
+        if sync_buffers:
+            average_buffers(self.model, self.env)
         self.plain.load_state_dict(self._full_state(cpu_offload=False))
         return self.plain
 
@@ -89,10 +91,10 @@ class FSDPStrategy(ScaledOptimizer):
         # checkpoint must not depend on which rank's copy torch.distributed.checkpoint keeps.
         self._buffers_from_rank0()
         full = self._full_state(cpu_offload=True)  # collective; only rank 0 receives the tensors
-        if self.env.is_main:
+        dcp.save(self._sharded_state(), checkpoint_id=folder / "dcp")  # collective; fails on every rank together
+        if self.env.is_main:  # the local writes last: a full disk here leaves no other rank inside a collective
             write_file(full, folder / "model.pt")
             write_file({"scaler": self.scaler.state_dict()}, folder / "train_state.pt")
-        dcp.save(self._sharded_state(), checkpoint_id=folder / "dcp")
 
     def _sharded_state(self) -> dict:
         return {
@@ -100,14 +102,22 @@ class FSDPStrategy(ScaledOptimizer):
             "optim": get_optimizer_state_dict(self.model, self.optimizer),
         }
 
-    def load(self, folder: Path) -> None:
-        state = self._sharded_state()
+    def read(self, folder: Path) -> dict:
+        """This rank's shards of the checkpoint (resharded to this world size by torch.distributed.checkpoint),
+        read into copies: nothing is applied until ``apply``. Rank 0 also checks the full weights in model.pt."""
+        live = self._sharded_state()
+        state = tree_map(lambda v: v.detach().clone() if isinstance(v, torch.Tensor) else copy.deepcopy(v), live)
         try:
             dcp.load(state, checkpoint_id=folder / "dcp")
         except Exception as e:
             raise CheckpointError(f"checkpoint {folder / 'dcp'} is unreadable ({type(e).__name__}: {e})") from None
+        train_state = read_file(folder / "train_state.pt")
+        if self.env.is_main:
+            check_state_dict(read_model(folder), self.plain.state_dict(), folder / "model.pt")
+        return state | {"scaler": train_state["scaler"]}
+
+    def apply(self, state: dict) -> None:
         set_model_state_dict(self.model, state["model"])
         set_optimizer_state_dict(self.model, self.optimizer, state["optim"])
-        scaler = read_file(folder / "train_state.pt")["scaler"]
-        if scaler:
-            self.scaler.load_state_dict(scaler)
+        if state["scaler"]:
+            self.scaler.load_state_dict(state["scaler"])

@@ -1,0 +1,259 @@
+"""The fault matrix: each fault injected into a real run, nothing lost, the outcome asserted exactly.
+
+Runs are tiny (100 digits, resnet18d, 2 processes x 8 images, fp32 unless said) so that the whole matrix is a
+few minutes; tests/fault_probe.py injects the faults that cannot be made from outside (a full disk, a read error
+on one node, a signal at a chosen moment of start-up). The README's reliability section lists the same cases.
+"""
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from conftest import REPO, run_cmd, torchrun_cmd
+
+from dist_bot.checkpoint import CheckpointError, list_checkpoints, load_checkpoint, read_file
+from dist_bot.config import load_config
+from dist_bot.distributed.env import DistEnv
+from dist_bot.engine import Trainer
+
+PROBE = str(REPO / "tests" / "fault_probe.py")
+ARGS = ["model.name=resnet18d", "data.batch_size=8", "precision=fp32", "schedule.epochs=2", "run.log_every_steps=1"]
+S = 7  # steps per epoch: 100 images / global batch 16 = 6 steps of 16 and one of 4
+
+
+def train_args(data: Path, out: Path, *extra: str) -> list[str]:
+    return ["train", "configs/demo.yaml", f"data.path={data}", *ARGS, f"run.out_dir={out}", "run.name=r", *extra]
+
+
+def probe_cmd(nproc: int, fault: str, *args: str, restarts: int = 0) -> list[str]:
+    return [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        f"--nproc_per_node={nproc}",
+        f"--max-restarts={restarts}",
+        PROBE,
+        fault,
+        *args,
+    ]
+
+
+def metrics(run: Path) -> list[dict]:
+    return [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+
+
+def weights(path: Path) -> dict:
+    return read_file(path / "model.pt")
+
+
+def max_diff(a: dict, b: dict) -> float:
+    assert a.keys() == b.keys()
+    return max((a[k].double() - b[k].double()).abs().max().item() for k in a if a[k].is_floating_point())
+
+
+def errors(stderr: str) -> list[str]:
+    return [line for line in stderr.splitlines() if "dist-bot train: error:" in line]
+
+
+@pytest.fixture(scope="module")
+def straight(tiny_digits, tmp_path_factory) -> Path:
+    """2 processes, 2 epochs, uninterrupted: checkpoints after epoch 1 and 2."""
+    out = tmp_path_factory.mktemp("straight")
+    res = run_cmd(torchrun_cmd(2, *train_args(tiny_digits, out)))
+    assert res.returncode == 0, res.stderr[-3000:]
+    assert [load_checkpoint(p)["global_step"] for p in list_checkpoints(out / "r" / "checkpoints")] == [S, 2 * S]
+    return out / "r"
+
+
+def copy_run(run: Path, to: Path) -> Path:
+    shutil.copytree(run, to / "r")
+    return to / "r"
+
+
+# -- a rank dies ---------------------------------------------------------------------------------------------
+
+
+def test_sigkill_of_one_rank_mid_step_restarts_and_ends_with_the_same_weights(straight, tiny_digits, tmp_path):
+    cmd = probe_cmd(2, "none", *train_args(tiny_digits, tmp_path), restarts=1)
+    env = os.environ | {"OMP_NUM_THREADS": "1"}
+    proc = subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+    run, deadline = tmp_path / "r", time.time() + 180
+    while time.time() < deadline:  # the first step of epoch 2: the epoch-1 checkpoint exists
+        if (run / "metrics.jsonl").exists() and any(m["epoch"] == 1 for m in metrics(run) if m["split"] == "train"):
+            break
+        time.sleep(0.05)
+    workers = subprocess.run(["pgrep", "-P", str(proc.pid)], capture_output=True, text=True).stdout.split()
+    assert len(workers) == 2
+    os.kill(int(workers[1]), signal.SIGKILL)
+    out, err = proc.communicate(timeout=300)
+    assert proc.returncode == 0, err[-3000:]
+    assert "resumed from" in err and f"step_{S:09d}" in err  # the restarted group continued epoch 1's checkpoint
+    assert max_diff(weights(list_checkpoints(run / "checkpoints")[-1]), weights(list_checkpoints(straight / "checkpoints")[-1])) <= 1e-6
+
+
+# -- damaged checkpoints -------------------------------------------------------------------------------------
+
+
+def damage(path: Path, how: str) -> None:
+    if how == "truncated":
+        path.write_bytes(path.read_bytes()[: path.stat().st_size // 2])
+    else:
+        path.unlink()
+
+
+def resume_in_process(run: Path, data: Path) -> Trainer:
+    cfg = load_config("configs/demo.yaml", [f"data.path={data}", *ARGS, f"run.out_dir={run.parent}", "run.name=r"])
+    return Trainer(cfg, DistEnv())
+
+
+@pytest.mark.parametrize("how", ["truncated", "missing"])
+@pytest.mark.parametrize("name", ["meta.pt", "model.pt", "train_state.pt"])
+def test_a_damaged_newest_checkpoint_falls_back_to_the_previous_whole(straight, tiny_digits, tmp_path, caplog, name, how):
+    run = copy_run(straight, tmp_path)
+    first, newest = list_checkpoints(run / "checkpoints")
+    damage(newest / name, how)
+    trainer = resume_in_process(run, tiny_digits)
+    # everything of the previous checkpoint, nothing of the damaged one: weights, momentum, counters
+    assert (trainer.epoch, trainer.epoch_step, trainer.global_step) == (1, 0, S)
+    assert max_diff(trainer.strategy.module.state_dict(), weights(first)) == 0
+    saved = read_file(first / "train_state.pt")["optimizer"]["state"]
+    live = trainer.strategy.optimizer.state_dict()["state"]
+    assert all(torch.equal(saved[i]["momentum_buffer"], live[i]["momentum_buffer"]) for i in saved)
+    assert f"checkpoint {newest} cannot be used (rank 0: " in caplog.text and name in caplog.text
+
+
+@pytest.mark.parametrize("name", ["meta.pt", "model.pt", "train_state.pt"])
+def test_the_only_checkpoint_damaged_stops_with_its_name_and_never_starts_fresh(straight, tiny_digits, tmp_path, capsys, name):
+    from dist_bot.cli import main
+
+    run = copy_run(straight, tmp_path)
+    first, newest = list_checkpoints(run / "checkpoints")
+    shutil.rmtree(first)
+    damage(newest / name, "truncated")
+    code = main(train_args(tiny_digits, tmp_path))
+    err = capsys.readouterr().err
+    assert code == 2 and len(err.strip().splitlines()) == 1
+    assert f"no checkpoint in {run / 'checkpoints'} is readable by every process" in err and name in err
+    assert "move" in err and "aside" in err  # what to do
+    assert list_checkpoints(run / "checkpoints") == [newest]  # nothing written over it
+    with pytest.raises(CheckpointError):
+        resume_in_process(run, tiny_digits)
+
+
+def test_a_checkpoint_unreadable_on_one_rank_only_is_skipped_by_every_rank(straight, tiny_digits, tmp_path):
+    run = copy_run(straight, tmp_path)
+    res = run_cmd(probe_cmd(2, f"unreadable:{2 * S}:1", *train_args(tiny_digits, tmp_path, "schedule.epochs=2")))
+    assert res.returncode == 0, res.stderr[-3000:]
+    assert f"step_{2 * S:09d} cannot be used (rank 1: checkpoint file" in res.stderr
+    assert f"resumed from {run / 'checkpoints' / f'step_{S:09d}'}" in res.stderr  # both ranks: one collective
+    # epoch 2 trained again from epoch 1's checkpoint: the same weights as the straight run
+    assert max_diff(weights(list_checkpoints(run / "checkpoints")[-1]), weights(list_checkpoints(straight / "checkpoints")[-1])) <= 1e-6
+
+
+# -- a full disk while saving --------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(("strategy", "rank"), [("ddp", 0), ("fsdp", 1)])
+def test_a_full_disk_while_saving_is_an_error_on_every_rank_and_keeps_the_last_checkpoint(tiny_digits, tmp_path, strategy, rank):
+    args = train_args(tiny_digits, tmp_path, f"strategy={strategy}")
+    t0 = time.time()
+    res = run_cmd(probe_cmd(2, f"enospc:{2 * S}:{rank}", *args), timeout=300)
+    lines = errors(res.stderr)
+    assert res.returncode != 0 and len(lines) == 2, res.stderr[-3000:]  # both ranks: status 2, one line each
+    assert all(f"failed on rank {rank} (OSError: [Errno 28] No space left on device)" in line for line in lines)
+    assert all("the newest checkpoint is" in line and f"step_{S:09d}" in line for line in lines)
+    assert "exitcode  : 2" in res.stderr and "exitcode  : 1" not in res.stderr
+    assert time.time() - t0 < 240
+    ckpts = tmp_path / "r" / "checkpoints"
+    assert [p.name for p in list_checkpoints(ckpts)] == [f"step_{S:09d}"]
+    assert not list(ckpts.glob(".tmp_*"))
+    assert load_checkpoint(list_checkpoints(ckpts)[-1])["global_step"] == S
+    again = run_cmd(torchrun_cmd(2, *args))  # space freed: it resumes from there and finishes
+    assert again.returncode == 0 and "resumed from" in again.stderr, again.stderr[-3000:]
+    assert [p.name for p in list_checkpoints(ckpts)] == [f"step_{S:09d}", f"step_{2 * S:09d}"]
+
+
+# -- preemption ----------------------------------------------------------------------------------------------
+
+
+def test_a_signal_during_start_up_exits_75_and_writes_nothing(tiny_digits, tmp_path):
+    res = run_cmd(probe_cmd(2, "startup-signal:SIGUSR1", *train_args(tiny_digits, tmp_path)))
+    assert "checkpointed" not in res.stdout and "exiting with status 75" in res.stdout, res.stderr[-3000:]
+    assert "exitcode  : 75" in res.stderr and "exitcode  : 2" not in res.stderr
+    run = tmp_path / "r"
+    assert not (run / "checkpoints").exists() or not any((run / "checkpoints").iterdir())
+    assert not [m for m in metrics(run) if m["split"] == "train"]
+
+
+def test_fp16_preempted_and_resumed_equals_uninterrupted_with_the_loss_scale(tiny_digits, tmp_path):
+    # a huge initial scale overflows the first steps; short growth interval: the scale moves at every few steps,
+    # so a GradScaler state lost at the resume would show in the trajectory
+    fp16 = ["precision=fp16", "loss_scale.init_scale=1e9", "loss_scale.growth_interval=2"]
+    straight = run_cmd(torchrun_cmd(2, *train_args(tiny_digits, tmp_path, *fp16, "run.name=straight")))
+    assert straight.returncode == 0, straight.stderr[-3000:]
+    first = run_cmd(torchrun_cmd(2, *train_args(tiny_digits, tmp_path, *fp16, "run.stop_after_steps=9")))
+    assert "exiting with status 75" in first.stdout, first.stderr[-3000:]
+    second = run_cmd(torchrun_cmd(2, *train_args(tiny_digits, tmp_path, *fp16)))
+    assert second.returncode == 0 and "resumed from" in second.stderr, second.stderr[-3000:]
+
+    def trajectory(run):
+        return [(m["step"], m["loss_scale"], m["skipped_steps"]) for m in metrics(run) if m["split"] == "train"]
+
+    want = trajectory(tmp_path / "straight")
+    assert trajectory(tmp_path / "r") == want
+    assert want[0][1] < 1e9 and want[-1][2] >= 1  # it did overflow and skip, and the scale did move
+    assert len({scale for _, scale, _ in want}) >= 3
+    a, b = (weights(list_checkpoints(tmp_path / n / "checkpoints")[-1]) for n in ("straight", "r"))
+    assert max_diff(a, b) <= 1e-6
+
+
+# -- another world size --------------------------------------------------------------------------------------
+
+
+def test_another_world_size_without_a_global_batch_stops_and_says_how(tiny_digits, tmp_path):
+    first = run_cmd(torchrun_cmd(2, *train_args(tiny_digits, tmp_path, "run.stop_after_steps=3")))
+    assert "exiting with status 75" in first.stdout, first.stderr[-3000:]
+    res = run_cmd(torchrun_cmd(1, *train_args(tiny_digits, tmp_path)))
+    (line,) = errors(res.stderr)
+    assert "was written by 2 process(es) x 8 images x 1 accumulation = global batch 16" in line
+    assert "this run's global batch is 8" in line and "set data.global_batch_size=16" in line
+    assert [p.name for p in list_checkpoints(tmp_path / "r" / "checkpoints")] == ["step_000000003"]
+
+
+@pytest.mark.parametrize(("strategy", "before", "after", "global_batch"), [("ddp", 2, 1, 16), ("fsdp", 2, 3, 36)])
+def test_another_world_size_with_a_global_batch_continues_the_same_plan(tiny_digits, tmp_path, strategy, before, after, global_batch):
+    args = train_args(tiny_digits, tmp_path, f"strategy={strategy}", f"data.global_batch_size={global_batch}")
+    ref = run_cmd(torchrun_cmd(before, *args, "run.name=ref"))  # uninterrupted, `before` processes
+    assert ref.returncode == 0, ref.stderr[-3000:]
+    first = run_cmd(torchrun_cmd(before, *args, "run.stop_after_steps=2"))
+    assert "exiting with status 75" in first.stdout, first.stderr[-3000:]
+    (saved,) = list_checkpoints(tmp_path / "r" / "checkpoints")
+    # what the new world size holds right after resuming is exactly what was saved (FSDP: resharded 2 -> 3)
+    dump = tmp_path / "resumed.pt"
+    res = run_cmd(probe_cmd(after, f"dump:{dump}", *args))
+    assert res.returncode == 0, res.stderr[-3000:]
+    assert f"continuing a checkpoint of {before} process(es)" in res.stderr
+    assert max_diff(torch.load(dump, weights_only=True), weights(saved)) == 0
+    second = run_cmd(torchrun_cmd(after, *args))
+    assert second.returncode == 0, second.stderr[-3000:]
+    # the same steps (per epoch and in all) and the same lr at each: the recipe did not change with the world
+    got, want = ([(m["epoch"], m["step"], m["lr"]) for m in metrics(tmp_path / n) if m["split"] == "train"] for n in ("r", "ref"))
+    assert got == want
+
+
+def test_another_world_size_that_splits_the_last_step_otherwise_stops_and_says_how(tiny_digits, tmp_path):
+    # global batch 24 over 100 images: the last step's 4 images feed 2 processes (2 each), not 3
+    args = train_args(tiny_digits, tmp_path, "data.global_batch_size=24")
+    first = run_cmd(torchrun_cmd(2, *args, "run.stop_after_steps=1"))
+    assert "exiting with status 75" in first.stdout, first.stderr[-3000:]
+    res = run_cmd(torchrun_cmd(3, *args))
+    lines = errors(res.stderr)
+    assert len(lines) == 3 and "with 5 steps per epoch by 2 process(es)" in lines[0] and "makes 4 with 3 process(es)" in lines[0], res.stderr[-3000:]
