@@ -151,7 +151,7 @@ class RunConfig:
 
 @dataclass
 class WandbConfig:
-    mode: WandbMode = "auto"  # auto: online when an API key is configured, else offline (sync later)
+    mode: WandbMode = "auto"  # auto: online with an API key and a server that answers, else offline (sync later)
     project: str = "dist_bot"  # W&B project
     entity: str | None = None  # W&B team or user; None: the key's default
     group: str | None = None  # runs grouped in the UI; None: the Slurm job id when there is one

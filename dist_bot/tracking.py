@@ -1,28 +1,50 @@
 """Tracking on rank 0: metrics.jsonl (always), Weights & Biases (auto / online / offline / disabled), and a
 progress line.
 
-W&B mode ``auto`` goes online when an API key is configured (WANDB_API_KEY or `wandb login`) and offline
-otherwise; offline runs are folders under ``<run dir>/wandb`` that `wandb sync` uploads later. The W&B run
-id is stored in every checkpoint, so a resumed or requeued run continues the same W&B run. Keys are never
-logged or written: W&B reads them itself.
+W&B mode ``auto`` goes online when an API key is configured (WANDB_API_KEY or `wandb login`) and W&B's
+server answers within PROBE_TIMEOUT_S (3 s) at its base URL (WANDB_BASE_URL, the base_url of `wandb login
+--host`, or W&B's default), and offline otherwise, with one warning when a key is configured but the server
+does not answer. Offline runs are folders under ``<run dir>/wandb`` that `wandb sync` uploads later.
+
+W&B never stops or hangs training. wandb.init may take INIT_TIMEOUT_S (30 s; WANDB_INIT_TIMEOUT overrides
+it; W&B's own look-up of the key's user adds up to 10 s before it) and run.finish FINISH_TIMEOUT_S (120 s;
+WANDB_FINISH_TIMEOUT overrides it; what is left stays on disk for `wandb sync`). If online init fails (auto
+or online mode), the run goes on as an offline W&B run, or with metrics.jsonl alone if that fails too, after
+one warning; if W&B fails mid-run (log, finish) the run goes on with metrics.jsonl. After an online init
+failed against a server that takes connections but never answers, wandb's exit hook spends about 20 s more
+on its own telemetry when the process ends.
+
+The W&B run id is stored in every checkpoint, so a resumed or requeued run continues the same W&B run. Keys
+are never logged or written: W&B reads them itself, and warnings that quote W&B's errors blank the key out.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import math
 import netrc
 import os
 import secrets
+import ssl
 import string
 import sys
+import threading
 import time
+import urllib.error
+import urllib.request
 from pathlib import Path
 
 from .config import UserError
 
 log = logging.getLogger(__name__)
+
+
+PROBE_TIMEOUT_S = 3.0  # auto mode: how long W&B's server has to answer before the run goes offline
+INIT_TIMEOUT_S = 30.0  # wandb.init's bound (W&B's own default, 90 s, is long for ranks waiting on rank 0)
+FINISH_TIMEOUT_S = 120.0  # run.finish's bound (W&B's default waits for every upload, however long)
+DEFAULT_BASE_URL = "https://api.wandb.ai"  # used only if wandb cannot say which server it would use
 
 
 def wandb_key_configured() -> bool:
@@ -34,10 +56,68 @@ def wandb_key_configured() -> bool:
         return False
 
 
-def resolve_wandb_mode(mode: str) -> str:
-    if mode == "auto":
-        return "online" if wandb_key_configured() else "offline"
-    return mode
+def wandb_base_url() -> str:
+    """The server wandb.init would contact: WANDB_BASE_URL, the `wandb login --host` setting, or the default."""
+    try:
+        from wandb.sdk import wandb_setup
+
+        return wandb_setup.singleton().settings.base_url  # W&B's own reading; starts no service process
+    except Exception:  # wandb missing, or settings it cannot read (then wandb.init fails, and the run goes on)
+        return os.environ.get("WANDB_BASE_URL") or DEFAULT_BASE_URL
+
+
+def server_answers(url: str, timeout_s: float = PROBE_TIMEOUT_S) -> bool:
+    """Whether an HTTP server answers at `url` within `timeout_s` (any status below 500 counts).
+
+    The request runs in a daemon thread so that no stage of it (name lookup included, which socket timeouts
+    do not cover) keeps the caller waiting longer than `timeout_s`.
+    """
+    answered = []
+
+    def probe() -> None:
+        try:
+            with urllib.request.urlopen(url, timeout=timeout_s):
+                answered.append(True)
+        except urllib.error.HTTPError as e:
+            answered.append(e.code < 500)
+        except ssl.SSLCertVerificationError:
+            answered.append(True)  # a server is there; wandb may trust its certificate where urllib does not
+        except Exception:
+            answered.append(False)
+
+    thread = threading.Thread(target=probe, name="wandb-probe", daemon=True)
+    thread.start()
+    thread.join(timeout_s)
+    return bool(answered) and answered[0]
+
+
+def resolve_wandb_mode(mode: str, base_url: str | None = None) -> str:
+    """auto -> online when a key is configured and the server at `base_url` answers, else offline."""
+    if mode != "auto":
+        return mode
+    if not wandb_key_configured():
+        return "offline"
+    url = base_url or wandb_base_url()
+    if server_answers(url):
+        return "online"
+    log.warning(
+        "W&B server %s did not answer within %g s: this run tracks offline (`wandb sync` its folder later)",
+        url,
+        PROBE_TIMEOUT_S,
+    )
+    return "offline"
+
+
+def timeouts() -> dict[str, float]:
+    """wandb.Settings bounds for init and finish; W&B's own variables (WANDB_INIT_TIMEOUT ...) win."""
+    defaults = {"init_timeout": INIT_TIMEOUT_S, "finish_timeout": FINISH_TIMEOUT_S}
+    return {k: v for k, v in defaults.items() if f"WANDB_{k.upper()}" not in os.environ}
+
+
+def redact_key(text: str) -> str:
+    """The message with the API key (if W&B's error quotes it) blanked out."""
+    key = os.environ.get("WANDB_API_KEY")
+    return text.replace(key, "<WANDB_API_KEY>") if key else text
 
 
 class Tracker:
@@ -52,8 +132,7 @@ class Tracker:
             return
         # line-buffered, open for the run's life (closed in close()): every line is on disk when written
         self._file = open(run_dir / "metrics.jsonl", "a", buffering=1)  # noqa: SIM115
-        mode = resolve_wandb_mode(cfg.wandb.mode)
-        if mode == "disabled":
+        if cfg.wandb.mode == "disabled":
             return
         try:
             import wandb
@@ -64,14 +143,42 @@ class Tracker:
             raise UserError(
                 f"wandb.mode={cfg.wandb.mode} but wandb is not installed: pip install 'dist-bot[wandb]'"
             ) from None
+        mode = resolve_wandb_mode(cfg.wandb.mode)
         self.wandb_id = wandb_id or "".join(secrets.choice(string.ascii_lowercase + string.digits) for _ in range(8))
         # W&B's service process ends on the SIGTERM that Slurm sends every process of a preempted job: then
         # the tracker carries on without it (_wandb_failed) and the requeued run resumes the same W&B run.
-        self.wandb_run = self._init_wandb(wandb, cfg, run_dir, mode, config_dict)
-        self.wandb_run.define_metric("step")
-        for split in ("train", "val"):
-            self.wandb_run.define_metric(f"{split}/*", step_metric="step")
+        self.wandb_run, mode = self._start_wandb(wandb, cfg, run_dir, mode, config_dict)
+        if self.wandb_run is None:
+            return
+        try:
+            self.wandb_run.define_metric("step")
+            for split in ("train", "val"):
+                self.wandb_run.define_metric(f"{split}/*", step_metric="step")
+        except Exception as e:
+            self._wandb_failed(e)
+            return
         log.info("W&B %s run %s (%s)", mode, self.wandb_id, run_dir / "wandb")
+
+    def _start_wandb(self, wandb, cfg, run_dir: Path, mode: str, config_dict):
+        """(run, mode): the run in `mode`, else offline, else (None, "disabled"); one warning when it falls back."""
+        try:
+            return self._init_wandb(wandb, cfg, run_dir, mode, config_dict), mode
+        except Exception as e:  # no network, a wrong key, a server that does not answer: training goes on
+            failure = e
+        run, fallback = None, "disabled"
+        if mode != "offline":
+            with contextlib.suppress(Exception):
+                wandb.teardown()  # W&B's service keeps the failed run's id in use; a new service frees it
+                run, fallback = self._init_wandb(wandb, cfg, run_dir, "offline", config_dict), "offline"
+        log.warning(
+            "W&B %s run at %s did not start (%s: %s): this run tracks %s",
+            mode,
+            wandb_base_url(),
+            type(failure).__name__,
+            " ".join(redact_key(str(failure)).split()),
+            "offline (`wandb sync` its folder later)" if run is not None else "to metrics.jsonl only",
+        )
+        return run, fallback
 
     def _init_wandb(self, wandb, cfg, run_dir: Path, mode: str, config_dict):
         return wandb.init(
@@ -85,6 +192,7 @@ class Tracker:
             resume="allow",
             dir=str(run_dir),
             mode=mode,
+            settings=wandb.Settings(**timeouts()),
         )
 
     def _wandb_failed(self, e: Exception) -> None:
@@ -93,7 +201,7 @@ class Tracker:
             "W&B stopped working (%s: %s): this process goes on with metrics.jsonl only; a resumed run continues "
             "W&B run %s",
             type(e).__name__,
-            e,
+            redact_key(str(e)),
             self.wandb_id,
         )
         self.wandb_run = None
