@@ -340,8 +340,8 @@ class Trainer:
             raise RunError(
                 f"checkpoint {path} was written with {saved['steps_per_epoch']} steps per epoch by "
                 f"{saved['world_size']} process(es), and the same global batch makes {now['steps_per_epoch']} with "
-                f"{now['world_size']} process(es): the epoch's last, shorter step is folded into the one before when it "
-                "cannot give every process at least 2 images. Resume with "
+                f"{now['world_size']} process(es): the epoch's last, shorter step is folded into the one before "
+                "when it cannot give every process at least 2 images. Resume with "
                 f"{saved['world_size']} process(es), or with a number for which the last step splits the same way"
             )
         if self.env.is_main:
@@ -439,7 +439,9 @@ class Trainer:
         asked to stop (a preemption signal): the one place the loop agrees on that, so all stop at one step."""
         env, st = self.env, self.state
         seconds = time.perf_counter() - interval.t0
-        host = torch.tensor([interval.samples, float(bool(PREEMPTION.received))], dtype=torch.float64, device=env.device)
+        host = torch.tensor(
+            [interval.samples, float(bool(PREEMPTION.received))], dtype=torch.float64, device=env.device
+        )
         sums = torch.cat([interval.loss_sum.double().view(1), host])
         if env.distributed:
             dist.all_reduce(sums)

@@ -17,8 +17,8 @@ from dist_bot.checkpoint import (
     load_checkpoint,
     load_latest_good,
     read_meta,
-    rng_state,
     remove_stale_temporaries,
+    rng_state,
     save_checkpoint,
     set_rng_state,
     write_file,
@@ -78,7 +78,7 @@ def test_a_failed_rewrite_of_the_same_step_keeps_the_earlier_save(tmp_path, monk
         return real_rename(self, target)
 
     monkeypatch.setattr(type(good), "rename", rename)
-    with pytest.raises(CheckpointWriteError, match="renaming into place checkpoint .* failed on rank 0"):
+    with pytest.raises(CheckpointWriteError, match=r"renaming into place checkpoint .* failed on rank 0"):
         save_checkpoint(tmp_path, 1, keep_last=3, write=writer(1))
     assert list_checkpoints(tmp_path) == [good] and read_meta(good)["global_step"] == 1
 
@@ -97,7 +97,7 @@ def test_a_flipped_bit_in_tensor_data_is_caught_by_the_crc(tmp_path):
     data = bytearray(model.read_bytes())
     data[data.index(torch.full((3,), 1.0).numpy().tobytes())] ^= 0x01  # torch.load alone would not notice
     model.write_bytes(bytes(data))
-    with pytest.raises(CheckpointError, match="model.pt is damaged"):
+    with pytest.raises(CheckpointError, match=r"model\.pt is damaged"):
         load_checkpoint(latest)
 
 
@@ -111,7 +111,7 @@ def test_agreement_falls_back_past_a_damaged_checkpoint_and_never_starts_fresh(t
     assert "step_000000002 cannot be used (rank 0: checkpoint file" in caplog.text
     first = path / "meta.pt"
     first.write_bytes(first.read_bytes()[:50])  # now no checkpoint is readable: an error, not a fresh start
-    with pytest.raises(CheckpointError, match="no checkpoint in .* is readable by every process: rank 0: "):
+    with pytest.raises(CheckpointError, match=r"no checkpoint in .* is readable by every process: rank 0: "):
         agree_on_checkpoint(tmp_path, load_checkpoint)
     assert agree_on_checkpoint(tmp_path / "none", load_checkpoint) is None
 

@@ -93,10 +93,15 @@ def test_sigkill_of_one_rank_mid_step_restarts_and_ends_with_the_same_weights(st
     workers = subprocess.run(["pgrep", "-P", str(proc.pid)], capture_output=True, text=True).stdout.split()
     assert len(workers) == 2
     os.kill(int(workers[1]), signal.SIGKILL)
-    out, err = proc.communicate(timeout=300)
+    _, err = proc.communicate(timeout=300)
     assert proc.returncode == 0, err[-3000:]
     assert "resumed from" in err and f"step_{S:09d}" in err  # the restarted group continued epoch 1's checkpoint
-    assert max_diff(weights(list_checkpoints(run / "checkpoints")[-1]), weights(list_checkpoints(straight / "checkpoints")[-1])) <= 1e-6
+    assert (
+        max_diff(
+            weights(list_checkpoints(run / "checkpoints")[-1]), weights(list_checkpoints(straight / "checkpoints")[-1])
+        )
+        <= 1e-6
+    )
 
 
 # -- damaged checkpoints -------------------------------------------------------------------------------------
@@ -116,7 +121,9 @@ def resume_in_process(run: Path, data: Path) -> Trainer:
 
 @pytest.mark.parametrize("how", ["truncated", "missing"])
 @pytest.mark.parametrize("name", ["meta.pt", "model.pt", "train_state.pt"])
-def test_a_damaged_newest_checkpoint_falls_back_to_the_previous_whole(straight, tiny_digits, tmp_path, caplog, name, how):
+def test_a_damaged_newest_checkpoint_falls_back_to_the_previous_whole(
+    straight, tiny_digits, tmp_path, caplog, name, how
+):
     run = copy_run(straight, tmp_path)
     first, newest = list_checkpoints(run / "checkpoints")
     damage(newest / name, how)
@@ -131,7 +138,9 @@ def test_a_damaged_newest_checkpoint_falls_back_to_the_previous_whole(straight, 
 
 
 @pytest.mark.parametrize("name", ["meta.pt", "model.pt", "train_state.pt"])
-def test_the_only_checkpoint_damaged_stops_with_its_name_and_never_starts_fresh(straight, tiny_digits, tmp_path, capsys, name):
+def test_the_only_checkpoint_damaged_stops_with_its_name_and_never_starts_fresh(
+    straight, tiny_digits, tmp_path, capsys, name
+):
     from dist_bot.cli import main
 
     run = copy_run(straight, tmp_path)
@@ -155,14 +164,21 @@ def test_a_checkpoint_unreadable_on_one_rank_only_is_skipped_by_every_rank(strai
     assert f"step_{2 * S:09d} cannot be used (rank 1: checkpoint file" in res.stderr
     assert f"resumed from {run / 'checkpoints' / f'step_{S:09d}'}" in res.stderr  # both ranks: one collective
     # epoch 2 trained again from epoch 1's checkpoint: the same weights as the straight run
-    assert max_diff(weights(list_checkpoints(run / "checkpoints")[-1]), weights(list_checkpoints(straight / "checkpoints")[-1])) <= 1e-6
+    assert (
+        max_diff(
+            weights(list_checkpoints(run / "checkpoints")[-1]), weights(list_checkpoints(straight / "checkpoints")[-1])
+        )
+        <= 1e-6
+    )
 
 
 # -- a full disk while saving --------------------------------------------------------------------------------
 
 
 @pytest.mark.parametrize(("strategy", "rank"), [("ddp", 0), ("fsdp", 1)])
-def test_a_full_disk_while_saving_is_an_error_on_every_rank_and_keeps_the_last_checkpoint(tiny_digits, tmp_path, strategy, rank):
+def test_a_full_disk_while_saving_is_an_error_on_every_rank_and_keeps_the_last_checkpoint(
+    tiny_digits, tmp_path, strategy, rank
+):
     args = train_args(tiny_digits, tmp_path, f"strategy={strategy}")
     t0 = time.time()
     res = run_cmd(probe_cmd(2, f"enospc:{2 * S}:{rank}", *args), timeout=300)
@@ -229,7 +245,9 @@ def test_another_world_size_without_a_global_batch_stops_and_says_how(tiny_digit
 
 
 @pytest.mark.parametrize(("strategy", "before", "after", "global_batch"), [("ddp", 2, 1, 16), ("fsdp", 2, 3, 36)])
-def test_another_world_size_with_a_global_batch_continues_the_same_plan(tiny_digits, tmp_path, strategy, before, after, global_batch):
+def test_another_world_size_with_a_global_batch_continues_the_same_plan(
+    tiny_digits, tmp_path, strategy, before, after, global_batch
+):
     args = train_args(tiny_digits, tmp_path, f"strategy={strategy}", f"data.global_batch_size={global_batch}")
     ref = run_cmd(torchrun_cmd(before, *args, "run.name=ref"))  # uninterrupted, `before` processes
     assert ref.returncode == 0, ref.stderr[-3000:]
@@ -245,7 +263,9 @@ def test_another_world_size_with_a_global_batch_continues_the_same_plan(tiny_dig
     second = run_cmd(torchrun_cmd(after, *args))
     assert second.returncode == 0, second.stderr[-3000:]
     # the same steps (per epoch and in all) and the same lr at each: the recipe did not change with the world
-    got, want = ([(m["epoch"], m["step"], m["lr"]) for m in metrics(tmp_path / n) if m["split"] == "train"] for n in ("r", "ref"))
+    got, want = (
+        [(m["epoch"], m["step"], m["lr"]) for m in metrics(tmp_path / n) if m["split"] == "train"] for n in ("r", "ref")
+    )
     assert got == want
 
 
@@ -256,4 +276,8 @@ def test_another_world_size_that_splits_the_last_step_otherwise_stops_and_says_h
     assert "exiting with status 75" in first.stdout, first.stderr[-3000:]
     res = run_cmd(torchrun_cmd(3, *args))
     lines = errors(res.stderr)
-    assert len(lines) == 3 and "with 5 steps per epoch by 2 process(es)" in lines[0] and "makes 4 with 3 process(es)" in lines[0], res.stderr[-3000:]
+    assert (
+        len(lines) == 3
+        and "with 5 steps per epoch by 2 process(es)" in lines[0]
+        and "makes 4 with 3 process(es)" in lines[0]
+    ), res.stderr[-3000:]

@@ -152,7 +152,12 @@ def test_stop_after_one_epoch_and_resume_equals_straight_run(straight_run, digit
     stopped = load_checkpoint(list_checkpoints(tmp_path / "r" / "checkpoints")[-1])
     # a stop at the last step of an epoch checkpoints BEFORE the evaluation (Slurm's KillWait is short): the
     # epoch is done, its evaluation pending, and nothing was evaluated yet
-    assert (stopped["epoch"], stopped["epoch_step"], stopped["global_step"], stopped["pending_eval"]) == (1, 0, 23, True)
+    assert (stopped["epoch"], stopped["epoch_step"], stopped["global_step"], stopped["pending_eval"]) == (
+        1,
+        0,
+        23,
+        True,
+    )
     assert not [m for m in read_metrics(tmp_path / "r") if m["split"] == "val"]
 
     second = run_cmd(torchrun_cmd(2, *args))
