@@ -73,7 +73,16 @@ def _broadcast(item: Any) -> Any:
 
 
 def _failure(e: BaseException) -> str:
-    return f"{type(e).__name__}: {e}"
+    return " ".join(f"{type(e).__name__}: {e}".split())  # one line
+
+
+def _failures(e: BaseException) -> list[tuple[int | None, str]]:
+    """(rank, error) pairs for an exception; rank None: this process. torch.distributed.checkpoint raises the
+    same CheckpointException on every rank, naming the ranks that actually failed."""
+    failures = getattr(e, "failures", None)
+    if isinstance(failures, dict) and failures:
+        return [(r, _failure(f[0] if isinstance(f, tuple) else f)) for r, f in sorted(failures.items())]
+    return [(None, _failure(e))]
 
 
 def fsync_path(path: Path) -> None:
@@ -138,9 +147,9 @@ def save_checkpoint(folder: Path, step: int, keep_last: int, write: Callable[[Pa
     final = folder / f"step_{step:09d}"
     tmp = folder / f".tmp_step_{step:09d}"
 
-    def agree(what: str, error: str | None) -> None:
+    def agree(what: str, error: list[tuple[int | None, str]] | None) -> None:
         errors = _gather(error)
-        failed = [(r, e) for r, e in enumerate(errors) if e is not None]
+        failed = sorted({(r if at is None else at, e) for r, got in enumerate(errors) for at, e in got or ()})
         if not failed:
             return
         if _is_main():
@@ -159,13 +168,15 @@ def save_checkpoint(folder: Path, step: int, keep_last: int, write: Callable[[Pa
             shutil.rmtree(tmp, ignore_errors=True)  # left by a crash during an earlier attempt
             tmp.mkdir(parents=True)
         except OSError as e:
-            error = _failure(e)
+            error = _failures(e)
     agree("creating the folder of", error)
     error = None
     try:
         write(tmp)
-    except Exception as e:  # agreed below, so every process raises, not only this one
-        error = _failure(e)
+    except (KeyboardInterrupt, SystemExit):
+        raise
+    except BaseException as e:  # agreed below, so every process raises; DCP's CheckpointException is a BaseException
+        error = _failures(e)
     agree("writing", error)
     error, old = None, folder / f".tmp_old_step_{step:09d}"
     if _is_main():
@@ -179,7 +190,7 @@ def save_checkpoint(folder: Path, step: int, keep_last: int, write: Callable[[Pa
             for stale in list_checkpoints(folder)[:-keep_last]:
                 shutil.rmtree(stale, ignore_errors=True)
         except OSError as e:
-            error = _failure(e)
+            error = _failures(e)
             if old.exists() and not final.exists():
                 old.rename(final)  # put the earlier save of this step back
     agree("renaming into place", error)

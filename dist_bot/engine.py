@@ -66,6 +66,7 @@ RESUMABLE_CHANGES = {
     "data.workers",
     "data.dali_py_workers",
     "run.resume",
+    "run.out_dir",  # a run folder may be moved (another file system): it is found by its new place
     "run.log_every_steps",
     "run.stop_after_steps",
     "wandb.mode",
@@ -88,9 +89,10 @@ class Preempted(Exception):
     plain SIGTERM to Slurm); empty when the stop came from run.stop_after_steps or from another rank.
     """
 
-    def __init__(self, step: int, signals: tuple[int, ...] = ()):
+    def __init__(self, step: int, signals: tuple[int, ...] = (), saved: bool = True):
         names = ", ".join(signal.Signals(s).name for s in signals) or "no signal here"
-        super().__init__(f"checkpointed at step {step} ({names})")
+        what = f"checkpointed at step {step}" if saved else f"stopped during start-up at step {step}, nothing written"
+        super().__init__(f"{what} ({names})")
         self.step, self.signals = step, signals
 
 
@@ -586,7 +588,7 @@ class Trainer:
             log.info("run %s is complete (%d epochs): nothing to do", self.run_dir, epochs)
         try:
             if self.should_stop():  # a preemption signal during start-up: requeue now, nothing written
-                raise Preempted(st.global_step, PREEMPTION.received)
+                raise Preempted(st.global_step, PREEMPTION.received, saved=False)
             if st.pending_eval:  # resumed after a stop at an epoch's last step: BN was averaged before that checkpoint
                 result = self.end_epoch(sync_buffers=False)
             while st.epoch < epochs:

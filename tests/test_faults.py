@@ -24,7 +24,14 @@ from dist_bot.distributed.env import DistEnv
 from dist_bot.engine import Trainer
 
 PROBE = str(REPO / "tests" / "fault_probe.py")
-ARGS = ["model.name=resnet18d", "data.batch_size=8", "precision=fp32", "schedule.epochs=2", "run.log_every_steps=1"]
+# the global batch is fixed, so a run may resume at any number of processes (here also a single in-process one)
+ARGS = [
+    "model.name=resnet18d",
+    "data.global_batch_size=16",
+    "precision=fp32",
+    "schedule.epochs=2",
+    "run.log_every_steps=1",
+]
 S = 7  # steps per epoch: 100 images / global batch 16 = 6 steps of 16 and one of 4
 
 
@@ -202,7 +209,8 @@ def test_a_full_disk_while_saving_is_an_error_on_every_rank_and_keeps_the_last_c
 
 def test_a_signal_during_start_up_exits_75_and_writes_nothing(tiny_digits, tmp_path):
     res = run_cmd(probe_cmd(2, "startup-signal:SIGUSR1", *train_args(tiny_digits, tmp_path)))
-    assert "checkpointed" not in res.stdout and "exiting with status 75" in res.stdout, res.stderr[-3000:]
+    assert "stopped during start-up at step 0, nothing written (SIGUSR1)" in res.stdout, res.stderr[-3000:]
+    assert "exiting with status 75" in res.stdout
     assert "exitcode  : 75" in res.stderr and "exitcode  : 2" not in res.stderr
     run = tmp_path / "r"
     assert not (run / "checkpoints").exists() or not any((run / "checkpoints").iterdir())
@@ -235,9 +243,11 @@ def test_fp16_preempted_and_resumed_equals_uninterrupted_with_the_loss_scale(tin
 
 
 def test_another_world_size_without_a_global_batch_stops_and_says_how(tiny_digits, tmp_path):
-    first = run_cmd(torchrun_cmd(2, *train_args(tiny_digits, tmp_path, "run.stop_after_steps=3")))
+    args = [a for a in train_args(tiny_digits, tmp_path) if not a.startswith("data.global_batch_size")]
+    args += ["data.batch_size=8"]  # per process: the global batch follows the number of processes
+    first = run_cmd(torchrun_cmd(2, *args, "run.stop_after_steps=3"))
     assert "exiting with status 75" in first.stdout, first.stderr[-3000:]
-    res = run_cmd(torchrun_cmd(1, *train_args(tiny_digits, tmp_path)))
+    res = run_cmd(torchrun_cmd(1, *args))
     (line,) = errors(res.stderr)
     assert "was written by 2 process(es) x 8 images x 1 accumulation = global batch 16" in line
     assert "this run's global batch is 8" in line and "set data.global_batch_size=16" in line
@@ -281,3 +291,45 @@ def test_another_world_size_that_splits_the_last_step_otherwise_stops_and_says_h
         and "with 5 steps per epoch by 2 process(es)" in lines[0]
         and "makes 4 with 3 process(es)" in lines[0]
     ), res.stderr[-3000:]
+
+
+# -- W&B unreachable -----------------------------------------------------------------------------------------
+
+
+def test_w_and_b_unreachable_under_two_processes_trains_offline_with_one_warning(tiny_digits, tmp_path):
+    pytest.importorskip("wandb", reason="W&B tracking needs wandb (pip install -e '.[wandb]')")
+    import socket
+
+    with socket.create_server(("127.0.0.1", 0), backlog=16) as silent:  # takes connections, never answers
+        env = os.environ | {
+            "OMP_NUM_THREADS": "1",
+            "HOME": str(tmp_path),  # no ~/.netrc, no W&B settings
+            "WANDB_API_KEY": "f" * 40,
+            "WANDB_BASE_URL": f"http://127.0.0.1:{silent.getsockname()[1]}",
+        }
+        cmd = torchrun_cmd(2, *train_args(tiny_digits, tmp_path, "wandb.mode=auto", "schedule.epochs=1"))
+        res = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=300, env=env)
+    assert res.returncode == 0, res.stderr[-3000:]
+    warnings = [line for line in res.stderr.splitlines() if "W&B" in line and "WARNING" in line]
+    assert len(warnings) == 1 and "offline" in warnings[0], res.stderr[-3000:]
+    assert "f" * 40 not in res.stderr + res.stdout
+    assert [m["split"] for m in metrics(tmp_path / "r")][-1] == "val"  # metrics.jsonl has the whole run
+    assert list((tmp_path / "r" / "wandb").glob("offline-run-*"))
+
+
+def test_preemption_handlers_stay_until_everything_is_closed_then_are_restored(tiny_digits, tmp_path, monkeypatch):
+    from dist_bot.cli import main
+    from dist_bot.signals import PREEMPTION
+    from dist_bot.tracking import Tracker
+
+    real_close, seen = Tracker.close, []
+
+    def close(self):  # a SIGTERM while W&B uploads its last data must still be caught
+        seen.append(signal.getsignal(signal.SIGTERM) == PREEMPTION._handle)
+        real_close(self)
+
+    monkeypatch.setattr(Tracker, "close", close)
+    before = {s: signal.getsignal(s) for s in (signal.SIGTERM, signal.SIGUSR1, signal.SIGUSR2)}
+    assert main([*train_args(tiny_digits, tmp_path, "schedule.epochs=1"), "data.loader=torch"]) == 0
+    assert seen == [True]
+    assert {s: signal.getsignal(s) for s in before} == before and not PREEMPTION.installed

@@ -108,9 +108,12 @@ class FSDPStrategy(ScaledOptimizer):
         live = self._sharded_state()
         state = tree_map(lambda v: v.detach().clone() if isinstance(v, torch.Tensor) else copy.deepcopy(v), live)
         try:
-            dcp.load(state, checkpoint_id=folder / "dcp")
-        except Exception as e:
-            raise CheckpointError(f"checkpoint {folder / 'dcp'} is unreadable ({type(e).__name__}: {e})") from None
+            dcp.load(state, checkpoint_id=folder / "dcp")  # collective: a rank's failure is raised on every rank
+        except (KeyboardInterrupt, SystemExit):
+            raise
+        except BaseException as e:  # DCP's CheckpointException is a BaseException
+            reason = " ".join(f"{type(e).__name__}: {e}".split())[:500]
+            raise CheckpointError(f"checkpoint {folder / 'dcp'} is unreadable ({reason})") from None
         train_state = read_file(folder / "train_state.pt")
         if self.env.is_main:
             check_state_dict(read_model(folder), self.plain.state_dict(), folder / "model.pt")
