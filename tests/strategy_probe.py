@@ -1,9 +1,11 @@
-"""Run under torchrun by tests/test_strategies.py: an fp16 overflow in ONE rank's backward.
+"""Run under torchrun by tests/test_strategies.py: steps poisoned on ONE rank must be skipped on every rank.
 
-    python -m torch.distributed.run --standalone --nproc_per_node=2 tests/strategy_probe.py OUT key=value...
+    python -m torch.distributed.run --standalone --nproc_per_node=2 tests/strategy_probe.py OUT CASE key=value...
 
-Writes OUT/rank<r>.json: whether each of two steps was taken, the loss scale after each, and whether the
-weights changed.
+CASE is ``fp16-overflow`` (an inf in rank 1's fp16 loss, then a clean step) or ``nan-data`` (fp32: a NaN pixel
+in rank 1's images, a clean step, then one NaN in rank 1's own gradient shard under FSDP2, then a clean step).
+Writes OUT/rank<r>.json: whether each step was taken, the loss scale after each, and whether any parameter
+changed (compared in full over all ranks' shards).
 """
 
 import json
@@ -11,33 +13,61 @@ import sys
 from pathlib import Path
 
 import torch
+from torch.distributed.tensor import DTensor
 
 from dist_bot.config import load_config
 from dist_bot.distributed import build_strategy
 from dist_bot.distributed.env import init_distributed, shutdown
 from dist_bot.models import build_model
+from dist_bot.recipe.precision import make_sgd
+
+CASES = {
+    "fp16-overflow": (["precision=fp16", "loss_scale.init_scale=1024"], ["inf-loss", None]),
+    "nan-data": (["precision=fp32"], ["nan-image", None, "nan-grad-shard", None]),
+}
 
 
-def main(out: str, *overrides: str) -> None:
-    cfg = load_config(None, [*overrides, "precision=fp16", "loss_scale.init_scale=1024", "model.channels_last=false"])
-    strategy = cfg.strategy
+def params(s) -> dict:
+    """The full parameters, gathered (a collective under FSDP2)."""
+    return {k: v.detach().clone() for k, v in s.eval_model().named_parameters()}
+
+
+def poison_one_gradient_element(model) -> None:
+    """An inf/NaN that only this rank's gradient shard holds (FSDP2 reduce-scatters before anyone looks)."""
+    grad = next(p.grad for p in model.parameters() if p.grad is not None)
+    local = grad.to_local() if isinstance(grad, DTensor) else grad
+    local[(0,) * local.dim()] = float("nan")
+
+
+def main(out: str, case: str, *overrides: str) -> None:
+    settings, poisons = CASES[case]
+    cfg = load_config(None, [*overrides, *settings, "model.channels_last=false"])
     env = init_distributed("gloo")
     torch.manual_seed(0)
     model = build_model("resnet18d", num_classes=10, zero_init_last=False)
-    s = build_strategy(strategy, model, lambda m: torch.optim.SGD(m.parameters(), lr=0.1), env, cfg)
+    s = build_strategy(cfg.strategy, model, lambda m: make_sgd([{"params": list(m.parameters())}], 0.9, True), env, cfg)
+    s.set_lr(0.1)
     record = {"steps": [], "scales": [], "changed": []}
-    x, y = torch.randn(4, 3, 32, 32), torch.randint(0, 10, (4,))
-    for poison in (True, False):
-        before = s.eval_model().state_dict()["fc.weight"].clone()
+    g = torch.Generator().manual_seed(env.rank)
+    for poison in poisons:
+        before = params(s)
+        if poison == "nan-grad-shard" and cfg.strategy != "fsdp":
+            continue  # only FSDP2 shards gradients: under DDP and ZeRO every rank reduces them whole
+        x, y = torch.randn(4, 3, 32, 32, generator=g), torch.randint(0, 10, (4,), generator=g)
+        if poison == "nan-image" and env.rank == 1:
+            x[2, 1, 5, 5] = float("nan")
         s.model.train()
-        with torch.autocast("cpu", dtype=torch.float16):
+        with torch.autocast("cpu", dtype=torch.float16, enabled=cfg.precision == "fp16"):
             loss = torch.nn.functional.cross_entropy(s.model(x), y)
-        if poison and env.rank == 1:  # an overflow in one rank's backward only, as fp16 overflows happen
+        if poison == "inf-loss" and env.rank == 1:  # an overflow in one rank's backward only, as fp16 overflows happen
             loss = loss * float("inf")
         s.backward(loss)
+        if poison == "nan-grad-shard" and env.rank == 1:
+            poison_one_gradient_element(s.model)
         record["steps"].append(bool(s.step()))
         record["scales"].append(s.loss_scale)
-        record["changed"].append(not torch.equal(before, s.eval_model().state_dict()["fc.weight"]))
+        after = params(s)
+        record["changed"].append(any(not torch.equal(before[k], after[k]) for k in before))
     Path(out, f"rank{env.rank}.json").write_text(json.dumps(record))
     shutdown()
 

@@ -115,24 +115,43 @@ def test_global_batch_that_does_not_split_over_processes(capsys, tiny_digits, tm
     assert code == 2 and "data.global_batch_size=15 does not split evenly over 1 processes x 2" in err
 
 
-def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(tiny_digits, tmp_path, monkeypatch):
+@pytest.mark.parametrize("precision", ["fp32", "bf16"])
+def test_nan_in_the_data_is_never_applied_and_the_last_good_checkpoint_is_kept(
+    tiny_digits, tmp_path, monkeypatch, precision
+):
+    """One NaN pixel in the first batch of epoch 2 reaches the loss and the gradients; the step is skipped on the
+    device, the log step stops the run, and the weights at the stop are those before the poisoned step: the
+    epoch-1 checkpoint, which is the one kept."""
     cfg = load_config(
         "configs/demo.yaml",
-        [*TINY, f"data.path={tiny_digits}", f"run.out_dir={tmp_path}", "precision=fp32", "run.log_every_steps=1"],
+        [
+            *TINY,
+            f"data.path={tiny_digits}",
+            f"run.out_dir={tmp_path}",
+            f"precision={precision}",
+            "run.log_every_steps=1",
+        ],
     )
     trainer = Trainer(cfg, DistEnv())
-    real_step = Trainer.train_step
+    params = trainer.strategy.module.named_parameters
+    before = {}
+    real = Trainer.micro_loss
 
-    def poisoned(self, step, batches):
-        loss = real_step(self, step, batches)
-        return loss * float("nan") if self.epoch == 1 else loss
+    def poisoned(self, micro):
+        if self.epoch == 1 and self.epoch_step == 0:
+            before.update({k: v.detach().clone() for k, v in params()})
+            micro.images[0, 0, 0, 0] = float("nan")
+        return real(self, micro)
 
-    monkeypatch.setattr(Trainer, "train_step", poisoned)
+    monkeypatch.setattr(Trainer, "micro_loss", poisoned)
     with pytest.raises(RunError, match=r"training loss is nan at epoch 2 step 1: stopping; the last good checkpoint"):
         trainer.fit()
+    after = dict(params())
+    assert before and all(torch.equal(before[k], after[k]) for k in before)
     (good,) = list_checkpoints(tmp_path / "demo" / "checkpoints")
     state = load_checkpoint(good)
-    assert state["epoch"] == 1 and all(torch.isfinite(v).all() for v in state["model"].values())
+    assert state["epoch"] == 1 and state["global_step"] == trainer.global_step - 1
+    assert all(torch.equal(state["model"][k], before[k]) for k in before)
 
 
 def test_run_folder_of_another_run_is_never_overwritten(capsys, tiny_digits, tmp_path):
@@ -160,20 +179,39 @@ def test_checkpoint_of_another_model_is_refused(capsys, tiny_digits, tmp_path):
     assert code == 2 and "is of resnet18d with 10 classes, but this run builds resnet18c" in err
 
 
-def test_fp16_run_logs_the_loss_scale(capsys, tiny_digits, tmp_path):
+def test_fp16_overflow_backs_off_the_logged_loss_scale_then_it_grows(capsys, tiny_digits, tmp_path, monkeypatch):
+    """An inf in one gradient at step 2: the logged scale goes from S to S * loss_scale.backoff_factor there and
+    skipped_steps counts exactly that step; after loss_scale.growth_interval clean steps the scale doubles."""
+    from dist_bot.distributed.ddp import DDPStrategy
+
+    real_backward, calls = DDPStrategy.backward, []
+
+    def backward(self, loss):
+        real_backward(self, loss)
+        calls.append(1)
+        if len(calls) == 2:
+            grad = next(self.module.parameters()).grad
+            grad[(0,) * grad.dim()] = float("inf")
+
+    monkeypatch.setattr(DDPStrategy, "backward", backward)
     args = [
         f"data.path={tiny_digits}",
         f"run.out_dir={tmp_path}",
         "precision=fp16",
-        "schedule.epochs=1",
+        "loss_scale.init_scale=256",
+        "loss_scale.backoff_factor=0.25",
+        "loss_scale.growth_interval=3",
         "schedule.warmup_epochs=0",
-        "run.log_every_steps=2",
+        "run.log_every_steps=1",
+        "run.stop_after_steps=8",
     ]
     code = main(["train", "configs/demo.yaml", *TINY, *args])
     out = capsys.readouterr().out
-    assert code == 0
+    assert code == 75  # run.stop_after_steps
     lines = [json.loads(x) for x in (tmp_path / "demo" / "metrics.jsonl").read_text().splitlines()]
     train_lines = [x for x in lines if x["split"] == "train"]
-    assert all(x["loss_scale"] > 0 and x["skipped_steps"] >= 0 for x in train_lines)
-    assert train_lines[0]["loss_scale"] <= 65536  # starts at loss_scale.init_scale, then halves or doubles
+    assert [x["step"] for x in train_lines] == list(range(1, 9))
+    # step 1 clean; 2 overflows: 256 * 0.25; 3-5 clean: x2 after the third; 6-8 clean: x2 again
+    assert [x["loss_scale"] for x in train_lines] == [256, 64, 64, 64, 128, 128, 128, 256]
+    assert [x["skipped_steps"] for x in train_lines] == [0, 1, 1, 1, 1, 1, 1, 1]
     assert " scale " in out and " skipped " in out  # the progress line shows them

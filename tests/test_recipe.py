@@ -13,7 +13,7 @@ from dist_bot.distributed.env import DistEnv
 from dist_bot.models import build_model
 from dist_bot.recipe.losses import distillation_loss, smooth_targets, soft_cross_entropy
 from dist_bot.recipe.lr import LRSchedule, build_schedule, scaled_lr
-from dist_bot.recipe.mixup import mixup
+from dist_bot.recipe.mixup import mix_pairs, mixup
 from dist_bot.recipe.param_groups import param_groups
 from dist_bot.recipe.precision import LossScaleCollapse, LossScaleGuard
 
@@ -116,13 +116,35 @@ def test_mixup_mixes_images_and_targets_with_the_same_lambda():
     assert mixed_t.sum(1).tolist() == pytest.approx([1.0] * 4)
 
 
-def test_mixup_permute_pairs_and_alpha_zero_is_identity():
+def test_mixup_alpha_zero_is_identity():
     images, targets = torch.randn(6, 3, 4, 4), torch.eye(6)
     same = mixup(images, targets, alpha=0.0, rng=np.random.default_rng(0))
-    assert same[0] is images and same[2] == 1.0
-    _, mixed_t, lam = mixup(images, targets, alpha=0.2, rng=np.random.default_rng(1), pairing="permute")
-    partner = mixed_t.argmin(1) if lam > 0.5 else mixed_t.argmax(1)
-    assert sorted(partner.tolist()) == list(range(6)) or lam in (0.0, 1.0)
+    assert same[0] is images and same[1] is targets and same[2] == 1.0
+
+
+@pytest.mark.parametrize("pairing", ["flip", "permute"])
+def test_mixup_mixes_each_image_with_its_partner(pairing):
+    """mixed[i] = lam x[i] + (1 - lam) x[j(i)], and the same for the targets, where j is the pairing: each row's
+    partner is found from the output itself (the one j for which the formula holds), then compared with the
+    pairing the seed gives."""
+    n, seed = 8, 23  # Beta(0.2, 0.2) is mostly near 0 or 1; seed 23 draws lam = 0.597, far from both
+    g = torch.Generator().manual_seed(0)
+    images, targets = torch.randn(n, 3, 4, 4, generator=g), torch.softmax(torch.randn(n, 10, generator=g), 1)
+    mixed, mixed_t, lam = mixup(images, targets, alpha=0.2, rng=seed, pairing=pairing)
+    assert 0.55 < lam < 0.65
+    partner = []
+    for i in range(n):
+        (j,) = [j for j in range(n) if torch.allclose(mixed[i], lam * images[i] + (1 - lam) * images[j], atol=1e-6)]
+        assert torch.allclose(mixed_t[i], lam * targets[i] + (1 - lam) * targets[j], atol=1e-7)
+        partner.append(j)
+    assert sorted(partner) == list(range(n))  # every image is someone's partner: the batch mixes with itself
+    if pairing == "flip":
+        assert partner == list(range(n - 1, -1, -1))
+    else:
+        rng = np.random.default_rng(seed)
+        rng.beta(0.2, 0.2)  # lambda is drawn first, then the permutation
+        assert partner == mix_pairs(n, "permute", rng).tolist()
+        assert partner not in (list(range(n)), list(range(n - 1, -1, -1)))  # neither identity nor the flip
 
 
 # -- distillation ---------------------------------------------------------------------------------

@@ -1,4 +1,5 @@
-"""DDP and FSDP2 behind one interface: the same training, the same fp16 loss scaling, resumable checkpoints."""
+"""DDP, FSDP2 and DeepSpeed ZeRO behind one interface: the same training (losses, weights, BN statistics,
+validation), the same skipped steps on overflow or NaN, resumable checkpoints."""
 
 import importlib.util
 import json
@@ -6,10 +7,11 @@ import sys
 
 import pytest
 import torch
-from conftest import REPO, run_cmd, torchrun_cmd
+from conftest import REPO, link_subset, run_cmd, torchrun_cmd
 
 from dist_bot.checkpoint import list_checkpoints, load_checkpoint, read_meta
 from dist_bot.config import UserError
+from dist_bot.models import build_model
 
 # name -> overrides; DeepSpeed at each ZeRO stage it supports
 STRATEGIES = {
@@ -28,9 +30,10 @@ def needs(name, fp16=False):
             pytest.skip("DeepSpeed's fp16 needs a GPU or a CPU with AVX512-FP16/AMX-FP16; this CPU has neither")
 
 
-# channels_last off: FSDP2 keeps conv weights contiguous (it shards flat parameters), DDP would keep them
-# channels_last, and the two convolution algorithms round differently (1e-7), which 10 steps of small-batch
-# training amplify to 1e-3. With the same memory format the strategies agree to the last bit.
+# channels_last off: FSDP2 and DeepSpeed keep conv weights contiguous (they shard or flatten parameters), DDP
+# would keep them channels_last, and the two convolution algorithms round differently (1e-7), which training
+# amplifies. With the same memory format the strategies agree to the last bit (test_same_training_...);
+# at the default, channels_last on, within a measured tolerance (test_..._at_the_default_memory_format).
 COMMON = [
     "model.channels_last=false",
     "model.name=resnet18d",
@@ -38,76 +41,157 @@ COMMON = [
     "wandb.mode=disabled",
     "precision=fp32",
     "data.batch_size=16",
-    "schedule.epochs=1",
+    "schedule.epochs=2",
     "run.log_every_steps=1",
 ]
-
-
-def train_losses(run_dir):
-    lines = [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines()]
-    return [x["loss"] for x in lines if x["split"] == "train"]
+# channels_last on (the default), max abs difference from DDP over fsdp and zero2, as measured (README,
+# "Strategies"): the first rounding difference (1.2e-7, step 3) grows through training at this recipe's lr to
+# 5e-2 in the loss by step 9. The tolerances are about twice the measurements; the early steps bound the
+# computation itself, the rest only how far ten steps of training amplify it.
+DEFAULT_FORMAT_MEASURED = {
+    "train_loss_steps_1_5": 1.2e-7,
+    "train_loss": 0.0477,
+    "params": 0.0499,
+    "buffers": 0.169,
+    "val_loss": 0.286,
+    "val_top1": 3.06,  # percentage points: 11 of 360 images
+}
+DEFAULT_FORMAT_TOLERANCE = {
+    "train_loss_steps_1_5": 1e-6,
+    "train_loss": 0.1,
+    "params": 0.1,
+    "buffers": 0.35,
+    "val_loss": 0.6,
+    "val_top1": 6.0,
+}
 
 
 @pytest.fixture(scope="module")
-def ten_steps(digits_dir, tmp_path_factory):
-    """10 optimizer steps of resnet18d with the full recipe (label smoothing, mixup, warmup, no bias decay,
-    Nesterov) under each strategy, 2 processes, fp32, same seed and data."""
-    out = tmp_path_factory.mktemp("strategies")
+def epoch_of_ten(digits_dir, tmp_path_factory):
+    """320 train digits (one epoch: 10 steps of 2 processes x 16) and all 360 val digits."""
+    return link_subset(digits_dir, tmp_path_factory.mktemp("ten") / "digits", {"train": 32, "val": 1000})
+
+
+def train_each(strategies, data, out, *extra) -> dict:
+    """One epoch (10 optimizer steps, then exact evaluation and a checkpoint) of resnet18d with the full recipe
+    (label smoothing, mixup, warmup, no bias decay, Nesterov) under each strategy, 2 processes, fp32, same seed
+    and data; stopped by run.stop_after_steps right after the epoch's checkpoint."""
     runs = {}
-    for strategy, overrides in STRATEGIES.items():
+    for strategy in strategies:
         if strategy.startswith("zero") and importlib.util.find_spec("deepspeed") is None:
             continue
-        args = ["train", "configs/demo.yaml", f"data.path={digits_dir}", *COMMON, *overrides]
+        args = ["train", "configs/demo.yaml", f"data.path={data}", *COMMON, *extra, *STRATEGIES[strategy]]
         res = run_cmd(torchrun_cmd(2, *args, "run.stop_after_steps=10", f"run.out_dir={out}", f"run.name={strategy}"))
         assert "exiting with status 75" in res.stdout, res.stderr[-3000:]
         runs[strategy] = out / strategy
     return runs
 
 
-@pytest.mark.parametrize("strategy", [s for s in STRATEGIES if s != "ddp"])
-def test_same_losses_and_weights_as_ddp(ten_steps, strategy):
-    needs(strategy)
-    ref, got = train_losses(ten_steps["ddp"]), train_losses(ten_steps[strategy])
-    assert len(ref) == len(got) == 10
-    assert got == pytest.approx(ref, rel=1e-4)
-    a = load_checkpoint(list_checkpoints(ten_steps["ddp"] / "checkpoints")[-1])["model"]
-    b = load_checkpoint(list_checkpoints(ten_steps[strategy] / "checkpoints")[-1])["model"]
+@pytest.fixture(scope="module")
+def ten_steps(epoch_of_ten, tmp_path_factory):
+    return train_each(STRATEGIES, epoch_of_ten, tmp_path_factory.mktemp("strategies"))
+
+
+@pytest.fixture(scope="module")
+def ten_steps_channels_last(epoch_of_ten, tmp_path_factory):
+    out = tmp_path_factory.mktemp("channels_last")
+    return train_each(["ddp", "fsdp", "zero2"], epoch_of_ten, out, "model.channels_last=true")
+
+
+def metrics(run_dir, split):
+    lines = [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    return [x for x in lines if x["split"] == split]
+
+
+def train_losses(run_dir):
+    return [x["loss"] for x in metrics(run_dir, "train")]
+
+
+def differences(ref, got) -> dict:
+    """Max abs differences between two runs: train loss at steps 1-5 and at every step, parameters and buffers
+    (BN statistics) of the last checkpoint, validation loss and top-1 (%)."""
+    (ref_val,), (got_val,) = metrics(ref, "val"), metrics(got, "val")
+    a = load_checkpoint(list_checkpoints(ref / "checkpoints")[-1])["model"]
+    b = load_checkpoint(list_checkpoints(got / "checkpoints")[-1])["model"]
     assert a.keys() == b.keys()
-    worst = max((a[k].double() - b[k].double()).abs().max().item() for k in a if a[k].is_floating_point())
-    assert worst <= 1e-5
+    names = dict(build_model("resnet18d", num_classes=10).named_parameters())
+
+    def worst(keys):
+        return max((a[k].double() - b[k].double()).abs().max().item() for k in keys)
+
+    ref_loss, got_loss = train_losses(ref), train_losses(got)
+    assert len(ref_loss) == len(got_loss) == 10
+    loss_diffs = [abs(x - y) for x, y in zip(ref_loss, got_loss, strict=True)]
+    return {
+        "train_loss_steps_1_5": max(loss_diffs[:5]),
+        "train_loss": max(loss_diffs),
+        "params": worst(k for k in a if k in names),
+        "buffers": worst(k for k in a if k not in names),
+        "val_loss": abs(ref_val["loss"] - got_val["loss"]),
+        "val_top1": abs(ref_val["top1"] - got_val["top1"]),
+    }
+
+
+@pytest.mark.parametrize("strategy", [s for s in STRATEGIES if s != "ddp"])
+def test_same_training_statistics_and_validation_as_ddp(ten_steps, strategy):
+    """channels_last off: every train loss, every BN buffer, and the validation loss and top-1 equal DDP's
+    exactly; so do the parameters under fsdp and ZeRO 0. ZeRO 1-2 step a flat fp32 copy of the parameters,
+    which rounds the last update differently: measured 9.3e-10, tested to 1e-8."""
+    needs(strategy)
+    found = differences(ten_steps["ddp"], ten_steps[strategy])
+    print(f"{strategy} vs ddp, channels_last off: {found}")
+    params_tolerance = 1e-8 if strategy in ("zero1", "zero2") else 0.0
+    assert found == dict.fromkeys(found, 0.0) | {"params": found["params"]}
+    assert found["params"] <= params_tolerance
+
+
+@pytest.mark.parametrize("strategy", ["fsdp", "zero2"])
+def test_same_training_within_a_measured_tolerance_at_the_default_memory_format(ten_steps_channels_last, strategy):
+    """channels_last on (the default): DDP's channels_last convolutions round differently from the contiguous
+    ones that FSDP2 and DeepSpeed run, so the runs agree within DEFAULT_FORMAT_TOLERANCE, not to the bit."""
+    needs(strategy)
+    found = differences(ten_steps_channels_last["ddp"], ten_steps_channels_last[strategy])
+    print(f"{strategy} vs ddp, channels_last on: {found} (measured when set: {DEFAULT_FORMAT_MEASURED})")
+    assert all(found[k] <= DEFAULT_FORMAT_TOLERANCE[k] for k in found), found
+
+
+def run_probe(case: str, strategy: str, out) -> list[dict]:
+    probe = str(REPO / "tests" / "strategy_probe.py")
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", probe, str(out), case]
+    res = run_cmd([*cmd, *STRATEGIES[strategy]])
+    assert res.returncode == 0, res.stderr[-3000:]
+    return [json.loads((out / f"rank{r}.json").read_text()) for r in range(2)]
 
 
 @pytest.mark.parametrize("strategy", ["ddp", "fsdp", "zero1", "zero2"])  # DeepSpeed fp16 needs ZeRO >= 1
 def test_fp16_overflow_on_one_rank_skips_the_step_on_all(strategy, tmp_path):
     needs(strategy, fp16=True)
-    probe = str(REPO / "tests" / "strategy_probe.py")
-    res = run_cmd(
-        [
-            sys.executable,
-            "-m",
-            "torch.distributed.run",
-            "--standalone",
-            "--nproc_per_node=2",
-            probe,
-            str(tmp_path),
-            *STRATEGIES[strategy],
-        ]
-    )
-    assert res.returncode == 0, res.stderr[-3000:]
-    for r in range(2):
-        got = json.loads((tmp_path / f"rank{r}.json").read_text())
+    for got in run_probe("fp16-overflow", strategy, tmp_path):
         assert got["steps"] == [False, True]  # skipped on both ranks, then a clean step
         assert got["scales"] == [512.0, 512.0]  # halved once, not yet grown back
-        assert got["changed"] == [False, True]
+        assert got["changed"] == [False, True]  # no parameter changed in the skipped step
+
+
+@pytest.mark.parametrize("strategy", ["ddp", "fsdp", "zero0"])  # ZeRO 1-2 also skip a non-finite grad norm
+def test_nan_in_one_ranks_data_skips_the_step_on_all_in_fp32(strategy, tmp_path):
+    """A NaN pixel in rank 1's images: no parameter changes on any rank (fp32 has no loss scaler to skip it);
+    under FSDP2 also one NaN in rank 1's gradient shard alone, which the ranks must agree on."""
+    needs(strategy)
+    for got in run_probe("nan-data", strategy, tmp_path):
+        if strategy == "fsdp":
+            assert got["steps"] == got["changed"] == [False, True, False, True]
+        else:
+            assert got["steps"] == got["changed"] == [False, True, True]
+        assert got["scales"] == [1.0] * len(got["steps"])
 
 
 @pytest.mark.parametrize("strategy", [s for s in STRATEGIES if s != "ddp"])  # ddp: tests/test_train.py
-def test_resume_equals_the_uninterrupted_run(ten_steps, digits_dir, tmp_path, strategy):
+def test_resume_equals_the_uninterrupted_run(ten_steps, epoch_of_ten, tmp_path, strategy):
     needs(strategy)
     args = [
         "train",
         "configs/demo.yaml",
-        f"data.path={digits_dir}",
+        f"data.path={epoch_of_ten}",
         *COMMON,
         *STRATEGIES[strategy],
         f"run.out_dir={tmp_path}",

@@ -24,7 +24,8 @@ class Strategy(Protocol):
 
     def step(self) -> torch.Tensor:
         """Unscale, clip, optimizer step, update the loss scale. Returns a 0-dim bool tensor, False when the step
-        was skipped for overflow; on the device where the strategy can decide there, so nothing waits for it."""
+        was skipped (an inf/NaN gradient, fp16 overflow or not: no weight changes, on any rank); on the device
+        where the strategy can decide there, so nothing waits for it."""
 
     def no_sync(self) -> contextlib.AbstractContextManager:
         """Accumulate gradients locally for a micro-batch that is not the last of its step."""

@@ -9,6 +9,12 @@ the others; the deepspeed launcher is not needed.
 Accumulation: each micro-batch's backward goes through ``engine.backward`` (unscaled by the accumulation
 count: dist_bot already weights micro-batches so their sum is the step's mean) with the accumulation
 boundary set explicitly, so ranks whose last step holds fewer micro-batches still reduce together.
+
+As under DDP and FSDP2, rank 0's BatchNorm statistics are broadcast before every training forward (a forward
+pre-hook), so all strategies keep them by one rule. A step whose loss is not finite on any rank (an inf/NaN
+from the data) is skipped on every rank: the flag is reduced over ranks on the device and handed to the fused
+SGD kernel, which then changes nothing (DeepSpeed itself skips fp16 overflows, and ZeRO 1-2 a non-finite
+gradient norm).
 """
 
 from __future__ import annotations
@@ -18,11 +24,13 @@ import math
 from pathlib import Path
 
 import torch
+import torch.distributed as dist
 from torch import nn
 
 from ..checkpoint import CheckpointError, check_state_dict, read_model, verify_file, write_file
 from ..config import UserError
-from .env import DistEnv, average_buffers
+from ..recipe.precision import zero_momentum
+from .env import DistEnv, average_buffers, broadcast_buffers
 
 
 def deepspeed_config(cfg, world_size: int) -> dict:
@@ -69,26 +77,46 @@ class DeepSpeedStrategy:
         backend = "nccl" if env.device.type == "cuda" else "gloo"
         deepspeed.init_distributed(dist_backend=backend)  # wraps the process group dist_bot already made
         model = model.to(memory_format=torch.contiguous_format)  # ZeRO flattens parameters
+        self.optimizer = make_optimizer(model)  # ZeRO 1-2 keep this object, with their flat partitions as params
         self.engine, *_ = deepspeed.initialize(
-            model=model, optimizer=make_optimizer(model), config=deepspeed_config(cfg, env.world_size)
+            model=model, optimizer=self.optimizer, config=deepspeed_config(cfg, env.world_size)
         )
+        zero_momentum(self.optimizer)
+        if env.distributed:
+            self.engine.module.register_forward_pre_hook(self._broadcast_buffers)
         self.model = self.engine
         self.fp16 = cfg.precision == "fp16"
         self._boundary = True
+        self._loss_nonfinite = torch.zeros((), device=env.device)  # 1.0 once a micro-batch's loss is inf/NaN
+
+    def _broadcast_buffers(self, module: nn.Module, args=None) -> None:
+        """Forward pre-hook: rank 0's BN statistics on every rank before a training forward (DDP's rule)."""
+        if module.training:
+            broadcast_buffers(module)
 
     def backward(self, loss: torch.Tensor) -> None:
+        self._loss_nonfinite = torch.maximum(self._loss_nonfinite, (~loss.detach().isfinite()).float())
         self.engine.set_gradient_accumulation_boundary(self._boundary)
         self.engine.backward(loss, scale_wrt_gas=False)
         if not self._boundary:
             self.engine.step()  # off the boundary DeepSpeed only counts the micro-batch
 
     def step(self) -> torch.Tensor:
-        """As ScaledOptimizer.step. DeepSpeed checks fp16 overflow on the host (it waits for the GPU there), so
-        the flag is a CPU tensor."""
+        """As ScaledOptimizer.step. DeepSpeed checks fp16 overflow on the host (it waits for the GPU there)."""
+        found_inf, self._loss_nonfinite = self._loss_nonfinite, torch.zeros_like(self._loss_nonfinite)
+        if self.env.distributed:
+            dist.all_reduce(found_inf, op=dist.ReduceOp.MAX)  # every rank skips together
         skipped = self.engine.skipped_steps
         self.engine.set_gradient_accumulation_boundary(True)
-        self.engine.step()
-        return torch.tensor(self.engine.skipped_steps == skipped)
+        fused = all(group.get("fused") for group in self.optimizer.param_groups)  # make_sgd's, on CPU and CUDA
+        if fused:
+            self.optimizer.found_inf = found_inf  # read by the fused SGD kernel: no update where it is set
+        try:
+            self.engine.step()
+        finally:
+            if fused:
+                del self.optimizer.found_inf
+        return (found_inf == 0) & (self.engine.skipped_steps == skipped)
 
     @contextlib.contextmanager
     def no_sync(self):

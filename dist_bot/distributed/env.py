@@ -179,6 +179,16 @@ def average_buffers(module: torch.nn.Module, env: DistEnv) -> None:
                 buf.div_(env.world_size)
 
 
+BROADCAST_BUCKET_BYTES = 250 * 2**20  # DDP's default bucket for its buffer broadcast
+
+
+def broadcast_buffers(module: torch.nn.Module) -> None:
+    """Rank 0's buffers (BN running statistics) on every rank, in place: DDP's rule before every training forward,
+    so all ranks normalize with the same statistics. One coalesced broadcast, not one collective per buffer."""
+    buffers = [b.detach() for b in module.buffers()]
+    dist._broadcast_coalesced(dist.group.WORLD, buffers, BROADCAST_BUCKET_BYTES, 0)
+
+
 def any_rank(flag: bool, env: DistEnv) -> bool:
     """True on every process if it is True on any (e.g. a preemption signal that reached only one rank)."""
     if not env.distributed:

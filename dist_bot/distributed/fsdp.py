@@ -15,7 +15,6 @@ import copy
 from pathlib import Path
 
 import torch
-import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
 from torch import nn
 from torch.distributed.checkpoint.state_dict import (
@@ -33,9 +32,7 @@ from ..checkpoint import CheckpointError, check_state_dict, read_file, read_mode
 from ..config import UserError
 from ..models.resnet import BasicBlock, Bottleneck
 from ..recipe.precision import ScaledOptimizer
-from .env import DistEnv, average_buffers
-
-BROADCAST_BUCKET_BYTES = 250 * 2**20  # DDP's default bucket for its buffer broadcast
+from .env import DistEnv, average_buffers, broadcast_buffers
 
 
 class FSDPStrategy(ScaledOptimizer):
@@ -65,9 +62,7 @@ class FSDPStrategy(ScaledOptimizer):
             self._buffers_from_rank0()
 
     def _buffers_from_rank0(self) -> None:
-        # one coalesced broadcast (as DDP does for its buffers), not one collective per BN buffer
-        buffers = [b.detach() for b in self.model.buffers()]
-        dist._broadcast_coalesced(dist.group.WORLD, buffers, BROADCAST_BUCKET_BYTES, 0)
+        broadcast_buffers(self.model)
 
     @contextlib.contextmanager
     def no_sync(self):

@@ -7,9 +7,13 @@ step and halves S; ``growth_interval`` clean steps double it. torch.amp.GradScal
 for the GPU, whether a step was skipped, and a guard against a scale that collapses.
 bf16 has fp32's exponent range: no scaling needed.
 
-Nothing here reads a device value per step: GradScaler's own ``step`` would (``.item()`` on the overflow
-flag) unless the optimizer applies the scale itself, which fused SGD does (``make_sgd``); the skip flag and
-the guard's counters are device tensors, read once per log interval.
+Every precision skips a step whose gradients are not finite (an inf/NaN from the data reaches the loss and
+the gradients in fp32 and bf16 too): the weights and momentum stay as they were, and the engine's loss check
+at the next log step stops the run with the last good weights. The decision is made on the device, never
+read by the host: fused SGD takes the overflow flag as a device tensor (as GradScaler hands it over); the
+multi-tensor form (FSDP2's DTensor shards) is undone on the device where the flag is set. GradScaler's own
+``step`` would instead read the flag (``.item()``), so it is not called. The skip flag and the guard's
+counters are device tensors, read once per log interval.
 """
 
 from __future__ import annotations
@@ -18,6 +22,7 @@ import contextlib
 
 import torch
 from torch import nn
+from torch.distributed.tensor import DTensor
 
 from ..config import UserError
 
@@ -56,6 +61,54 @@ def make_sgd(groups: list[dict], momentum: float, nesterov: bool) -> torch.optim
     return torch.optim.SGD(groups, lr=0.0, momentum=momentum, nesterov=nesterov, fused=fused or None)
 
 
+def zero_momentum(optimizer: torch.optim.Optimizer) -> None:
+    """Create SGD's momentum buffers as zeros before the first step. The first step then computes
+    0 * momentum + grad, exactly what torch's first step stores, but a first step skipped for a non-finite
+    gradient leaves zeros: fused SGD allocates the buffers uninitialized and its skip never writes them."""
+    for group in optimizer.param_groups:
+        if group["momentum"]:
+            for p in group["params"]:
+                optimizer.state[p].setdefault("momentum_buffer", torch.zeros_like(p.detach()))
+
+
+def nonfinite_grads(optimizer: torch.optim.Optimizer) -> torch.Tensor:
+    """1.0 when any gradient holds an inf or NaN, else 0.0: a 0-dim float32 tensor computed on the device (by
+    GradScaler's check kernel, with a scale of 1). On FSDP2's DTensor gradient shards torch reduces the flag
+    with max over the ranks, so every rank gets the same answer, as GradScaler's does under fp16."""
+    grads = [p.grad for group in optimizer.param_groups for p in group["params"] if p.grad is not None]
+    found = torch.zeros((), dtype=torch.float32, device=grads[0].device)
+    torch._amp_foreach_non_finite_check_and_unscale_(grads, found, torch.ones_like(found))
+    return found
+
+
+def step_unless(optimizer: torch.optim.Optimizer, found_inf: torch.Tensor) -> None:
+    """``optimizer.step()``, except that no parameter or momentum buffer changes where ``found_inf`` (0-dim,
+    on the device) is nonzero; the host never reads it. Fused SGD skips in its kernel. The multi-tensor form
+    takes no flag: what it changes is copied before and put back after where the flag is set (on FSDP2 these
+    are this rank's shards, so the copy is 1/world_size of the weights and momentum)."""
+    if all(group["fused"] for group in optimizer.param_groups):
+        optimizer.found_inf = found_inf
+        try:
+            optimizer.step()
+        finally:
+            del optimizer.found_inf
+        return
+    with torch.no_grad():
+        changed = [
+            t.to_local() if isinstance(t, DTensor) else t
+            for group in optimizer.param_groups
+            for p in group["params"]
+            if p.grad is not None
+            for t in (p, optimizer.state[p].get("momentum_buffer"))
+            if t is not None
+        ]
+        before = [t.clone() for t in changed]
+        optimizer.step()
+        skip = found_inf.bool()
+        for t, old in zip(changed, before, strict=True):
+            torch.where(skip, old, t, out=t)
+
+
 class ScaledOptimizer:
     """backward / step / set_lr / loss scale for strategies that drive a torch optimizer through a GradScaler
     (DDP, FSDP2). Subclasses set ``self.model`` and call ``init_steps`` with their optimizer."""
@@ -66,27 +119,27 @@ class ScaledOptimizer:
         self.optimizer = optimizer
         self.grad_clip_norm = cfg.optim.grad_clip_norm
         self.scaler = make_grad_scaler(cfg.precision, env.device, cfg.loss_scale)
-        self._taken = torch.ones((), dtype=torch.bool, device=env.device)  # what step() returns without fp16
+        zero_momentum(optimizer)
 
     def backward(self, loss: torch.Tensor) -> None:
         self.scaler.scale(loss).backward()
 
     def step(self) -> torch.Tensor:
-        """Unscale, clip, step (skipped on overflow), update the scale. Returns a 0-dim bool tensor on the device,
-        True when the step was taken; reading it waits for the GPU, so the engine reads it only when it logs."""
-        # _get_scale_async: the scale tensor itself (get_scale() would copy it to the host and wait)
-        scale_before = self.scaler._get_scale_async().clone() if self.scaler.is_enabled() else None
+        """Unscale, check, clip, step (skipped when a gradient is inf/NaN), update the scale. Returns a 0-dim bool
+        tensor on the device, True when the step was taken; reading it waits for the GPU, so the engine reads it
+        only when it logs. Every rank decides the same: DDP's gradients are reduced before the check, and on
+        FSDP2's shards the check itself reduces the flag over ranks."""
+        if self.scaler.is_enabled():
+            self.scaler.unscale_(self.optimizer)  # the true gradients, and GradScaler's overflow flag
+            found_inf = torch.stack(list(self.scaler._found_inf_per_device(self.optimizer).values())).sum()
+        else:
+            found_inf = nonfinite_grads(self.optimizer)
         if self.grad_clip_norm is not None:
-            self.scaler.unscale_(self.optimizer)  # clip the true gradients, not the scaled ones
             nn.utils.clip_grad_norm_(self.model.parameters(), self.grad_clip_norm)  # over all ranks' shards
-        self.scaler.step(self.optimizer)  # skipped when a gradient is inf/NaN (in the fused kernel: no sync)
-        self.scaler.update()
+        step_unless(self.optimizer, found_inf)
+        self.scaler.update()  # halves the scale on the flag GradScaler recorded, or grows it (fp16 only)
         self.optimizer.zero_grad(set_to_none=True)
-        if scale_before is None:
-            return self._taken
-        # The scale only falls on an overflow, and gradients were reduced over ranks before the scaler looked
-        # at them: every rank decides the same.
-        return self.scaler._get_scale_async() >= scale_before
+        return found_inf == 0
 
     def set_lr(self, lr: float) -> None:
         for group in self.optimizer.param_groups:
