@@ -535,4 +535,8 @@ class Trainer:
             for s, h in old.items():
                 signal.signal(s, h)
             self.tracker.close()
+            # The loaders' workers end here, whatever ended the run, not when the trainer is collected: after an
+            # error a reference cycle can keep it until the interpreter's exit.
+            self.train_loader.close()
+            self.val_loader.close()
         return result
