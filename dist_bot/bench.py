@@ -67,6 +67,8 @@ def bench_data(cfg: Config, loaders: list[str], batches: int = 20, repeats: int 
             images.sum().item()  # wait for asynchronous device work
             rates[spec].append(n / (time.perf_counter() - t0))
             del it
+    for loader in built.values():
+        loader.close()
     if device.type == "cuda":
         device_name = torch.cuda.get_device_name(device)
     else:
@@ -274,6 +276,8 @@ def bench_train(cfg: Config, env: DistEnv, steps: int = 20, warmup: int = 5, rep
             times[side].append(seconds / steps)
             peak[side] = max(peak[side], mem)
     trainer.tracker.close()
+    trainer.train_loader.close()
+    trainer.val_loader.close()
     tmp.cleanup()
 
     batch = cfg.data.batch_size * env.world_size * cfg.optim.grad_accum_steps

@@ -11,15 +11,18 @@
     dist-bot bench train [CONFIG] [key=value ...]  training step vs a bare PyTorch loop (and fed by data.path)
     dist-bot report RUN_DIR [RUN_DIR ...]       PNG plots of loss, lr, img/s, top-1; a table for several runs
 
-Bad input (an unknown key, a wrongly typed value, an unknown model) ends with one line on stderr that
-names the problem and the fix, and exit status 2, like argparse's own usage errors.
+Bad input (an unknown key, a wrongly typed value, an unknown model, an unreadable image) ends with one line on
+stderr that names the problem and the fix, and exit status 2, like argparse's own usage errors. On any process
+of a run it ends every process within seconds, each with status 2 and that line (see process_group).
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import logging
+import os
 import sys
 
 from dist_bot import __version__
@@ -47,30 +50,64 @@ def setup_logging(rank: int) -> None:
     )
 
 
+@contextlib.contextmanager
+def process_group(cfg, command: str):
+    """This process's DistEnv, in the run's process group, left at the end. A fatal error on any process ends
+    them all within seconds, each with that error (see FailureWatch): an error here that another process's
+    failure caused (a collective that lost its peer) is reported as that failure; an error of this process's
+    own is announced, so that the others stop now, not at the process group's timeout."""
+    from dist_bot.distributed.env import FailureWatch, init_distributed, shutdown
+    from dist_bot.engine import Preempted
+
+    env = init_distributed(cfg.dist.backend, cfg.dist.timeout_min)
+    setup_logging(env.rank)
+    watch = FailureWatch(env, on_peer_failure=lambda message: exit_now(command, message))
+    try:
+        yield env
+    except Preempted:  # all processes stop together, at a checkpoint: nothing failed
+        raise
+    except Exception as e:
+        peer = None if isinstance(e, UserError) else watch.peer_failure()
+        if peer is not None:
+            raise peer from None
+        watch.announce(e)
+        raise
+    finally:
+        watch.close()
+        shutdown()
+
+
+def exit_now(command: str, message: str) -> None:
+    """Print the error and end this process at once (from any thread: this one may be blocked in a collective).
+    Its loaders' workers end with it (see dist_bot/signals.py)."""
+    sys.stdout.flush()
+    print(f"dist-bot {command}: error: {message}", file=sys.stderr, flush=True)
+    os._exit(2)
+
+
 def cmd_train(args: argparse.Namespace) -> int:
     from dist_bot.signals import PREEMPTION
 
     # First, before torch is imported: a preemption signal during start-up is then a requeue (status 75, the
     # Trainer acts on it at its first agreement), not a death by signal that no launcher requeues.
-    PREEMPTION.install()
+    installed = PREEMPTION.install()
     try:
-        from dist_bot.distributed.env import init_distributed, shutdown
         from dist_bot.engine import REQUEUE_EXIT_CODE, Preempted, Trainer
+        from dist_bot.models import parse_name
 
         cfg = load_config(args.config, args.overrides)
-        env = init_distributed(cfg.dist.backend, cfg.dist.timeout_min)
-        setup_logging(env.rank)
+        parse_name(cfg.model.name)  # an unknown model is reported now, before any process group or data scan
         try:
-            Trainer(cfg, env).fit()
+            with process_group(cfg, args.command) as env:
+                Trainer(cfg, env).fit()
         except Preempted as stop:
             if env.is_main:
                 print(f"{stop}; exiting with status {REQUEUE_EXIT_CODE} so the launcher requeues", flush=True)
             return REQUEUE_EXIT_CODE
-        finally:
-            shutdown()
         return 0
     finally:
-        PREEMPTION.restore()  # last: after the tracker and the process group are closed
+        if installed:
+            PREEMPTION.restore()  # last: after the tracker and the process group are closed
 
 
 def cmd_eval(args: argparse.Namespace) -> int:
@@ -80,7 +117,6 @@ def cmd_eval(args: argparse.Namespace) -> int:
 
     from dist_bot.checkpoint import load_checkpoint
     from dist_bot.data import make_loaders
-    from dist_bot.distributed.env import init_distributed, shutdown
     from dist_bot.engine import evaluate
     from dist_bot.models import build_model
 
@@ -88,22 +124,23 @@ def cmd_eval(args: argparse.Namespace) -> int:
     if len(ckpt) != 1:
         raise ConfigError("dist-bot eval needs exactly one checkpoint=PATH argument")
     cfg = load_config(args.config, [o for o in args.overrides if o not in ckpt])
-    env = init_distributed(cfg.dist.backend, cfg.dist.timeout_min)
-    setup_logging(env.rank)
-    try:
+    with process_group(cfg, args.command) as env:
         state = load_checkpoint(Path(ckpt[0].partition("=")[2]))
         _, val = make_loaders(cfg, env)
-        if state["num_classes"] != val.num_classes:
-            raise ConfigError(f"the checkpoint predicts {state['num_classes']} classes, the data has {val.num_classes}")
-        model = build_model(state["model_name"], state["num_classes"]).to(env.device)
-        model.load_state_dict(state["model"])
-        if cfg.model.channels_last:
-            model = model.to(memory_format=torch.channels_last)
-        result = evaluate(model, val, env, cfg.precision)
+        try:
+            if state["num_classes"] != val.num_classes:
+                raise ConfigError(
+                    f"the checkpoint predicts {state['num_classes']} classes, the data has {val.num_classes}"
+                )
+            model = build_model(state["model_name"], state["num_classes"]).to(env.device)
+            model.load_state_dict(state["model"])
+            if cfg.model.channels_last:
+                model = model.to(memory_format=torch.channels_last)
+            result = evaluate(model, val, env, cfg.precision)
+        finally:
+            val.close()  # its workers end now, whatever happened (see Trainer.fit)
         if env.is_main:
             print(json.dumps({"split": "val", "checkpoint": ckpt[0].partition("=")[2], **result}), flush=True)
-    finally:
-        shutdown()
     return 0
 
 
@@ -144,20 +181,15 @@ def cmd_bench_data(args: argparse.Namespace) -> int:
 
 def cmd_bench_train(args: argparse.Namespace) -> int:
     from dist_bot.bench import bench_train
-    from dist_bot.distributed.env import init_distributed, shutdown
 
     config, overrides = args.config, args.overrides
     if config is not None and "=" in config:  # `dist-bot bench train key=value ...`: the defaults
         config, overrides = None, [config, *overrides]
     cfg = load_config(config, overrides)
-    env = init_distributed(cfg.dist.backend, cfg.dist.timeout_min)
-    setup_logging(env.rank)
-    try:
+    with process_group(cfg, args.command) as env:
         for record in bench_train(cfg, env, args.steps, args.warmup, args.repeats, args.timm):
             if env.is_main:
                 print(json.dumps(record), flush=True)
-    finally:
-        shutdown()
     return 0
 
 

@@ -233,7 +233,6 @@ class Trainer:
         )
         self.teacher = self.create_teacher()
         self.guard = LossScaleGuard(cfg.loss_scale.min_scale, cfg.loss_scale.max_steps_at_min)
-        self.owns_signal_handlers = PREEMPTION.install()  # `dist-bot train` installed them at process start
         self.state = self.resume()
         if env.is_main:
             self.run_dir.mkdir(parents=True, exist_ok=True)
@@ -563,6 +562,9 @@ class Trainer:
         epochs = cfg.schedule.epochs
         self.start_global_step = st.global_step
         self.progress = Progress(env.is_main, epochs * len(self.train_loader) - st.global_step)
+        # `dist-bot train` installed the handlers at process start (signals during start-up count); a Trainer used
+        # from Python catches them from here, and puts the previous handlers back at the end of fit
+        owns_signal_handlers = PREEMPTION.install()
         if env.is_main:
             log.info(
                 "%s: %d classes, %d train / %d val images, global batch %d, peak lr %.4g, %d steps/epoch",
@@ -606,6 +608,10 @@ class Trainer:
                 raise Preempted(st.global_step, PREEMPTION.received)
         finally:
             self.tracker.close()
-            if self.owns_signal_handlers:  # restored last (the CLI restores those it installed itself)
+            # The loaders' workers end here, whatever ended the run, not when the trainer is collected: after an
+            # error a reference cycle can keep it until the interpreter's exit.
+            self.train_loader.close()
+            self.val_loader.close()
+            if owns_signal_handlers:  # restored last (the CLI restores those it installed itself)
                 PREEMPTION.restore()
         return result

@@ -12,7 +12,10 @@ from __future__ import annotations
 
 import contextlib
 import multiprocessing.resource_tracker
+import os
+import select
 import signal
+import threading
 
 PREEMPT_SIGNALS = (signal.SIGTERM, signal.SIGUSR1, signal.SIGUSR2)
 
@@ -38,6 +41,32 @@ def helpers_shielded():
             yield
 
 
+def end_with_trainer(trainer_pid: int) -> None:
+    """Called first thing in a helper process whose parent is not the trainer (a DataLoader worker is a child of
+    the forkserver): end it when the trainer ends, or when the trainer terminates it.
+
+    Such a helper has SIGTERM blocked (above), so neither of the ways it would otherwise end works: torch's
+    worker watches its PARENT, the forkserver, which outlives the trainer (a worker holds the forkserver's
+    alive pipe open), and multiprocessing's terminate() at the trainer's exit sends a SIGTERM that stays
+    pending, after which the trainer joins the worker forever. A daemon thread takes SIGTERM from the blocked
+    set itself: the trainer's ends the helper, anyone else's (Slurm's, to every process of the job) is dropped;
+    and it ends the helper within a second of the trainer's end, however that ended (an error, SIGKILL)."""
+    try:
+        pidfd = os.pidfd_open(trainer_pid)
+    except ProcessLookupError:  # the trainer is already gone
+        os._exit(1)
+
+    def watch() -> None:
+        while True:
+            info = signal.sigtimedwait([signal.SIGTERM], 0.5)
+            if info is not None and info.si_pid == trainer_pid:
+                os._exit(0)
+            if select.select([pidfd], [], [], 0)[0]:  # readable once the trainer has exited
+                os._exit(1)
+
+    threading.Thread(target=watch, name="end-with-trainer", daemon=True).start()
+
+
 class PreemptionRequests:
     """The preemption signals this process received, caught from ``install()`` on.
 
@@ -59,6 +88,7 @@ class PreemptionRequests:
         """Catch PREEMPT_SIGNALS from now on; False (and nothing done) when already installed."""
         if self._previous is not None:
             return False
+        self.received = ()  # an earlier run's signals (of this same process) are not this run's
         self._previous = {s: signal.signal(s, self._handle) for s in PREEMPT_SIGNALS}
         return True
 

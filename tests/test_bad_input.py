@@ -34,6 +34,24 @@ def test_unknown_config_key(capsys, tiny_digits, tmp_path):
     assert not (tmp_path / "demo").exists()  # nothing created
 
 
+def test_unknown_model_name(capsys, tiny_digits, tmp_path):
+    code, err = train(capsys, f"data.path={tiny_digits}", f"run.out_dir={tmp_path}", "model.name=resnet51d")
+    assert code == 2 and err.count("\n") == 1 and "Traceback" not in err
+    assert "unknown model 'resnet51d'. Did you mean resnet50d" in err
+    assert not (tmp_path / "demo").exists()  # refused before anything is made
+
+
+def test_yaml_syntax_errors_name_the_file_and_the_place(capsys, tmp_path):
+    recipe = tmp_path / "broken.yaml"
+    recipe.write_text("model:\n  name: resnet18d\ndata:\n  batch_size: [8\n  workers: 1\n")
+    assert main(["train", str(recipe)]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and f"recipe {recipe} is not valid YAML: line 5, column 10: expected ','" in err
+    assert main(["config", "configs/demo.yaml", "data.mean=[0.5,0.5"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "override 'data.mean=[0.5,0.5': cannot read '[0.5,0.5' as a list" in err
+
+
 @pytest.mark.parametrize(
     ("make", "message"),
     [

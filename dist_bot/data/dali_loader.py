@@ -204,6 +204,10 @@ class DaliLoader(PlannedLoader):
         self._token = token = object()
         return self._deliver(self._feed, len(batches), token)
 
+    def close(self) -> None:
+        super().close()
+        self._feed = self._val_pipe = None  # the pipelines and their workers end as they are collected
+
     def _deliver(self, feed: _Feed, count: int, token: object):
         if count == 0:
             self.stream_served()

@@ -230,6 +230,10 @@ class PlannedLoader:
         """The epoch was served in full: its stream serves the next epoch from its first step next."""
         self._follows = (self.epoch + 1, 0)
 
+    def close(self) -> None:
+        """End the loader's helper processes and threads now (a later iter() starts new ones)."""
+        self._follows = None
+
 
 def shard_eval(num_samples: int, batch_size: int, rank: int, world_size: int) -> list[tuple[int, ...]]:
     """Validation batches of process ``rank``: every world-th sample, no padding, nothing dropped.

@@ -55,6 +55,9 @@ class SyntheticLoader:
     def samples(self) -> int:
         return len(self.steps) * self.batch
 
+    def close(self) -> None:
+        """Nothing to end: no helper processes."""
+
     def __iter__(self):
         for step in self.steps[self.start_step :]:
             for _ in step.micro_batches:

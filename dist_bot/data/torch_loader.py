@@ -11,10 +11,11 @@ import itertools
 import logging
 import multiprocessing
 import multiprocessing.forkserver
+import os
 
 import torch
 
-from ..signals import helpers_shielded
+from ..signals import end_with_trainer, helpers_shielded
 from .augment import sample_seed
 from .folder import BadImageError, ImageList, load_rgb
 from .sharding import EpochStream, PlannedLoader, dataloader_workers, shard_eval
@@ -25,7 +26,9 @@ log = logging.getLogger(__name__)
 
 class ImageDataset(torch.utils.data.Dataset):
     """(uint8 CHW image, label, ok, lighting noise) for a key (index, sample_seed); ``ok`` is 0 for a skipped
-    bad image."""
+    bad image. An image that cannot be read (and is not to be skipped) gives its BadImageError instead, which
+    ``collate`` hands to the trainer as the batch: raised in a worker, the DataLoader would re-raise it wrapped
+    in the worker's traceback, and the one-line error would become twenty."""
 
     def __init__(self, images: ImageList, transform, skip_bad: bool):
         self.images, self.transform, self.skip_bad = images, transform, skip_bad
@@ -42,7 +45,7 @@ class ImageDataset(torch.utils.data.Dataset):
                 break
             except BadImageError as e:
                 if not self.skip_bad:
-                    raise
+                    return e
                 log.warning("skipping: %s", e)
         else:
             raise BadImageError(f"no readable image in {self.images.root}")
@@ -52,6 +55,18 @@ class ImageDataset(torch.utils.data.Dataset):
             lighting = torch.randn(3)  # PCA lighting's alpha / std, applied on the device
         # A skipped bad image is replaced by the next readable one: counted, not silently used.
         return x, label, int(attempt == 0), lighting
+
+
+def collate(samples: list):
+    """A batch of samples, or the first BadImageError among them (raised by the trainer, see ImageDataset)."""
+    bad = next((s for s in samples if isinstance(s, BadImageError)), None)
+    return bad if bad is not None else torch.utils.data.default_collate(samples)
+
+
+def init_worker(trainer_pid: int, worker_id: int) -> None:
+    """First thing in each worker: it blocks SIGTERM and is a child of the forkserver, so torch's own ways of
+    ending it when the trainer ends or fails do not work (see end_with_trainer)."""
+    end_with_trainer(trainer_pid)
 
 
 @functools.cache
@@ -83,6 +98,7 @@ class TorchLoader(PlannedLoader):
         self.mean = torch.tensor(d.mean, device=dev).view(1, 3, 1, 1)
         self.std = torch.tensor(d.std, device=dev).view(1, 3, 1, 1)
         self._stream = None  # training: the DataLoader iterator over an EpochStream, kept across epochs
+        self._val_stream = None  # validation: the DataLoader iterator of the pass under way
         super().__init__(images, cfg, env, train)
 
     def __len__(self) -> int:
@@ -113,7 +129,19 @@ class TorchLoader(PlannedLoader):
             # OpenMP threads hold locks deadlocks the child now and then (seen here in evaluation).
             multiprocessing_context=worker_context() if self.workers > 0 else None,
             prefetch_factor=4 if self.workers > 0 else None,
+            collate_fn=collate,
+            worker_init_fn=functools.partial(init_worker, os.getpid()) if self.workers > 0 else None,
         )
+
+    def close(self) -> None:
+        """End the workers now. Call it when the run ends, however it ends: left to the garbage collector, a
+        DataLoader kept alive by a reference cycle (an error's traceback, the trainer's) keeps its workers until
+        the interpreter's exit, where only multiprocessing's terminate() ends them (see end_with_trainer)."""
+        super().close()
+        streams, self._stream, self._val_stream = (self._stream, self._val_stream), None, None
+        for it in streams:
+            if hasattr(it, "_shutdown_workers"):  # a multi-process DataLoader iterator
+                it._shutdown_workers()
 
     def __iter__(self):
         """This epoch's batches. Training reads them from one DataLoader over an endless stream of epochs, kept
@@ -121,7 +149,8 @@ class TorchLoader(PlannedLoader):
         train; a new one starts only for a resume, an abandoned epoch or an epoch out of order. Set up here, at
         iter(), not at the first next() (which the engine calls inside a training step)."""
         if not self.train:
-            return self._deliver(iter(self._dataloader(self._keyed(self._eval_batches()))), None)
+            self._val_stream = iter(self._dataloader(self._keyed(self._eval_batches())))
+            return self._deliver(self._val_stream, None)
         if not self.stream_continues():
             self._stream = None  # the old DataLoader's workers end before new ones start
             stream = EpochStream(self.planner(), self.epoch, self.start_step)
@@ -143,7 +172,10 @@ class TorchLoader(PlannedLoader):
         for k in itertools.count() if count is None else range(count):
             batch = next(batches, None)
             if batch is None:
+                self._val_stream = None  # a validation pass's workers end now
                 return
+            if isinstance(batch, BadImageError):
+                raise batch
             if count is not None and k == count - 1:  # the engine never asks past the last batch
                 self.stream_served()
             images, labels, ok, lighting = batch

@@ -12,10 +12,15 @@ import os
 import re
 import resource
 import subprocess
+import threading
+import time
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
+
+from ..config import UserError
 
 
 @dataclass(frozen=True)
@@ -145,6 +150,88 @@ def shutdown() -> None:
     """Leave the process group cleanly (an exit-time abort can turn a good run's exit status into 1)."""
     if dist.is_initialized():
         dist.destroy_process_group()
+
+
+class PeerFailed(UserError, RuntimeError):
+    """Another process of the run failed: this one stops too (its error names that process and its error)."""
+
+
+class FailureWatch:
+    """Makes a fatal error on one process end every process of the run within seconds, each with that error.
+
+    Without it, the others learn of a failure only from their next collective: with gloo, as an unexplained
+    "Connection closed by peer" (a traceback, and the cause is in another process's log); with NCCL, not at
+    all until the process group's timeout (30 minutes), since a dead peer does not make NCCL's wait fail. So a
+    failing process writes its error to the launcher's key-value store (``announce``), before it leaves the
+    process group; a thread of every other process waits for that key, on a connection of its own (a blocking
+    wait holds a store client), and keeps the message. The process that then fails in a collective raises
+    PeerFailed with it (``peer_failure``); one that is still blocked after ``grace_s`` (NCCL) is ended by
+    ``on_peer_failure`` (which prints the message and exits at once: its loaders' workers end with it)."""
+
+    ACK_WAIT_S = 5.0  # how long a failing process waits for the others to have read its error
+    WAIT = datetime.timedelta(hours=1)  # one wait of the watching thread (it waits again after a timeout)
+
+    def __init__(self, env: DistEnv, on_peer_failure: Callable[[str], None], grace_s: float = 10.0):
+        self.env, self.on_peer_failure, self.grace_s = env, on_peer_failure, grace_s
+        self.message: str | None = None
+        self.received, self.handled = threading.Event(), threading.Event()
+        self.store: dist.Store | None = None
+        if not (env.distributed and dist.is_initialized()):
+            return
+        # One key space per launch: torchrun's store outlives an elastic restart.
+        self.prefix = f"dist_bot/failure/{os.environ.get('TORCHELASTIC_RESTART_COUNT', '0')}/"
+        self.store = self._connect()
+        threading.Thread(target=self._watch, name="failure-watch", daemon=True).start()
+
+    def _connect(self) -> dist.Store:
+        host, port = os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"])
+        timeout = datetime.timedelta(seconds=self.ACK_WAIT_S)
+        return dist.TCPStore(host, port, is_master=False, timeout=timeout, wait_for_workers=False)
+
+    def _watch(self) -> None:
+        key = self.prefix + "error"
+        while True:
+            t = time.monotonic()
+            try:
+                self.store.wait([key], self.WAIT)
+                break
+            except Exception:
+                if time.monotonic() - t < self.WAIT.total_seconds() / 2:
+                    return  # not a timeout: the store is gone, so is the run (its host, rank 0 under srun, ended)
+        try:
+            self.message = self.store.get(key).decode()
+            self.store.set(f"{self.prefix}read/{self.env.rank}", "1")
+        except Exception:  # the store is gone
+            self.message = "another process failed (its error is in its log)"
+        self.received.set()
+        if not self.handled.wait(self.grace_s):  # still blocked, in a collective that a dead peer does not end
+            self.on_peer_failure(f"stopping: {self.message}")
+
+    def peer_failure(self, wait_s: float = 3.0) -> PeerFailed | None:
+        """The error another process announced, as this process's own (None without one, after ``wait_s``)."""
+        if self.store is None or not self.received.wait(wait_s):
+            return None
+        self.handled.set()
+        return PeerFailed(f"stopping: {self.message}")
+
+    def close(self) -> None:
+        """The run has ended here, one way or another: a failure announced from now on ends nothing."""
+        self.handled.set()
+
+    def announce(self, error: BaseException) -> None:
+        """Tell the other processes that this one failed with ``error``; wait (briefly) until they have read it,
+        since the store may live in this process (rank 0 under srun)."""
+        if self.store is None or self.received.is_set():  # a peer failed first: this error is a consequence
+            return
+        first_line = str(error).strip().splitlines()[0] if str(error).strip() else ""
+        what = first_line if isinstance(error, UserError) else f"{type(error).__name__}: {first_line}"
+        try:
+            store = self._connect()
+            store.set(self.prefix + "error", f"rank {self.env.rank} failed: {what}")
+            others = [f"{self.prefix}read/{r}" for r in range(self.env.world_size) if r != self.env.rank]
+            store.wait(others, datetime.timedelta(seconds=self.ACK_WAIT_S))
+        except Exception:  # a peer that died, or no store: the others still stop, from their collective
+            pass
 
 
 def all_reduce_sum(values: list[float], env: DistEnv) -> list[float]:

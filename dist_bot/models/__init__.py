@@ -6,6 +6,7 @@ import difflib
 
 from torch import nn
 
+from ..config import ConfigError
 from .resnet import VARIANTS, BasicBlock, Bottleneck, ResNet
 
 # depth -> (block, blocks per stage), as in He et al. 2016, Table 1.
@@ -21,12 +22,13 @@ MODEL_NAMES: tuple[str, ...] = tuple(f"resnet{d}{v}" for d in DEPTHS for v in VA
 
 
 def parse_name(name: str) -> tuple[int, str]:
-    """``"resnet50d"`` -> ``(50, "d")``; an unknown name raises a ValueError naming the closest ones."""
+    """``"resnet50d"`` -> ``(50, "d")``; an unknown name raises a ConfigError (a ValueError, and bad input that
+    the CLI reports in one line) naming the closest ones."""
     if name in MODEL_NAMES:
         return int(name[len("resnet") : -1]), name[-1]
     close = difflib.get_close_matches(name, MODEL_NAMES, n=3)
     hint = f" Did you mean {' or '.join(close)}?" if close else ""
-    raise ValueError(
+    raise ConfigError(
         f"unknown model {name!r}.{hint} Known models: resnet{{18,34,50,101,152}}{{a,b,c,d}} "
         f"(`dist-bot models` lists them)."
     )
