@@ -287,7 +287,7 @@ def test_another_world_size_that_splits_the_last_step_otherwise_stops_and_says_h
     res = run_cmd(torchrun_cmd(3, *args))
     lines = errors(res.stderr)
     assert (
-        len(lines) == 3
+        len(set(lines)) == 1  # torchrun may stop the others before they print
         and "with 5 steps per epoch by 2 process(es)" in lines[0]
         and "makes 4 with 3 process(es)" in lines[0]
     ), res.stderr[-3000:]
