@@ -41,7 +41,7 @@ COMMON = [
     "wandb.mode=disabled",
     "precision=fp32",
     "data.batch_size=16",
-    "schedule.epochs=2",
+    "schedule.epochs=1",  # the demo's warmup is one epoch: these 10 steps are also the first 10 of any longer run
     "run.log_every_steps=1",
 ]
 # channels_last on (the default), max abs difference from DDP over fsdp and zero2, as measured (README,
@@ -75,14 +75,14 @@ def epoch_of_ten(digits_dir, tmp_path_factory):
 def train_each(strategies, data, out, *extra) -> dict:
     """One epoch (10 optimizer steps, then exact evaluation and a checkpoint) of resnet18d with the full recipe
     (label smoothing, mixup, warmup, no bias decay, Nesterov) under each strategy, 2 processes, fp32, same seed
-    and data; stopped by run.stop_after_steps right after the epoch's checkpoint."""
+    and data: the whole run."""
     runs = {}
     for strategy in strategies:
         if strategy.startswith("zero") and importlib.util.find_spec("deepspeed") is None:
             continue
         args = ["train", "configs/demo.yaml", f"data.path={data}", *COMMON, *extra, *STRATEGIES[strategy]]
-        res = run_cmd(torchrun_cmd(2, *args, "run.stop_after_steps=10", f"run.out_dir={out}", f"run.name={strategy}"))
-        assert "exiting with status 75" in res.stdout, res.stderr[-3000:]
+        res = run_cmd(torchrun_cmd(2, *args, f"run.out_dir={out}", f"run.name={strategy}"))
+        assert res.returncode == 0, res.stderr[-3000:]
         runs[strategy] = out / strategy
     return runs
 
@@ -199,8 +199,8 @@ def test_resume_equals_the_uninterrupted_run(ten_steps, epoch_of_ten, tmp_path, 
     ]
     first = run_cmd(torchrun_cmd(2, *args, "run.stop_after_steps=4"))
     assert "exiting with status 75" in first.stdout, first.stderr[-3000:]
-    second = run_cmd(torchrun_cmd(2, *args, "run.stop_after_steps=6"))
-    assert "resumed from" in second.stderr and "exiting with status 75" in second.stdout, second.stderr[-3000:]
+    second = run_cmd(torchrun_cmd(2, *args))  # steps 5-10, the evaluation and the final checkpoint
+    assert second.returncode == 0 and "resumed from" in second.stderr, second.stderr[-3000:]
     straight = ten_steps[strategy]
     assert train_losses(tmp_path / strategy) == pytest.approx(train_losses(straight), rel=1e-6)
     a = load_checkpoint(list_checkpoints(straight / "checkpoints")[-1])["model"]
