@@ -56,15 +56,17 @@ def imagenette_subset(tmp_path_factory) -> Path:
     return link_subset(IMAGENETTE, tmp_path_factory.mktemp("imagenette") / "subset", {"train": 20, "val": 10})
 
 
-def torchrun_cmd(nproc: int, *args: str) -> list[str]:
+def torchrun_cmd(nproc: int, *args: str, script: str | None = None, restarts: int = 0) -> list[str]:
+    """torchrun of `python -m dist_bot ARGS`, or of ``script`` ARGS, with ``restarts`` restarts of the group."""
+    run = [script] if script else ["-m", "dist_bot"]
     return [
         sys.executable,
         "-m",
         "torch.distributed.run",
         "--standalone",
         f"--nproc_per_node={nproc}",
-        "-m",
-        "dist_bot",
+        f"--max-restarts={restarts}",
+        *run,
         *args,
     ]
 

@@ -10,7 +10,6 @@ import os
 import shutil
 import signal
 import subprocess
-import sys
 import time
 from pathlib import Path
 
@@ -40,17 +39,7 @@ def train_args(data: Path, out: Path, *extra: str) -> list[str]:
 
 
 def probe_cmd(nproc: int, fault: str, *args: str, restarts: int = 0) -> list[str]:
-    return [
-        sys.executable,
-        "-m",
-        "torch.distributed.run",
-        "--standalone",
-        f"--nproc_per_node={nproc}",
-        f"--max-restarts={restarts}",
-        PROBE,
-        fault,
-        *args,
-    ]
+    return torchrun_cmd(nproc, fault, *args, script=PROBE, restarts=restarts)
 
 
 def metrics(run: Path) -> list[dict]:
