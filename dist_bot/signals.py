@@ -98,9 +98,6 @@ class PreemptionRequests:
                 signal.signal(s, handler)
             self._previous = None
 
-    def clear(self) -> None:
-        self.received = ()
-
     def _handle(self, signum, frame) -> None:
         self.received += (signum,)
 
