@@ -147,6 +147,9 @@ class RunConfig:
     eval_every_epochs: int = 1  # validation frequency in epochs (always after the last epoch)
     log_every_steps: int = 50  # training metrics line frequency in optimizer steps
     stop_after_steps: int | None = None  # checkpoint and exit for requeue (status 75) after this many steps
+    profile_steps: str | None = None  # "A:B": torch.profiler traces of optimizer steps A to B-1 of the whole run
+    # (counted from 1, as metrics.jsonl's "step") into <run dir>/profile/; quote it in YAML ("10:15" unquoted is a
+    # base-60 number there)
 
 
 @dataclass
@@ -239,8 +242,26 @@ def check_ranges(cfg: Config) -> None:
             f"schedule.warmup_epochs={cfg.schedule.warmup_epochs} exceeds schedule.epochs="
             f"{cfg.schedule.epochs}: shorten the warmup or train longer"
         )
+    profile_window(cfg.run.profile_steps)
     if len(cfg.data.mean) != 3 or len(cfg.data.std) != 3:
         raise ConfigError("data.mean and data.std need one value per RGB channel, e.g. data.std=[0.229,0.224,0.225]")
+
+
+def profile_window(value: str | None) -> tuple[int, int] | None:
+    """run.profile_steps "A:B" -> (A, B): optimizer steps A, A+1, ..., B-1 (like a Python slice), counted from 1."""
+    if value is None:
+        return None
+    first, sep, end = value.partition(":")
+    try:
+        window = (int(first), int(end)) if sep else None
+    except ValueError:
+        window = None
+    if window is None or not 1 <= window[0] < window[1]:
+        raise ConfigError(
+            f"run.profile_steps={value!r} is not a window of optimizer steps: write A:B with 1 <= A < B, e.g. "
+            "run.profile_steps=10:15 profiles steps 10 to 14 (counted from 1 over the whole run)"
+        )
+    return window
 
 
 # --------------------------------------------------------------------------------------------------
