@@ -43,19 +43,21 @@ from .checkpoint import (
     set_rng_state,
     write_file,
 )
-from .config import Config, UserError, from_dict, to_dict, to_yaml
+from .config import Config, UserError, from_dict, profile_window, to_dict, to_yaml
 from .data import DataError, make_loaders
 from .data.sharding import MicroBatch, Step
 from .distributed import build_strategy
 from .distributed.env import DistEnv, all_reduce_max, any_rank, local_peak_memory_mb
 from .models import build_model
+from .profiling import StepProfiler
+from .provenance import config_header, source_info
 from .recipe.losses import distillation_loss, smooth_targets, soft_cross_entropy
 from .recipe.lr import build_schedule
 from .recipe.mixup import mixup
 from .recipe.param_groups import param_groups
 from .recipe.precision import LossScaleGuard, autocast, make_sgd
 from .signals import PREEMPTION
-from .tracking import Progress, Tracker
+from .tracking import Progress, Tracker, updated_summary
 
 log = logging.getLogger(__name__)
 
@@ -69,6 +71,7 @@ RESUMABLE_CHANGES = {
     "run.out_dir",  # a run folder may be moved (another file system): it is found by its new place
     "run.log_every_steps",
     "run.stop_after_steps",
+    "run.profile_steps",
     "wandb.mode",
     "wandb.tags",
     "dist.timeout_min",
@@ -204,6 +207,7 @@ class RunState:
     wandb_id: str | None = None  # the W&B run that a resumed run continues
     guard: dict = field(default_factory=dict)  # the fp16 loss-scale guard's counters
     pending_eval: bool = False  # epoch `epoch` is trained but not yet evaluated (stopped at its last step)
+    summary: dict = field(default_factory=dict)  # best and final top-1/top-5 so far (tracking.updated_summary)
 
 
 @dataclass
@@ -236,9 +240,12 @@ class Trainer:
         self.state = self.resume()
         if env.is_main:
             self.run_dir.mkdir(parents=True, exist_ok=True)
-            (self.run_dir / "config.yaml").write_text(to_yaml(cfg))
-        self.tracker = Tracker(cfg, self.run_dir, env.is_main, self.state.wandb_id, to_dict(cfg))
+            (self.run_dir / "config.yaml").write_text(config_header() + to_yaml(cfg))
+        wandb_config = to_dict(cfg) | {"dist_bot": source_info()}
+        self.tracker = Tracker(cfg, self.run_dir, env.is_main, self.state.wandb_id, wandb_config)
+        self.tracker.summarize(self.state.summary)  # a resumed run: its new W&B segment starts with the best so far
         self.state.wandb_id = self.tracker.wandb_id
+        self.profiler = StepProfiler(profile_window(cfg.run.profile_steps), self.run_dir, env.rank, env.device)
         self.start_global_step, self.progress = self.state.global_step, Progress(False, 0)  # fit() sets both
         self.compile_logged = not cfg.model.compile
 
@@ -385,6 +392,7 @@ class Trainer:
             "config": to_dict(self.cfg),
             "model_name": self.cfg.model.name,
             "num_classes": self.num_classes,
+            "dist_bot": source_info(),  # the version and commit that wrote this checkpoint
         }
 
         def write(folder: Path) -> None:
@@ -415,11 +423,12 @@ class Trainer:
         s.set_lr(self.schedule(self.state.global_step))
         loss_sum = torch.zeros((), device=self.env.device)
         for micro in step.feed(batches):
-            with contextlib.nullcontext() if micro.last else s.no_sync():
+            with contextlib.nullcontext() if micro.last else s.no_sync(), self.profiler.mark("forward_backward"):
                 loss = self.micro_loss(micro)
                 s.backward(loss * micro.loss_weight)  # weighted: the reduced gradient is the step's mean
             loss_sum += loss.detach() * len(micro)
-        taken = s.step()
+        with self.profiler.mark("optimizer_step"):
+            taken = s.step()
         if self.cfg.precision == "fp16":
             self.guard.update(s.loss_scale_async, taken)
         self.state.epoch_step += 1
@@ -491,7 +500,8 @@ class Trainer:
         while True:
             t = time.perf_counter()
             try:
-                batch = next(batches)
+                with self.profiler.mark("data_wait"):
+                    batch = next(batches)
             except StopIteration:
                 return
             interval.data_s += time.perf_counter() - t
@@ -507,7 +517,8 @@ class Trainer:
         batches = self.waited(iter(loader), interval)
         for step in loader.steps[st.epoch_step :]:
             t0 = time.perf_counter()
-            interval.loss_sum += self.train_step(step, batches)
+            with self.profiler.step(st.global_step + 1):  # traced when run.profile_steps holds it
+                interval.loss_sum += self.train_step(step, batches)
             self.log_compile_time(time.perf_counter() - t0)
             interval.samples += sum(len(m) for m in step.micro_batches)
             interval.steps += 1
@@ -544,6 +555,8 @@ class Trainer:
             result = evaluate(eval_model, self.val_loader, self.env, cfg.precision)
             result = {"split": "val", "epoch": st.epoch - 1, "step": st.global_step} | result
             self.tracker.log(result)
+            st.summary = updated_summary(st.summary, result)
+            self.tracker.summarize(st.summary)
             if self.env.is_main:
                 print(
                     f"epoch {st.epoch}/{epochs} val top1 {result['top1']:.2f} top5 {result['top5']:.2f} "
@@ -607,6 +620,7 @@ class Trainer:
                 self.save()
                 raise Preempted(st.global_step, PREEMPTION.received)
         finally:
+            self.profiler.close()  # a run ending inside the profiled window writes the steps it traced
             self.tracker.close()
             # The loaders' workers end here, whatever ended the run, not when the trainer is collected: after an
             # error a reference cycle can keep it until the interpreter's exit.

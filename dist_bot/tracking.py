@@ -16,6 +16,13 @@ on its own telemetry when the process ends.
 
 The W&B run id is stored in every checkpoint, so a resumed or requeued run continues the same W&B run. Keys
 are never logged or written: W&B reads them itself, and warnings that quote W&B's errors blank the key out.
+
+The run summary (``updated_summary``): after every evaluation, best/top1 with best/top5, best/epoch and
+best/step of the evaluation with the highest top-1, and final/top1, final/top5, final/epoch, final/step of the
+latest; the same for every other ``*top1`` a validation record holds (ema_top1: best/ema_top1, best/ema_epoch
+...). Epochs are counted from 0 as in metrics.jsonl. It is set in W&B's run summary (W&B would otherwise show
+the last value of each key) and written to ``<run dir>/summary.json``; checkpoints keep it, so the best
+survives a resume.
 """
 
 from __future__ import annotations
@@ -120,6 +127,30 @@ def redact_key(text: str) -> str:
     return text.replace(key, "<WANDB_API_KEY>") if key else text
 
 
+def updated_summary(summary: dict, record: dict) -> dict:
+    """The run summary after validation record ``record`` ({"epoch", "step", "top1", "top5", ...})."""
+    out = dict(summary)
+    for key in sorted(k for k in record if k.endswith("top1")):
+        prefix = key.removesuffix("top1")  # "" or e.g. "ema_"
+        at = {f"{prefix}top1": record[key], f"{prefix}epoch": record["epoch"], f"{prefix}step": record["step"]}
+        if f"{prefix}top5" in record:
+            at[f"{prefix}top5"] = record[f"{prefix}top5"]
+        out |= {f"final/{k}": v for k, v in at.items()}
+        if record[key] > summary.get(f"best/{key}", -math.inf):  # ties keep the earlier evaluation
+            out |= {f"best/{k}": v for k, v in at.items()}
+    return out
+
+
+def write_json_atomically(obj, path: Path) -> None:
+    """Readers see the old file or the new one, never half of one."""
+    tmp = path.with_name(f".{path.name}.tmp")
+    with open(tmp, "w") as f:
+        json.dump(obj, f, indent=1, sort_keys=True)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
 class Tracker:
     """Writes metrics from the main process; every other process gets a tracker that does nothing."""
 
@@ -127,6 +158,7 @@ class Tracker:
         self.enabled = enabled
         self.wandb_run = None
         self.wandb_id = wandb_id
+        self.run_dir = Path(run_dir)
         self._file = None
         if not enabled:
             return
@@ -220,6 +252,48 @@ class Tracker:
                 )
             except Exception as e:  # any W&B failure: training must go on
                 self._wandb_failed(e)
+
+    def summarize(self, summary: dict) -> None:
+        """Set the run summary (see ``updated_summary``): W&B's, and <run dir>/summary.json."""
+        if not self.enabled or not summary:
+            return
+        write_json_atomically(summary, self.run_dir / "summary.json")
+        if self.wandb_run is not None:
+            try:
+                self.wandb_run.summary.update(summary)
+            except Exception as e:  # any W&B failure: training must go on
+                self._wandb_failed(e)
+
+    def log_artifact(self, path: str | Path, name: str, type: str, metadata: dict | None = None):
+        """Upload a file or folder as W&B artifact ``name`` of ``type`` (e.g. "model"), with ``metadata``; an
+        offline run keeps it for `wandb sync`. Returns the artifact, or None where W&B is off or fails (one
+        warning: a failed upload never fails the run)."""
+        if not self.enabled:
+            return None
+        path = Path(path)
+        if not path.exists():
+            raise UserError(f"cannot log artifact {name!r}: {path} does not exist")
+        if self.wandb_run is None:
+            log.info("W&B is off for this run: %s is not logged as an artifact", path)
+            return None
+        try:
+            import wandb
+
+            artifact = wandb.Artifact(name, type=type, metadata=metadata)
+            if path.is_dir():
+                artifact.add_dir(str(path))
+            else:
+                artifact.add_file(str(path))
+            return self.wandb_run.log_artifact(artifact)
+        except Exception as e:
+            log.warning(
+                "W&B did not take artifact %r (%s: %s): %s stays only on disk",
+                name,
+                e.__class__.__name__,  # `type` is the artifact's type here
+                redact_key(str(e)),
+                path,
+            )
+            return None
 
     def close(self) -> None:
         if self._file:

@@ -5,16 +5,23 @@ import http.server
 import json
 import logging
 import socket
+import struct
+import subprocess
 import threading
 import time
+from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
+from conftest import REPO
 
+import dist_bot
+from dist_bot import engine
 from dist_bot.checkpoint import list_checkpoints, load_checkpoint
 from dist_bot.cli import main
-from dist_bot.config import load_config
-from dist_bot.tracking import PROBE_TIMEOUT_S, Tracker, resolve_wandb_mode
+from dist_bot.config import UserError, load_config
+from dist_bot.provenance import source_info
+from dist_bot.tracking import PROBE_TIMEOUT_S, Tracker, resolve_wandb_mode, updated_summary
 
 FAKE_KEY = "f" * 40
 TINY = ["model.name=resnet18d", "data.workers=0", "data.batch_size=8", "schedule.warmup_epochs=0"]
@@ -200,3 +207,128 @@ def test_offline_run_is_resumed_under_the_same_id(wandb_env, tiny_digits, tmp_pa
     logged = b"".join(f.read_bytes() for r in runs for f in r.glob("*.wandb"))
     assert b"train/loss" in logged and b"val/top1" in logged
     assert FAKE_KEY.encode() not in logged
+
+
+# -- the run summary, artifacts, and which dist_bot made the run -------------------------------------------------
+
+
+def wandb_records(run_folder: Path, kind: str) -> list:
+    """The `kind` records ("summary", "run", "artifact") of an offline W&B run, read from its .wandb file: a
+    LevelDB-style log (7-byte file header; 32 KiB blocks of chunks, each with a crc32/length/type header) of
+    protobuf Records. Offline runs write no wandb-summary.json, and wandb 0.31 has no Python reader of its own."""
+    from wandb.proto import wandb_internal_pb2
+
+    [path] = run_folder.glob("run-*.wandb")
+    data, pos, block, chunks, out = path.read_bytes(), 7, 32768, b"", []
+    assert data[:4] == b":W&B"
+    while pos + 7 <= len(data):
+        if block - pos % block < 7:  # a block's tail too short for a chunk header is padding
+            pos += block - pos % block
+            continue
+        _crc, length, chunk_type = struct.unpack("<IHB", data[pos : pos + 7])
+        if chunk_type == 0:  # zero padding up to the block's end
+            pos += block - pos % block
+            continue
+        chunks, pos = chunks + data[pos + 7 : pos + 7 + length], pos + 7 + length
+        if chunk_type in (1, 4):  # FULL, or the LAST chunk of a record
+            record = wandb_internal_pb2.Record()
+            record.ParseFromString(chunks)
+            chunks = b""
+            if record.WhichOneof("record_type") == kind:
+                out.append(getattr(record, kind))
+    return out
+
+
+def wandb_summary(run_folder: Path) -> dict:
+    summary = {}
+    for record in wandb_records(run_folder, "summary"):
+        for item in record.update:
+            summary["/".join([*item.nested_key] or [item.key])] = json.loads(item.value_json)
+    return summary
+
+
+def test_summary_keeps_the_best_and_the_final_of_each_top1():
+    def val(epoch, top1, top5, **more):
+        return {"split": "val", "epoch": epoch, "step": 10 * (epoch + 1), "top1": top1, "top5": top5, "loss": 1.0}
+
+    s = updated_summary({}, val(0, 50.0, 80.0) | {"ema_top1": 40.0, "ema_top5": 70.0})
+    s = updated_summary(s, val(1, 60.0, 85.0) | {"ema_top1": 45.0, "ema_top5": 75.0})
+    s = updated_summary(s, val(2, 60.0, 90.0) | {"ema_top1": 44.0, "ema_top5": 76.0})  # a tie keeps epoch 1
+    assert s == {
+        "best/top1": 60.0,
+        "best/top5": 85.0,
+        "best/epoch": 1,
+        "best/step": 20,
+        "final/top1": 60.0,
+        "final/top5": 90.0,
+        "final/epoch": 2,
+        "final/step": 30,
+        "best/ema_top1": 45.0,
+        "best/ema_top5": 75.0,
+        "best/ema_epoch": 1,
+        "best/ema_step": 20,
+        "final/ema_top1": 44.0,
+        "final/ema_top5": 76.0,
+        "final/ema_epoch": 2,
+        "final/ema_step": 30,
+    }
+
+
+def test_summary_survives_a_resume_in_summary_json_and_w_and_b_with_version_and_commit(
+    wandb_env, tiny_digits, tmp_path, monkeypatch
+):
+    """3 epochs, stopped in the second: the first epoch's top-1 (the best) must still be best at the end."""
+    wandb_env.setenv("WANDB_SILENT", "true")
+    scripted = [70.0, 40.0, 55.0]  # top-1 of epochs 0, 1, 2 in the order they are evaluated
+
+    def evaluate(model, loader, env, precision):
+        top1 = scripted.pop(0)
+        return {"top1": top1, "top5": top1 + 20, "loss": 1.0, "samples": 40}
+
+    monkeypatch.setattr(engine, "evaluate", evaluate)
+    args = ["train", "configs/demo.yaml", f"data.path={tiny_digits}", f"run.out_dir={tmp_path}", *TINY]
+    args += ["data.batch_size=32", "precision=fp32", "schedule.epochs=3", "wandb.mode=offline"]  # 4 steps an epoch
+    assert main([*args, "run.stop_after_steps=6"]) == 75
+    run_dir = tmp_path / "demo"
+    assert json.loads((run_dir / "summary.json").read_text())["best/top1"] == 70.0
+    assert main(args) == 0
+    want = {"top1": 70.0, "top5": 90.0, "epoch": 0, "step": 4}
+    want = {f"best/{k}": v for k, v in want.items()} | {"final/top1": 55.0, "final/top5": 75.0, "final/epoch": 2}
+    summary = json.loads((run_dir / "summary.json").read_text())
+    assert want.items() <= summary.items()
+    [_, second] = sorted((run_dir / "wandb").glob("offline-run-*"))
+    assert want.items() <= wandb_summary(second).items()  # the resumed segment alone holds the whole summary
+    assert not (run_dir / "profile").exists()  # run.profile_steps unset: no profiler
+
+    info = source_info()
+    assert info["version"] == dist_bot.__version__
+    commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=REPO, capture_output=True, text=True).stdout.strip()
+    assert info["commit"] and info["commit"].removesuffix("-dirty") == commit
+    assert load_checkpoint(list_checkpoints(run_dir / "checkpoints")[-1])["dist_bot"] == info
+    config = {item.key: json.loads(item.value_json) for item in wandb_records(second, "run")[0].config.update}
+    assert config["dist_bot"] == info
+    header = (run_dir / "config.yaml").read_text().splitlines()[0]
+    assert header == f"# written by dist_bot {info['version']}, commit {info['commit']}"
+    assert load_config(run_dir / "config.yaml").schedule.epochs == 3  # still a recipe (the resume read it too)
+
+
+def test_log_artifact_records_a_file_in_an_offline_run(wandb_env, tmp_path):
+    wandb_env.setenv("WANDB_SILENT", "true")
+    export = tmp_path / "model.onnx"
+    export.write_bytes(b"not really onnx")
+    t = tracker(tmp_path, "offline")
+    assert t.log_artifact(export, "resnet18d-export", "model", {"top1": 70.0}) is not None
+    with pytest.raises(UserError, match="does not exist"):
+        t.log_artifact(tmp_path / "missing.onnx", "x", "model")
+    t.close()
+    [folder] = (tmp_path / "wandb").glob("offline-run-*")
+    [artifact] = wandb_records(folder, "artifact")
+    assert (artifact.name, artifact.type) == ("resnet18d-export", "model")
+    assert json.loads(artifact.metadata) == {"top1": 70.0}
+    assert [(c.path, c.size) for c in artifact.manifest.contents] == [("model.onnx", len(b"not really onnx"))]
+
+
+def test_log_artifact_without_w_and_b_does_nothing(tmp_path):
+    (tmp_path / "f").write_text("x")
+    assert tracker(tmp_path, "disabled").log_artifact(tmp_path / "f", "f", "model") is None
+    assert Tracker(None, tmp_path, enabled=False).log_artifact(tmp_path / "missing", "f", "model") is None
