@@ -6,8 +6,10 @@ import logging
 from pathlib import Path
 
 import pytest
+import torch
 from conftest import run_cmd, torchrun_cmd
 
+from dist_bot.checkpoint import list_checkpoints, load_checkpoint
 from dist_bot.cli import main
 from dist_bot.config import ConfigError, load_config
 
@@ -21,6 +23,10 @@ TINY = [
     "schedule.epochs=1",
     "schedule.warmup_epochs=0",
 ]
+
+
+def final_weights(run_dir: Path) -> dict:
+    return load_checkpoint(list_checkpoints(run_dir / "checkpoints")[-1])["model"]
 
 
 def trace(path: Path) -> list[dict]:
@@ -45,12 +51,14 @@ def test_a_bad_window_is_one_line_and_status_2(capsys):
 
 def test_a_resumed_run_traces_the_window_by_global_step_with_accumulation(tiny_digits, tmp_path, caplog):
     args = ["train", "configs/demo.yaml", *TINY, f"data.path={tiny_digits}", f"run.out_dir={tmp_path}"]
-    args += ["optim.grad_accum_steps=2", "data.batch_size=8", "run.profile_steps=3:5"]
+    args += ["optim.grad_accum_steps=2", "data.batch_size=8"]
     profile = tmp_path / "demo" / "profile"
-    assert main([*args, "run.stop_after_steps=2"]) == 75  # stopped before the window (in its warm-up step)
+    # stopped in the warm-up step before the window: nothing traced, nothing written
+    assert main([*args, "run.profile_steps=3:9", "run.stop_after_steps=2"]) == 75
     assert not profile.exists()
     with caplog.at_level(logging.INFO, logger="dist_bot.profiling"):
-        assert main(args) == 0  # resumes at step 3: steps 3 and 4 of the run, not of this process
+        # the window may change on resume; steps 3 and 4 of the run, i.e. this process's first two
+        assert main([*args, "run.profile_steps=3:5"]) == 0
     [path] = profile.iterdir()
     assert path.name == "rank0_steps3-4.pt.trace.json.gz"
     events = trace(path)
@@ -62,6 +70,12 @@ def test_a_resumed_run_traces_the_window_by_global_step_with_accumulation(tiny_d
     assert names.count("data_wait") >= 4
     [table] = [r.getMessage() for r in caplog.records if "top operators" in r.getMessage()]
     assert "profile of steps 3-4" in table and "Self CPU" in table and "aten::" in table
+
+    # profiling changes nothing: the same weights as a run without it
+    assert main([*args, f"run.out_dir={tmp_path / 'plain'}"]) == 0
+    assert not (tmp_path / "plain" / "demo" / "profile").exists()
+    profiled, plain = (final_weights(tmp_path / d / "demo") for d in (".", "plain"))
+    assert all(torch.equal(profiled[k], plain[k]) for k in plain)
 
 
 @pytest.mark.slow

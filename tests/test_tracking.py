@@ -248,7 +248,7 @@ def wandb_summary(run_folder: Path) -> dict:
 
 
 def test_summary_keeps_the_best_and_the_final_of_each_top1():
-    def val(epoch, top1, top5, **more):
+    def val(epoch, top1, top5):
         return {"split": "val", "epoch": epoch, "step": 10 * (epoch + 1), "top1": top1, "top5": top5, "loss": 1.0}
 
     s = updated_summary({}, val(0, 50.0, 80.0) | {"ema_top1": 40.0, "ema_top5": 70.0})
