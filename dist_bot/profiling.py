@@ -86,7 +86,7 @@ class StepProfiler:
         path = self.folder / f"rank{self.rank}_steps{self._first}-{self._last}.pt.trace.json.gz"
         prof.export_chrome_trace(str(path))
         if self.rank == 0:
-            sort_by = "self_cuda_time_total" if self.device.type == "cuda" else "self_cpu_time_total"
+            sort_by = "self_device_time_total" if self.device.type == "cuda" else "self_cpu_time_total"
             table = prof.key_averages().table(sort_by=sort_by, row_limit=TOP_OPERATORS)
             log.info(
                 "profile of steps %d-%d: traces %s (one per process; open in ui.perfetto.dev or "
