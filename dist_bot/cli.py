@@ -122,6 +122,8 @@ def cmd_eval(args: argparse.Namespace) -> int:
 
     if any(o.startswith("checkpoint=") for o in args.overrides):
         raise ConfigError("checkpoint=PATH is now an option: dist-bot eval CONFIG --checkpoint PATH")
+    if args.checkpoint is None:
+        raise ConfigError("dist-bot eval needs --checkpoint PATH: a checkpoint folder, or a run folder")
     cfg = load_config(args.config, args.overrides)
     path = resolve_checkpoint(args.checkpoint)
     with process_group(cfg, args.command) as env:
@@ -250,7 +252,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("eval", help="evaluate a checkpoint on the validation set")
     p.add_argument("config", help="recipe YAML giving the data and precision")
     p.add_argument("overrides", nargs="*", metavar="key=value", help="dotted overrides, e.g. data.path=/data")
-    p.add_argument("--checkpoint", required=True, help="a checkpoint folder, or a run folder (its newest checkpoint)")
+    # required, but checked in cmd_eval: the old form checkpoint=PATH gets a message saying what replaced it
+    p.add_argument("--checkpoint", help="a checkpoint folder, or a run folder (its newest checkpoint); required")
     p.add_argument("--ema", action="store_true", help="the checkpoint's EMA weights (ema.pt) instead of the raw ones")
     p.set_defaults(func=cmd_eval)
 

@@ -15,13 +15,15 @@ and torchvision files are checked as they are written: their logits against dist
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import os
 from pathlib import Path
 
 import torch
 
-from . import __version__
+from dist_bot import __version__
+
 from .checkpoint import class_names, read_meta, read_weights, resolve_checkpoint
 from .config import UserError
 from .models import build_model
@@ -30,6 +32,7 @@ from .models.interop import timm_name, to_timm, torchvision_name
 FORMATS = ("timm", "torchvision", "onnx")
 SUFFIXES = {"timm": (".safetensors",), "torchvision": (".pth", ".pt"), "onnx": (".onnx",)}
 ONNX_OPSET = 20  # the torch.export-based exporter's own default in torch 2.14: no version conversion pass
+NEEDS = {"timm": ("safetensors",), "onnx": ("onnx", "onnxscript", "onnxruntime")}
 CHECK_ATOL = 1e-4  # an export's logits vs dist_bot's model, float32 on CPU (observed: ~1e-6)
 
 
@@ -182,13 +185,10 @@ def export_checkpoint(source: str | Path, fmt: str, out: str | Path, ema: bool =
             f"--format {fmt} writes a {' or '.join(SUFFIXES[fmt])} file, got --out {out}: name it "
             f"{out.with_suffix(SUFFIXES[fmt][0]).name}" + (" (timm reads safetensors by that suffix)" * (fmt == "timm"))
         )
-    if fmt == "onnx":
-        try:
-            import onnx  # noqa: F401  (torch.onnx needs onnx and onnxscript; the check needs onnxruntime)
-            import onnxruntime  # noqa: F401
-            import onnxscript  # noqa: F401
-        except ImportError as e:
-            raise ExportError(f"--format onnx needs {e.name}: pip install 'dist-bot[export]'") from None
+    # torch.onnx needs onnx and onnxscript, the check onnxruntime; the timm format is safetensors
+    for module in NEEDS.get(fmt, ()):
+        if importlib.util.find_spec(module) is None:
+            raise ExportError(f"--format {fmt} needs {module}: pip install 'dist-bot[export]'")
     path = resolve_checkpoint(source)
     meta = read_meta(path)
     twin = twin_name(fmt, meta["model_name"])
