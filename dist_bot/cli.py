@@ -164,8 +164,8 @@ def cmd_export(args: argparse.Namespace) -> int:
 def cmd_predict(args: argparse.Namespace) -> int:
     from dist_bot.predict import load_predictor, predict_files
 
-    if args.topk < 1:
-        raise ConfigError(f"--topk must be at least 1, got {args.topk}")
+    if args.topk < 1 or args.batch_size < 1:
+        raise ConfigError(f"--topk and --batch-size must be at least 1, got {args.topk} and {args.batch_size}")
     predictor = load_predictor(args.source, ema=args.ema)
     failed = 0
     for path, result in predict_files(predictor, args.images, args.topk, args.batch_size):

@@ -76,7 +76,10 @@ def read_export_file(path: Path, device: torch.device) -> Predictor:
         info = obj.get("dist_bot") if isinstance(obj, dict) else None
         if info is not None:
             return torch_predictor(from_timm(obj["state_dict"], info["model_name"]), info, device)
-    raise UserError(f"{path} holds no dist_bot metadata: predict reads the files `dist-bot export` writes")
+    raise UserError(
+        f"{path} holds no dist_bot metadata: predict reads the files `dist-bot export` writes, and checkpoint or run "
+        "folders (name the folder, not its model.pt)"
+    )
 
 
 def load_predictor(source: str | Path, ema: bool = False, device: torch.device | None = None) -> Predictor:
