@@ -3,8 +3,9 @@
 A checkpoint is a folder ``checkpoints/step_<global step>/`` holding
 
     meta.pt     dist_bot's own state: epoch, step inside the epoch, global step, RNG states, loss-scale
-                guard, resolved config, W&B run id, model name and number of classes
+                guard, resolved config, W&B run id, model name, number of classes and class names
     model.pt    the full model state_dict in one file (for `dist-bot eval`, distillation, export)
+    ema.pt      when EMA is on: the EMA weights, a state_dict with model.pt's keys (``read_weights(ema=True)``)
     ...         the strategy's training state (DDP: train_state.pt; FSDP: dcp/, torch.distributed.checkpoint
                 shards that load at any world size)
 
@@ -237,12 +238,61 @@ def read_model(path: Path, map_location="cpu") -> dict:
     return read_file(Path(path) / "model.pt", map_location)
 
 
-def load_checkpoint(path: Path, map_location="cpu") -> dict:
-    """A checkpoint's metadata plus its full model weights under ``"model"``."""
+def read_weights(path: Path, ema: bool = False, map_location="cpu") -> dict:
+    """The raw weights (model.pt) of a checkpoint folder, or its EMA weights (ema.pt, the same keys)."""
+    if not ema:
+        return read_model(path, map_location)
+    if not (Path(path) / "ema.pt").exists():
+        raise CheckpointError(
+            f"checkpoint {path} has no EMA weights (no ema.pt): train with model.ema_decay=0.9998 (for example) to "
+            "keep them, or leave out --ema to use the raw weights"
+        )
+    return read_file(Path(path) / "ema.pt", map_location)
+
+
+def load_checkpoint(path: Path, map_location="cpu", ema: bool = False) -> dict:
+    """A checkpoint's metadata plus its full model weights (raw, or EMA with ``ema``) under ``"model"``."""
     path = Path(path)
     if not path.is_dir():
         raise CheckpointError(f"checkpoint {path} does not exist: checkpoints are folders runs/NAME/checkpoints/step_N")
-    return read_meta(path) | {"model": read_model(path, map_location)}
+    return read_meta(path) | {"model": read_weights(path, ema, map_location)}
+
+
+def resolve_checkpoint(path: str | Path) -> Path:
+    """The checkpoint folder a user means by ``path``: a run folder (one holding checkpoints/) gives its newest
+    checkpoint whose meta.pt and model.pt read back whole (older ones are tried past damaged ones, as a resume
+    does), a checkpoint folder (one holding meta.pt) is itself. Anything else is a CheckpointError naming both."""
+    path = Path(path)
+    if (path / "meta.pt").is_file():
+        return path
+    if (path / "checkpoints").is_dir():
+
+        def check(step: Path) -> dict:
+            verify_file(step / "model.pt")
+            return read_meta(step)
+
+        found = load_latest_good(path / "checkpoints", check)
+        if found is None:
+            raise CheckpointError(
+                f"run folder {path} has no readable checkpoint in {path / 'checkpoints'}: train it (checkpoints are "
+                "written after each run.checkpoint_every_epochs epochs), or name a checkpoint folder"
+            )
+        return found[0]
+    what = "is neither a run folder (holding checkpoints/) nor a checkpoint folder (holding meta.pt)"
+    raise CheckpointError(
+        f"{path} {what if path.exists() else 'does not exist'}: name a run folder (runs/NAME) or a checkpoint "
+        "folder (runs/NAME/checkpoints/step_N)"
+    )
+
+
+def class_names(meta: dict) -> list[str]:
+    """The class names a checkpoint predicts, in label order (the class folders of its training data). Checkpoints
+    written before meta.pt held them get class_0, class_1, ... with a warning."""
+    names = meta.get("class_names")
+    if names is not None:
+        return list(names)
+    log.warning("this checkpoint predates class names in meta.pt: its classes are called class_0, class_1, ...")
+    return [f"class_{i}" for i in range(meta["num_classes"])]
 
 
 def agree_on_checkpoint(folder: Path, read: Callable[[Path], Any]) -> tuple[Path, Any] | None:

@@ -1,7 +1,9 @@
 """The `dist-bot` command.
 
     dist-bot train CONFIG [key=value ...]       train (one process, or every process under torchrun / srun)
-    dist-bot eval CONFIG checkpoint=PATH [key=value ...]   top-1/top-5 of a checkpoint on data.path's val/
+    dist-bot eval CONFIG --checkpoint PATH [--ema] [key=value ...]   top-1/top-5 of a checkpoint on data.path's val/
+    dist-bot export RUN_OR_CHECKPOINT --format timm|torchvision|onnx --out FILE [--ema]   weights for other tools
+    dist-bot predict CHECKPOINT_OR_EXPORT IMAGE ... [--topk 5] [--json]   each image's top classes by name
     dist-bot models [--image-size 224]          every model: parameters and multiply-adds
     dist-bot config CONFIG [key=value ...]      the resolved config of a recipe plus overrides, as YAML
     dist-bot data digits OUT_DIR                write the bundled handwritten digits as an ImageFolder
@@ -111,26 +113,33 @@ def cmd_train(args: argparse.Namespace) -> int:
 
 
 def cmd_eval(args: argparse.Namespace) -> int:
-    from pathlib import Path
-
     import torch
 
-    from dist_bot.checkpoint import load_checkpoint
+    from dist_bot.checkpoint import load_checkpoint, resolve_checkpoint
     from dist_bot.data import make_loaders
     from dist_bot.engine import evaluate
     from dist_bot.models import build_model
 
-    ckpt = [o for o in args.overrides if o.startswith("checkpoint=")]
-    if len(ckpt) != 1:
-        raise ConfigError("dist-bot eval needs exactly one checkpoint=PATH argument")
-    cfg = load_config(args.config, [o for o in args.overrides if o not in ckpt])
+    if any(o.startswith("checkpoint=") for o in args.overrides):
+        raise ConfigError("checkpoint=PATH is now an option: dist-bot eval CONFIG --checkpoint PATH")
+    if args.checkpoint is None:
+        raise ConfigError("dist-bot eval needs --checkpoint PATH: a checkpoint folder, or a run folder")
+    cfg = load_config(args.config, args.overrides)
+    path = resolve_checkpoint(args.checkpoint)
     with process_group(cfg, args.command) as env:
-        state = load_checkpoint(Path(ckpt[0].partition("=")[2]))
+        state = load_checkpoint(path, ema=args.ema)
         _, val = make_loaders(cfg, env)
         try:
             if state["num_classes"] != val.num_classes:
                 raise ConfigError(
                     f"the checkpoint predicts {state['num_classes']} classes, the data has {val.num_classes}"
+                )
+            trained, here = state.get("class_names"), getattr(val, "class_names", None)
+            if trained is not None and here is not None and list(trained) != here:
+                wrong = next(i for i, (a, b) in enumerate(zip(trained, here, strict=True)) if a != b)
+                raise ConfigError(
+                    f"the checkpoint's class {wrong} is {trained[wrong]!r}, the data's is {here[wrong]!r}: its labels "
+                    "would be scored against other classes. Evaluate on data with the training set's class folders"
                 )
             model = build_model(state["model_name"], state["num_classes"]).to(env.device)
             model.load_state_dict(state["model"])
@@ -140,8 +149,36 @@ def cmd_eval(args: argparse.Namespace) -> int:
         finally:
             val.close()  # its workers end now, whatever happened (see Trainer.fit)
         if env.is_main:
-            print(json.dumps({"split": "val", "checkpoint": ckpt[0].partition("=")[2], **result}), flush=True)
+            weights = "ema" if args.ema else "raw"
+            print(json.dumps({"split": "val", "checkpoint": str(path), "weights": weights, **result}), flush=True)
     return 0
+
+
+def cmd_export(args: argparse.Namespace) -> int:
+    from dist_bot.export import export_checkpoint
+
+    print(json.dumps(export_checkpoint(args.source, args.format, args.out, ema=args.ema)))
+    return 0
+
+
+def cmd_predict(args: argparse.Namespace) -> int:
+    from dist_bot.predict import load_predictor, predict_files
+
+    if args.topk < 1 or args.batch_size < 1:
+        raise ConfigError(f"--topk and --batch-size must be at least 1, got {args.topk} and {args.batch_size}")
+    predictor = load_predictor(args.source, ema=args.ema)
+    failed = 0
+    for path, result in predict_files(predictor, args.images, args.topk, args.batch_size):
+        if isinstance(result, Exception):
+            failed += 1
+            print(f"dist-bot predict: {result}", file=sys.stderr, flush=True)
+        elif args.json:
+            print(json.dumps({"image": path, "top": [{"class": c, "prob": p} for c, p in result]}), flush=True)
+        else:
+            print(path + "".join(f"\n  {p:.4f}  {c}" for c, p in result), flush=True)
+    if failed:
+        print(f"dist-bot predict: {failed} of {len(args.images)} images could not be read", file=sys.stderr)
+    return 1 if failed else 0
 
 
 def cmd_data_digits(args: argparse.Namespace) -> int:
@@ -214,8 +251,27 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("eval", help="evaluate a checkpoint on the validation set")
     p.add_argument("config", help="recipe YAML giving the data and precision")
-    p.add_argument("overrides", nargs="*", metavar="key=value", help="checkpoint=PATH, then dotted overrides")
+    p.add_argument("overrides", nargs="*", metavar="key=value", help="dotted overrides, e.g. data.path=/data")
+    # required, but checked in cmd_eval: the old form checkpoint=PATH gets a message saying what replaced it
+    p.add_argument("--checkpoint", help="a checkpoint folder, or a run folder (its newest checkpoint); required")
+    p.add_argument("--ema", action="store_true", help="the checkpoint's EMA weights (ema.pt) instead of the raw ones")
     p.set_defaults(func=cmd_eval)
+
+    p = sub.add_parser("export", help="a checkpoint's weights as timm safetensors, a torchvision state dict, or ONNX")
+    p.add_argument("source", metavar="RUN_OR_CHECKPOINT", help="a run folder (its newest checkpoint) or checkpoint")
+    p.add_argument("--format", required=True, choices=("timm", "torchvision", "onnx"), help="the file to write")
+    p.add_argument("--out", required=True, help="FILE.safetensors (timm), FILE.pth (torchvision), FILE.onnx")
+    p.add_argument("--ema", action="store_true", help="the checkpoint's EMA weights (ema.pt) instead of the raw ones")
+    p.set_defaults(func=cmd_export)
+
+    p = sub.add_parser("predict", help="each image's top classes by name, from a checkpoint or an export")
+    p.add_argument("source", metavar="CHECKPOINT_OR_EXPORT", help="run or checkpoint folder, or an exported file")
+    p.add_argument("images", nargs="+", metavar="IMAGE", help="image files")
+    p.add_argument("--topk", type=int, default=5, help="classes per image (default 5)")
+    p.add_argument("--json", action="store_true", help="one JSON object per image")
+    p.add_argument("--ema", action="store_true", help="a checkpoint's EMA weights (ema.pt) instead of the raw ones")
+    p.add_argument("--batch-size", type=int, default=32, help="images per forward pass (default 32)")
+    p.set_defaults(func=cmd_predict)
 
     p = sub.add_parser("data", help="make demo datasets")
     dsub = p.add_subparsers(dest="data_command", required=True, metavar="DATASET")

@@ -35,9 +35,9 @@ from .checkpoint import (
     FORMAT_VERSION,
     agree_on_checkpoint,
     load_checkpoint,
-    load_latest_good,
     read_meta,
     remove_stale_temporaries,
+    resolve_checkpoint,
     rng_state,
     save_checkpoint,
     set_rng_state,
@@ -181,13 +181,8 @@ def evaluate(model: torch.nn.Module, loader, env: DistEnv, precision: str) -> di
 def load_teacher(path: str, num_classes: int, env: DistEnv, channels_last: bool) -> torch.nn.Module:
     """A frozen teacher from a dist_bot checkpoint folder, or from a run folder (its latest good checkpoint);
     the architecture is read from the config saved inside."""
-    if (Path(path) / "checkpoints").is_dir():
-        found = load_latest_good(Path(path) / "checkpoints", load_checkpoint)
-        if found is None:
-            raise RunError(f"teacher run {path} has no readable checkpoint: train it first, or name a checkpoint")
-        path, state = found
-    else:
-        state = load_checkpoint(Path(path))
+    path = resolve_checkpoint(path)
+    state = load_checkpoint(path)
     tcfg = from_dict(state["config"])
     if state["num_classes"] != num_classes:
         raise RunError(f"teacher {path} predicts {state['num_classes']} classes, the data has {num_classes}")
@@ -393,6 +388,7 @@ class Trainer:
             "model_name": self.cfg.model.name,
             "num_classes": self.num_classes,
             "dist_bot": source_info(),  # the version and commit that wrote this checkpoint
+            "class_names": self.train_loader.class_names,  # label i's class folder: exports and predict name them
         }
 
         def write(folder: Path) -> None:

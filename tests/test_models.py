@@ -1,12 +1,11 @@
 """The ResNet family against the paper (Fig. 2, Table 5) and against timm's reference implementation."""
 
-import re
-
 import pytest
 import torch
 from torch import nn
 
 from dist_bot.models import MODEL_NAMES, build_model
+from dist_bot.models.interop import from_timm, timm_name, to_timm
 from dist_bot.models.profile import count_params, profile
 
 EXPECTED_PARAMS = {
@@ -44,31 +43,8 @@ def test_variants_order_by_cost_as_in_the_paper():
 # Architecture equality with timm: same weights in, same logits out.
 
 
-def timm_key(key: str, deep_stem: bool, avg_down: bool) -> str:
-    """timm resnet state_dict key -> dist_bot key."""
-    if deep_stem:  # timm: conv1 = Sequential(conv, bn, act, conv, bn, act, conv), then bn1
-        stem = {
-            "conv1.0": "stem.conv1",
-            "conv1.1": "stem.bn1",
-            "conv1.3": "stem.conv2",
-            "conv1.4": "stem.bn2",
-            "conv1.6": "stem.conv3",
-            "bn1": "stem.bn3",
-        }
-    else:
-        stem = {"conv1": "stem.conv1", "bn1": "stem.bn1"}
-    for old, new in stem.items():
-        if key.startswith(old + "."):
-            return new + key[len(old) :]
-    shortcut = ("pool", "conv", "bn") if avg_down else ("conv", "bn")  # timm's Sequential indices
-    return re.sub(r"\.downsample\.(\d)\.", lambda m: f".downsample.{shortcut[int(m.group(1))]}.", key)
-
-
-def copy_timm_weights(timm_model: nn.Module, ours: nn.Module) -> None:
-    theirs = timm_model.state_dict()
-    deep_stem = "conv1.6.weight" in theirs
-    avg_down = any(k.endswith("downsample.2.weight") for k in theirs)
-    ours.load_state_dict({timm_key(k, deep_stem, avg_down): v for k, v in theirs.items()}, strict=True)
+def copy_timm_weights(timm_model: nn.Module, ours: nn.Module, name: str) -> None:
+    ours.load_state_dict(from_timm(timm_model.state_dict(), name), strict=True)
 
 
 def randomize_bn(model: nn.Module, gen: torch.Generator) -> None:
@@ -96,7 +72,7 @@ def test_same_logits_as_timm(ours, theirs):
     ref = timm.create_model(theirs, pretrained=False, num_classes=1000)
     randomize_bn(ref, torch.Generator().manual_seed(1))
     model = build_model(ours)
-    copy_timm_weights(ref, model)
+    copy_timm_weights(ref, model, ours)
     # 112 px: the last stage sees a 7x7 map, so the avg-pool shortcut's ceil_mode padding is exercised.
     x = torch.randn(2, 3, 112, 112, generator=torch.Generator().manual_seed(2))
     with torch.no_grad():
@@ -104,6 +80,23 @@ def test_same_logits_as_timm(ours, theirs):
         got = model.eval()(x)
     assert got.shape == (2, 1000)
     torch.testing.assert_close(got, expected, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("ours", ["resnet18a", "resnet18b", "resnet18d", "resnet50b", "resnet50c", "resnet50d"])
+def test_every_key_maps_to_timms_twin_and_back(ours):
+    """The mapping depends on the block type and the variant only: depth 18 and 50 cover every case."""
+    timm = pytest.importorskip("timm", reason="timm is the test-only reference (pip install -e '.[dev]')")
+    state = build_model(ours, num_classes=7).state_dict()
+    theirs = timm.create_model(timm_name(ours), pretrained=False, num_classes=7).state_dict()
+    mapped = to_timm(state, ours)
+    assert {k: v.shape for k, v in mapped.items()} == {k: v.shape for k, v in theirs.items()}
+    assert list(from_timm(mapped, ours)) == list(state)
+
+
+def test_only_true_twins_have_timm_names():
+    # ResNet-50-A strides in its first 1x1 conv: timm's resnet50 is ResNet-B; timm has no resnet18c/34c.
+    assert timm_name("resnet50a") is None and timm_name("resnet18c") is None and timm_name("resnet34c") is None
+    assert timm_name("resnet18a") == timm_name("resnet18b") == "resnet18"  # basic blocks: A and B are one net
 
 
 def strides_2(model: nn.Module) -> list[str]:

@@ -228,11 +228,11 @@ def test_sigterm_to_every_process_exits_75_with_a_resumable_checkpoint(tiny_digi
 
 
 def test_eval_command_counts_every_validation_image(straight_run):
-    ckpt = list_checkpoints(straight_run / "checkpoints")[-1]
     cfg = straight_run / "config.yaml"
-    res = run_cmd(torchrun_cmd(2, "eval", str(cfg), f"checkpoint={ckpt}"))
+    res = run_cmd(torchrun_cmd(2, "eval", str(cfg), "--checkpoint", str(straight_run)))  # its newest checkpoint
     assert res.returncode == 0, res.stderr[-3000:]
     result = json.loads(res.stdout.strip().splitlines()[-1])
+    assert result["checkpoint"] == str(list_checkpoints(straight_run / "checkpoints")[-1])
     ref = [m for m in read_metrics(straight_run) if m["split"] == "val"][-1]
     assert result["samples"] == 360
     assert result["top1"] == pytest.approx(ref["top1"]) and result["top5"] == pytest.approx(ref["top5"])
@@ -244,6 +244,7 @@ def test_checkpoint_holds_everything_resume_needs(straight_run):
     state = load_checkpoint(path)
     assert {"epoch", "epoch_step", "global_step", "rng", "config", "wandb_id", "model_name", "guard"} <= state.keys()
     assert state["config"]["model"]["name"] == "resnet18d" and state["num_classes"] == 10
+    assert state["class_names"] == [str(d) for d in range(10)]  # the class folders, in label order
     train_state = torch.load(path / "train_state.pt", weights_only=True)
     assert {"optimizer", "scaler"} <= train_state.keys()
     momentum = train_state["optimizer"]["state"]

@@ -26,8 +26,9 @@ class BadImageError(UserError, RuntimeError):
     """An image file that cannot be decoded (named in the message)."""
 
 
-def load_rgb(path: str) -> Image.Image:
-    """Decode an image file to RGB (grayscale, CMYK and palette images are converted)."""
+def read_rgb(path: str) -> Image.Image:
+    """Decode an image file to RGB (grayscale, CMYK and palette images are converted); a BadImageError names the
+    file and why it cannot be read."""
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("error", Image.DecompressionBombWarning)
@@ -40,8 +41,16 @@ def load_rgb(path: str) -> Image.Image:
         Image.DecompressionBombWarning,
         Image.DecompressionBombError,
     ) as e:
+        raise BadImageError(f"cannot read image {path}: {e}") from None
+
+
+def load_rgb(path: str) -> Image.Image:
+    """An image of the dataset, decoded to RGB; the error of an unreadable one says how to go on."""
+    try:
+        return read_rgb(path)
+    except BadImageError as e:
         raise BadImageError(
-            f"cannot read image {path}: {e}. Remove or replace the file, or set data.skip_bad_images=true "
+            f"{e}. Remove or replace the file, or set data.skip_bad_images=true "
             "to skip unreadable images (they are counted and reported)"
         ) from None
 

@@ -197,6 +197,11 @@ class PlannedLoader:
         return len(self.images.classes)
 
     @property
+    def class_names(self) -> list[str]:
+        """Label i's class folder name."""
+        return list(self.images.classes)
+
+    @property
     def num_samples(self) -> int:
         """Images in the split (all processes)."""
         return len(self.images)

@@ -19,6 +19,7 @@ class SyntheticLoader:
     def __init__(self, cfg, env, train: bool, num_classes: int):
         self.cfg, self.env, self.train = cfg, env, train
         self.num_classes = num_classes
+        self.class_names = [f"class_{i}" for i in range(num_classes)]  # random labels: no names to give
         d = cfg.data
         self.batch = d.batch_size if train else (d.val_batch_size or d.batch_size)
         g = torch.Generator().manual_seed(cfg.run.seed + env.rank)
