@@ -212,7 +212,16 @@ def test_offline_run_is_resumed_under_the_same_id(wandb_env, tiny_digits, tmp_pa
 # -- the run summary, artifacts, and which dist_bot made the run -------------------------------------------------
 
 
-def wandb_records(run_folder: Path, kind: str) -> list:
+def wandb_records(run_folder: Path, kind: str, wait_s: float = 30.0) -> list:
+    """The `kind` records of an offline W&B run, once its .wandb file is complete: `finish()` returns before
+    W&B's service has written the file (it can still be a bare header then), so wait for the run's exit record."""
+    deadline = time.monotonic() + wait_s
+    while not read_wandb_records(run_folder, "exit") and time.monotonic() < deadline:
+        time.sleep(0.2)
+    return read_wandb_records(run_folder, kind)
+
+
+def read_wandb_records(run_folder: Path, kind: str) -> list:
     """The `kind` records ("summary", "run", "artifact") of an offline W&B run, read from its .wandb file: a
     LevelDB-style log (7-byte file header; 32 KiB blocks of chunks, each with a crc32/length/type header) of
     protobuf Records. Offline runs write no wandb-summary.json, and wandb 0.31 has no Python reader of its own."""
