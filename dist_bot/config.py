@@ -420,6 +420,31 @@ def _yaml_problem(e: yaml.YAMLError) -> str:
     return f"line {mark.line + 1}, column {mark.column + 1}: {problem}" + (f" ({context})" if context else "")
 
 
+def _bundled_recipe_dirs() -> list[Path]:
+    package = Path(__file__).resolve().parent
+    # a wheel ships the repository's configs/ as dist_bot/configs/; a source checkout has it beside dist_bot/
+    candidates = [package / "configs"]
+    if (package.parent / "pyproject.toml").is_file():
+        candidates.append(package.parent / "configs")
+    return [d for d in candidates if d.is_dir()]
+
+
+def find_recipe(recipe: str | Path) -> Path:
+    """The recipe's file: the path as given when it exists, else the recipe of that name that comes with dist_bot,
+    so that ``resnet50d_bs1024``, ``paper_ladder/3_cosine`` or ``configs/demo.yaml`` work from any folder after
+    ``pip install dist-bot``. A name found nowhere comes back as given (``read_recipe`` says it is missing)."""
+    path = Path(recipe)
+    if path.is_file() or path.is_absolute():
+        return path
+    name = Path(*path.parts[1:]) if path.parts[:1] == ("configs",) and len(path.parts) > 1 else path
+    if name.suffix != ".yaml":
+        name = name.with_name(name.name + ".yaml")
+    for folder in _bundled_recipe_dirs():
+        if (folder / name).is_file():
+            return folder / name
+    return path
+
+
 def read_recipe(path: str | Path, _chain: tuple[Path, ...] = ()) -> dict[str, Any]:
     """A recipe's values merged over its ``base`` chain (plain data, not yet checked)."""
     path = Path(path).resolve()
@@ -427,7 +452,10 @@ def read_recipe(path: str | Path, _chain: tuple[Path, ...] = ()) -> dict[str, An
         cycle = " -> ".join(p.name for p in (*_chain, path))
         raise ConfigError(f"recipe bases form a cycle: {cycle}")
     if not path.is_file():
-        raise ConfigError(f"recipe {path} does not exist (recipes live in configs/, e.g. configs/demo.yaml)")
+        raise ConfigError(
+            f"recipe {path} does not exist (recipes live in configs/, e.g. configs/demo.yaml; those that come with "
+            "dist_bot may be named alone, e.g. resnet50d_bs1024)"
+        )
     try:
         data = yaml.safe_load(path.read_text()) or {}
     except yaml.YAMLError as e:
@@ -493,7 +521,7 @@ def _nest(key: str, value: Any) -> dict[str, Any]:
 
 def load_config(recipe: str | Path | None = None, overrides: list[str] | tuple[str, ...] = ()) -> Config:
     """Defaults <- recipe (with its base chain) <- ``key=value`` overrides, checked into a Config."""
-    data: dict[str, Any] = read_recipe(recipe) if recipe is not None else {}
+    data: dict[str, Any] = read_recipe(find_recipe(recipe)) if recipe is not None else {}
     for item in overrides:
         key, value = parse_override(item)
         data = _deep_merge(data, _nest(key, value))

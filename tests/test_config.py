@@ -342,3 +342,16 @@ def test_a_range_comes_from_its_field_and_names_it_in_the_error():
     with pytest.raises(ConfigError, match=r"^model\.num_classes=0 is out of range: it must lie in \[1, inf\)$"):
         load_config(None, ["model.num_classes=0"])
     assert load_config(None, ["data.mean=[-5.0,0.0,99.0]"]).data.mean == (-5.0, 0.0, 99.0)
+
+
+def test_recipes_that_come_with_dist_bot_load_by_name_from_any_folder(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)  # no configs/ here: the names resolve to the recipes shipped with dist_bot
+    by_name = load_config("resnet50d_bs1024")
+    assert by_name == load_config(REPO / "configs" / "resnet50d_bs1024.yaml")
+    assert by_name.run.name == "resnet50d_bs1024"
+    cosine = load_config("configs/paper_ladder/3_cosine.yaml")  # a README command's path; its base chain resolves
+    assert cosine.schedule.decay == "cosine" and cosine == load_config(REPO / "configs/paper_ladder/3_cosine.yaml")
+    write(tmp_path / "demo.yaml", "schedule: {epochs: 7}\n")  # a file of that name here wins over the bundled one
+    assert load_config("demo.yaml").schedule.epochs == 7
+    with pytest.raises(ConfigError, match=r"recipe .*resnet51d\.yaml does not exist .* e\.g\. resnet50d_bs1024\)$"):
+        load_config("resnet51d.yaml")
