@@ -18,6 +18,7 @@ the whole contract: dataclasses -> checked values -> dataclasses.
 
 from __future__ import annotations
 
+import ast
 import dataclasses
 import difflib
 import functools
@@ -269,6 +270,53 @@ def ranges() -> dict[str, str]:
 def resumable_keys() -> frozenset[str]:
     """The keys that may change when a run is resumed, from the fields' ``param(resumable=True)``."""
     return frozenset(key for key, f in _leaf_fields() if f.metadata.get("resumable"))
+
+
+def _section_prefixes(cls: type = Config, prefix: str = "") -> dict[str, str]:
+    """class name -> the dotted prefix of its keys: ``{"Config": "", "DistillConfig": "loss.distill.", ...}``."""
+    out = {cls.__name__: prefix}
+    for f in dataclasses.fields(cls):
+        t = _hints(cls)[f.name]
+        if dataclasses.is_dataclass(t):
+            out |= _section_prefixes(t, f"{prefix}{f.name}.")
+    return out
+
+
+def field_docs() -> dict[str, str]:
+    """dotted key -> its doc: the comment beside the field in this file, with the comment lines that continue it."""
+    lines = Path(__file__).read_text().splitlines()
+    prefixes = _section_prefixes()
+    docs = {}
+    for node in ast.parse("\n".join(lines)).body:
+        if not isinstance(node, ast.ClassDef) or node.name not in prefixes:
+            continue
+        for stmt in node.body:
+            if isinstance(stmt, ast.AnnAssign) and isinstance(stmt.target, ast.Name):
+                doc = lines[stmt.lineno - 1].partition("  # ")[2]
+                for line in lines[stmt.end_lineno :]:
+                    if not line.strip().startswith("# "):
+                        break
+                    doc += " " + line.strip()[2:]
+                docs[prefixes[node.name] + stmt.target.id] = doc
+    return docs
+
+
+def explain(cfg: Config) -> str:
+    """A table of every key: its value in ``cfg``, default, range, whether it may change on resume, and its doc."""
+    docs, defaults, interval, resumable = field_docs(), Config(), ranges(), resumable_keys()
+
+    def show(value: Any) -> str:
+        return yaml.safe_dump(list(value) if isinstance(value, tuple) else value, default_flow_style=True).split("\n")[
+            0
+        ]
+
+    rows = [("key", "value", "default", "range", "on resume", "meaning")]
+    for key in all_keys():
+        may_change = "may change" if key in resumable else "fixed"
+        value, default = show(get_key(cfg, key)), show(get_key(defaults, key))
+        rows.append((key, value, default, interval.get(key, ""), may_change, docs.get(key, "")))
+    widths = [max(len(r[i]) for r in rows) for i in range(5)]
+    return "\n".join("  ".join(c.ljust(w) for c, w in zip(r[:5], widths, strict=True)) + "  " + r[5] for r in rows)
 
 
 def _unknown_key(key: str, section: type, prefix: str) -> ConfigError:
