@@ -1,6 +1,6 @@
 # dist_bot on NVIDIA's PyTorch container, which ships a CUDA build of torch and torchvision, NCCL and DALI.
 # We keep those (PyPI wheels would replace NVIDIA's tuned builds) and add dist_bot and its other extras at
-# the versions of requirements.lock. Any release whose PyTorch is 2.6 or newer works (pyproject.toml's range);
+# the versions of requirements.lock. Any release whose PyTorch is 2.7 or newer works (pyproject.toml's range);
 # CI tests the torch of requirements.lock, so the closest release is the safest (NVIDIA's framework support
 # matrix lists them); build with --build-arg BASE=....
 #
@@ -22,7 +22,7 @@ COPY slurm ./slurm
 
 # dist_bot WITH its dependencies, without replacing the container's own builds: keep.txt pins torch, torchvision,
 # triton, numpy and Pillow to the versions installed here (NVIDIA's, e.g. torch==2.9.0a0+...), so pip satisfies
-# dist_bot's ranges (torch>=2.6) with them; lock.txt holds requirements.lock's pins for the packages the container
+# dist_bot's ranges (torch>=2.7) with them; lock.txt holds requirements.lock's pins for the packages the container
 # lacks (those it has stay, unless a new package needs another version: pip's resolver keeps torch's own needs).
 # DALI comes with the container (nvidia-dali-cuda1xx): the `dali` extra is left out. DeepSpeed builds against the
 # installed torch, so without build isolation. The diff fails the build if the torch stack changed anyway.

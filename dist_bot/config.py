@@ -55,7 +55,8 @@ def param(default: Any, *, range: str | None = None, resumable: bool = False) ->
       logging); every other key must match (engine's resume check).
 
     A field without ``param`` has no range and may not change on resume. ``ranges()`` and
-    ``resumable_keys()`` collect these over the schema.
+    ``resumable_keys()`` collect these over the schema, ``field_docs()`` the comments, and
+    ``dist-bot config --explain`` shows them all.
     """
     return field(default=default, metadata={"range": range, "resumable": resumable})
 
