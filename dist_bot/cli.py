@@ -6,6 +6,7 @@
     dist-bot predict CHECKPOINT_OR_EXPORT IMAGE ... [--topk 5] [--json]   each image's top classes by name
     dist-bot models [--image-size 224]          every model: parameters and multiply-adds
     dist-bot config CONFIG [key=value ...]      the resolved config of a recipe plus overrides, as YAML
+    dist-bot config [CONFIG] --explain          every key: value, default, range, may it change on resume, meaning
     dist-bot data digits OUT_DIR                write the bundled handwritten digits as an ImageFolder
     dist-bot data fake OUT_DIR [--images 2000]  random JPEGs of ImageNet's size, for loader and GPU benchmarks
     dist-bot data check DIR [--workers N]       scan a dataset for unreadable files, empty classes, leakage
@@ -28,7 +29,7 @@ import os
 import sys
 
 from dist_bot import __version__
-from dist_bot.config import ConfigError, UserError, load_config, to_yaml
+from dist_bot.config import ConfigError, UserError, explain, load_config, to_yaml
 
 
 def cmd_models(args: argparse.Namespace) -> int:
@@ -39,8 +40,11 @@ def cmd_models(args: argparse.Namespace) -> int:
 
 
 def cmd_config(args: argparse.Namespace) -> int:
-    cfg = load_config(args.config, args.overrides)
-    sys.stdout.write(to_yaml(cfg))
+    config, overrides = args.config, args.overrides
+    if config is not None and "=" in config:  # `dist-bot config key=value ...`: the defaults
+        config, overrides = None, [config, *overrides]
+    cfg = load_config(config, overrides)
+    sys.stdout.write(explain(cfg) + "\n" if args.explain else to_yaml(cfg))
     return 0
 
 
@@ -328,8 +332,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_models)
 
     p = sub.add_parser("config", help="print the resolved config of a recipe and overrides as YAML")
-    p.add_argument("config", help="recipe YAML, e.g. configs/resnet50d_bs1024.yaml")
+    p.add_argument("config", nargs="?", help="recipe YAML or bundled name, e.g. resnet50d_bs1024 (default: none)")
     p.add_argument("overrides", nargs="*", metavar="key=value", help="dotted overrides, e.g. schedule.epochs=90")
+    p.add_argument(
+        "--explain", action="store_true", help="a table instead: each key's value, default, range, resume rule, doc"
+    )
     p.set_defaults(func=cmd_config)
     return parser
 

@@ -18,8 +18,10 @@ the whole contract: dataclasses -> checked values -> dataclasses.
 
 from __future__ import annotations
 
+import ast
 import dataclasses
 import difflib
+import functools
 import types
 import typing
 from dataclasses import dataclass, field
@@ -43,38 +45,64 @@ class ConfigError(UserError, ValueError):
     """A recipe or override that does not fit the schema; the message says which key and how to fix it."""
 
 
+def param(default: Any, *, range: str | None = None, resumable: bool = False) -> Any:
+    """A field's default with what the checks need to know about it, kept beside it (the trailing comment is
+    the field's doc):
+
+    - ``range``: the interval its value must lie in, written as in mathematics ("[1, inf)", "(0, 1]");
+      None (the value) always passes. Checked by ``check_ranges``.
+    - ``resumable``: it may differ from the run folder's config.yaml when a run is resumed (paths, workers,
+      logging); every other key must match (engine's resume check).
+
+    A field without ``param`` has no range and may not change on resume. ``ranges()`` and
+    ``resumable_keys()`` collect these over the schema, ``field_docs()`` the comments, and
+    ``dist-bot config --explain`` shows them all.
+    """
+    return field(default=default, metadata={"range": range, "resumable": resumable})
+
+
 @dataclass
 class ModelConfig:
     name: str = "resnet50d"  # resnet{18,34,50,101,152}{a,b,c,d}; `dist-bot models` lists them
-    num_classes: int | None = None  # None: the number of class folders in data.path (checked when set)
+    num_classes: int | None = param(None, range="[1, inf)")  # None: the number of class folders in data.path (checked
+    # when set)
     zero_gamma: bool = True  # last BN of every residual block starts at gamma 0 (paper 3.1)
     channels_last: bool = True  # NHWC activations: faster convolutions on tensor cores and CPU AMX
-    compile: bool = False  # torch.compile the model (slow first steps, faster after)
-    compile_mode: CompileMode = "default"  # torch.compile's mode (reduce-overhead: CUDA graphs; max-autotune: tuned)
-    cudnn_benchmark: bool = True  # CUDA: cuDNN times its convolution algorithms on the first steps, keeps the fastest
+    compile: bool = param(False, resumable=True)  # torch.compile the model (slow first steps, faster after)
+    compile_mode: CompileMode = param("default", resumable=True)  # torch.compile's mode (reduce-overhead: CUDA graphs;
+    # max-autotune: tuned)
+    cudnn_benchmark: bool = param(True, resumable=True)  # CUDA: cuDNN times its convolution algorithms on the first
+    # steps, keeps the fastest
     sync_bn: bool = False  # SyncBatchNorm across processes (GPU only; the paper uses per-device BN)
 
 
 @dataclass
 class DataConfig:
-    path: str | None = None  # folder holding train/ and val/ in ImageNet layout (class folders of images)
+    path: str | None = param(None, resumable=True)  # folder holding train/ and val/ in ImageNet layout (class folders
+    # of images)
     loader: Literal["auto", "dali", "torch", "synthetic"] = "auto"  # auto: dali when installed, else torch
-    image_size: int = 224  # training crop in pixels (validation center crop too)
-    val_resize_ratio: float = 0.875  # validation resizes the shorter side to image_size / this, then crops
-    batch_size: int = 32  # images per process per step (global batch = this x world size x accumulation)
-    global_batch_size: int | None = None  # if set, batch_size = this / (processes x accumulation), exactly
-    max_batch_size: int | None = None  # with global_batch_size: most images per process per micro-batch; more
-    # gradient accumulation steps are taken when the global batch would not fit (e.g. on fewer GPUs)
-    val_batch_size: int | None = None  # images per process per validation step; None: same as batch_size
-    workers: int | None = None  # decoding workers per process (torch: DataLoader processes; DALI: CPU threads);
-    # None: the CPUs this process may use (affinity, SLURM_CPUS_PER_TASK) shared among the node's processes (torch:
-    # one fewer, left to the training thread)
-    dali_py_workers: int | None = None  # DALI: Python processes that read files and draw each image's augmentation
-    # ahead of the training thread; None: a quarter of this process's CPUs (1-8); 0: in the training thread
-    min_crop_area: float = 0.08  # RandomResizedCrop keeps 8-100 % of the image area (paper 2.1)
+    image_size: int = param(224, range="[1, inf)")  # training crop in pixels (validation center crop too)
+    val_resize_ratio: float = param(0.875, range="(0, 1]")  # validation resizes the shorter side to image_size / this,
+    # then crops
+    batch_size: int = param(32, range="[1, inf)")  # images per process per step (global batch = this x world size x
+    # accumulation)
+    global_batch_size: int | None = param(None, range="[1, inf)")  # if set, batch_size = this / (processes x
+    # accumulation), exactly
+    max_batch_size: int | None = param(None, range="[1, inf)")  # with global_batch_size: most images per process per
+    # micro-batch; more gradient accumulation steps are taken when the global batch would not fit (e.g. on fewer GPUs)
+    val_batch_size: int | None = param(None, range="[1, inf)")  # images per process per validation step; None:
+    # same as batch_size
+    workers: int | None = param(None, range="[0, inf)", resumable=True)  # decoding workers per process (torch:
+    # DataLoader processes; DALI: CPU threads); None: the CPUs this process may use (affinity, SLURM_CPUS_PER_TASK)
+    # shared among the node's processes (torch: one fewer, left to the training thread)
+    dali_py_workers: int | None = param(None, range="[0, inf)", resumable=True)  # DALI: Python processes that read
+    # files and draw each image's augmentation ahead of the training thread; None: a quarter of this process's CPUs
+    # (1-8); 0: in the training thread
+    min_crop_area: float = param(0.08, range="(0, 1]")  # RandomResizedCrop keeps 8-100 % of the image area (paper 2.1)
     hflip: bool = True  # random horizontal flip in training
-    color_jitter: float = 0.4  # brightness, contrast, saturation scaled in [1 - x, 1 + x] (GluonCV); 0: off
-    pca_lighting: float = 0.1  # std of the AlexNet-style PCA lighting noise; 0 turns it off
+    color_jitter: float = param(0.4, range="[0, 1]")  # brightness, contrast, saturation scaled in
+    # [1 - x, 1 + x] (GluonCV); 0: off
+    pca_lighting: float = param(0.1, range="[0, inf)")  # std of the AlexNet-style PCA lighting noise; 0 turns it off
     mean: tuple[float, ...] = (0.485, 0.456, 0.406)  # per-channel normalisation mean, RGB in [0, 1]
     std: tuple[float, ...] = (0.229, 0.224, 0.225)  # per-channel normalisation std, RGB in [0, 1]
     skip_bad_images: bool = False  # skip (and count) unreadable images instead of stopping on the first
@@ -83,82 +111,94 @@ class DataConfig:
 @dataclass
 class OptimConfig:
     name: Literal["sgd"] = "sgd"  # the paper's SGD (Nesterov momentum below); LARS is not implemented yet
-    base_lr_per_256: float = 0.1  # linear scaling: lr = base_lr_per_256 x global_batch / ref_batch (3.1)
-    ref_batch: int = 256  # the batch size at which the learning rate equals base_lr_per_256
-    momentum: float = 0.9  # SGD momentum
+    base_lr_per_256: float = param(0.1, range="[0, inf)")  # linear scaling: lr = base_lr_per_256 x global_batch /
+    # ref_batch (3.1)
+    ref_batch: int = param(256, range="[1, inf)")  # the batch size at which the learning rate equals base_lr_per_256
+    momentum: float = param(0.9, range="[0, 1)")  # SGD momentum
     nesterov: bool = True  # Nesterov accelerated gradient (the paper's NAG)
-    weight_decay: float = 1e-4  # L2 penalty on conv and fully connected weights
+    weight_decay: float = param(1e-4, range="[0, inf)")  # L2 penalty on conv and fully connected weights
     no_bias_decay: bool = True  # no weight decay on biases and BN gamma/beta (chosen by module type)
-    grad_accum_steps: int = 1  # micro-batches per optimizer step (counts in the global batch)
-    grad_clip_norm: float | None = None  # clip the global gradient norm to this; None: no clipping
+    grad_accum_steps: int = param(1, range="[1, inf)")  # micro-batches per optimizer step (counts in the global batch)
+    grad_clip_norm: float | None = param(None, range="(0, inf)")  # clip the global gradient norm to this; None:
+    # no clipping
 
 
 @dataclass
 class ScheduleConfig:
-    epochs: int = 120  # training epochs (the paper: 120; 200 with mixup)
-    warmup_epochs: float = 5.0  # linear warmup from 0 to the peak lr, updated every iteration
+    epochs: int = param(120, range="[1, inf)")  # training epochs (the paper: 120; 200 with mixup)
+    warmup_epochs: float = param(5.0, range="[0, inf)")  # linear warmup from 0 to the peak lr, updated every iteration
     decay: Literal["cosine", "step", "constant"] = "cosine"  # lr shape after warmup, set every iteration
     step_milestones: tuple[int, ...] = (30, 60, 90)  # step decay: epochs at which lr is multiplied ...
-    step_gamma: float = 0.1  # ... by this factor (the paper's baseline)
+    step_gamma: float = param(0.1, range="(0, 1]")  # ... by this factor (the paper's baseline)
 
 
 @dataclass
 class DistillConfig:
     teacher: str | None = None  # frozen teacher: a checkpoint folder, or a run folder (its latest); None: off
-    temperature: float = 20.0  # softmax temperature T of the soft targets (the paper: 20)
-    hard_weight: float = 1.0  # weight of CE(true labels, student)
-    soft_weight: float = 1.0  # weight of T^2 x CE(teacher soft targets, student soft predictions)
+    temperature: float = param(20.0, range="(0, inf)")  # softmax temperature T of the soft targets (the paper: 20)
+    hard_weight: float = param(1.0, range="[0, inf)")  # weight of CE(true labels, student)
+    soft_weight: float = param(1.0, range="[0, inf)")  # weight of T^2 x CE(teacher soft targets, student soft
+    # predictions)
 
 
 @dataclass
 class LossConfig:
-    label_smoothing: float = 0.1  # eps: the true class gets 1 - eps (0 turns smoothing off)
+    label_smoothing: float = param(0.1, range="[0, 1)")  # eps: the true class gets 1 - eps (0 turns smoothing off)
     smoothing_form: Literal["paper", "torch"] = "paper"  # paper: eps/(K-1) per other class; torch: eps/K all
-    mixup_alpha: float = 0.0  # lambda ~ Beta(alpha, alpha); 0 turns mixup off (the paper: 0.2)
+    mixup_alpha: float = param(0.0, range="[0, inf)")  # lambda ~ Beta(alpha, alpha); 0 turns mixup off (the paper: 0.2)
     mixup_pairing: Literal["flip", "permute"] = "flip"  # mix each image with the reversed or a shuffled batch
     distill: DistillConfig = field(default_factory=DistillConfig)
 
 
 @dataclass
 class LossScaleConfig:
-    init_scale: float = 65536.0  # fp16 dynamic loss scale to start from
-    growth_interval: int = 2000  # clean steps before the scale doubles
-    backoff_factor: float = 0.5  # the scale is multiplied by this on an overflow (and the step skipped)
-    min_scale: float = 1.0  # a scale at or below this ...
-    max_steps_at_min: int = 100  # ... for this many steps in a row stops the run (loss-scale collapse)
+    init_scale: float = param(65536.0, range="(0, inf)")  # fp16 dynamic loss scale to start from
+    growth_interval: int = param(2000, range="[1, inf)")  # clean steps before the scale doubles
+    backoff_factor: float = param(0.5, range="(0, 1)")  # the scale is multiplied by this on an overflow (and the step
+    # skipped)
+    min_scale: float = param(1.0, range="(0, inf)")  # a scale at or below this ...
+    max_steps_at_min: int = param(100, range="[1, inf)")  # ... for this many steps in a row stops the run (loss-scale
+    # collapse)
 
 
 @dataclass
 class DistConfig:
     backend: Literal["auto", "nccl", "gloo"] = "auto"  # auto: NCCL with GPUs, gloo without
-    timeout_min: float = 30.0  # collective timeout; a hung rank fails the job after this
-    zero_stage: int = 1  # DeepSpeed ZeRO stage (0, 1 or 2) when strategy=deepspeed
+    timeout_min: float = param(30.0, range="(0, inf)", resumable=True)  # collective timeout; a hung rank fails the job
+    # after this
+    zero_stage: int = param(1, range="[0, 3]")  # DeepSpeed ZeRO stage (0, 1 or 2) when strategy=deepspeed
     fsdp_reshard_after_forward: bool = True  # FSDP2: free gathered parameters after forward (ZeRO-3 like)
 
 
 @dataclass
 class RunConfig:
-    out_dir: str = "runs"  # parent folder of all runs
+    out_dir: str = param("runs", resumable=True)  # parent folder of all runs (a run folder may move on resume: it is
+    # found by its new place)
     name: str | None = None  # the run's folder under out_dir; None: the recipe's file name
     seed: int = 0  # seeds weights, data order (with the epoch) and augmentation
-    resume: Literal["auto", "never"] = "auto"  # auto: continue a run found in the folder; never: refuse one
-    keep_checkpoints: int = 3  # how many of the latest checkpoints to keep
-    checkpoint_every_epochs: int = 1  # checkpoint frequency in epochs (also on preemption signals)
-    eval_every_epochs: int = 1  # validation frequency in epochs (always after the last epoch)
-    log_every_steps: int = 50  # training metrics line frequency in optimizer steps
-    stop_after_steps: int | None = None  # checkpoint and exit for requeue (status 75) after this many steps
-    profile_steps: str | None = None  # "A:B": torch.profiler traces of optimizer steps A to B-1 of the whole run
-    # (counted from 1, as metrics.jsonl's "step") into <run dir>/profile/; quote it in YAML ("10:15" unquoted is a
-    # base-60 number there)
+    resume: Literal["auto", "never"] = param("auto", resumable=True)  # auto: continue a run found in the folder; never:
+    # refuse one
+    keep_checkpoints: int = param(3, range="[1, inf)")  # how many of the latest checkpoints to keep
+    checkpoint_every_epochs: int = param(1, range="[1, inf)")  # checkpoint frequency in epochs (also on preemption
+    # signals)
+    eval_every_epochs: int = param(1, range="[1, inf)")  # validation frequency in epochs (always after the last epoch)
+    log_every_steps: int = param(50, range="[1, inf)", resumable=True)  # training metrics line frequency in optimizer
+    # steps
+    stop_after_steps: int | None = param(None, range="[1, inf)", resumable=True)  # checkpoint and exit for requeue
+    # (status 75) after this many steps
+    profile_steps: str | None = param(None, resumable=True)  # "A:B": torch.profiler traces of optimizer steps A to B-1
+    # of the whole run (counted from 1, as metrics.jsonl's "step") into <run dir>/profile/; quote it in YAML ("10:15"
+    # unquoted is a base-60 number there)
 
 
 @dataclass
 class WandbConfig:
-    mode: WandbMode = "auto"  # auto: online with an API key and a server that answers, else offline (sync later)
+    mode: WandbMode = param("auto", resumable=True)  # auto: online with an API key and a server that answers,
+    # else offline (sync later)
     project: str = "dist_bot"  # W&B project
     entity: str | None = None  # W&B team or user; None: the key's default
     group: str | None = None  # runs grouped in the UI; None: the Slurm job id when there is one
-    tags: tuple[str, ...] = ()  # free-form labels
+    tags: tuple[str, ...] = param((), resumable=True)  # free-form labels
 
 
 @dataclass
@@ -182,48 +222,6 @@ class Config:
 # --------------------------------------------------------------------------------------------------
 # Checks that types alone do not express.
 
-# dotted key -> the interval its value must lie in, written as in mathematics ("[0, 1)" etc.)
-_RANGES: dict[str, str] = {
-    "model.num_classes": "[1, inf)",
-    "data.image_size": "[1, inf)",
-    "data.val_resize_ratio": "(0, 1]",
-    "data.batch_size": "[1, inf)",
-    "data.val_batch_size": "[1, inf)",
-    "data.global_batch_size": "[1, inf)",
-    "data.max_batch_size": "[1, inf)",
-    "data.workers": "[0, inf)",
-    "data.dali_py_workers": "[0, inf)",
-    "data.min_crop_area": "(0, 1]",
-    "data.color_jitter": "[0, 1]",
-    "data.pca_lighting": "[0, inf)",
-    "optim.base_lr_per_256": "[0, inf)",
-    "optim.ref_batch": "[1, inf)",
-    "optim.momentum": "[0, 1)",
-    "optim.weight_decay": "[0, inf)",
-    "optim.grad_accum_steps": "[1, inf)",
-    "optim.grad_clip_norm": "(0, inf)",
-    "schedule.epochs": "[1, inf)",
-    "schedule.warmup_epochs": "[0, inf)",
-    "schedule.step_gamma": "(0, 1]",
-    "loss.label_smoothing": "[0, 1)",
-    "loss.mixup_alpha": "[0, inf)",
-    "loss.distill.temperature": "(0, inf)",
-    "loss.distill.hard_weight": "[0, inf)",
-    "loss.distill.soft_weight": "[0, inf)",
-    "loss_scale.init_scale": "(0, inf)",
-    "loss_scale.growth_interval": "[1, inf)",
-    "loss_scale.backoff_factor": "(0, 1)",
-    "loss_scale.min_scale": "(0, inf)",
-    "loss_scale.max_steps_at_min": "[1, inf)",
-    "dist.timeout_min": "(0, inf)",
-    "dist.zero_stage": "[0, 3]",
-    "run.keep_checkpoints": "[1, inf)",
-    "run.checkpoint_every_epochs": "[1, inf)",
-    "run.eval_every_epochs": "[1, inf)",
-    "run.log_every_steps": "[1, inf)",
-    "run.stop_after_steps": "[1, inf)",
-}
-
 
 def _in_interval(value: float, interval: str) -> bool:
     lo, hi = (float(x) for x in interval[1:-1].split(","))
@@ -233,7 +231,7 @@ def _in_interval(value: float, interval: str) -> bool:
 
 
 def check_ranges(cfg: Config) -> None:
-    for key, interval in _RANGES.items():
+    for key, interval in ranges().items():
         value = get_key(cfg, key)
         if value is not None and not _in_interval(value, interval):
             raise ConfigError(f"{key}={value} is out of range: it must lie in {interval}")
@@ -274,14 +272,73 @@ def _hints(cls: type) -> dict[str, Any]:
 
 def all_keys(cls: type = Config, prefix: str = "") -> list[str]:
     """Every dotted leaf key of the schema, e.g. ``optim.base_lr_per_256``."""
-    keys = []
+    return [key for key, _ in _leaf_fields(cls, prefix)]
+
+
+@functools.cache  # the schema is fixed; every Config() checks its ranges, and type hints are slow to resolve
+def _leaf_fields(cls: type = Config, prefix: str = "") -> tuple[tuple[str, dataclasses.Field], ...]:
+    out: tuple[tuple[str, dataclasses.Field], ...] = ()
+    for f in dataclasses.fields(cls):
+        t = _hints(cls)[f.name]
+        out += _leaf_fields(t, f"{prefix}{f.name}.") if dataclasses.is_dataclass(t) else ((prefix + f.name, f),)
+    return out
+
+
+def ranges() -> dict[str, str]:
+    """dotted key -> the interval its value must lie in, from the fields' ``param(range=...)``."""
+    return {key: f.metadata["range"] for key, f in _leaf_fields() if f.metadata.get("range")}
+
+
+def resumable_keys() -> frozenset[str]:
+    """The keys that may change when a run is resumed, from the fields' ``param(resumable=True)``."""
+    return frozenset(key for key, f in _leaf_fields() if f.metadata.get("resumable"))
+
+
+def _section_prefixes(cls: type = Config, prefix: str = "") -> dict[str, str]:
+    """class name -> the dotted prefix of its keys: ``{"Config": "", "DistillConfig": "loss.distill.", ...}``."""
+    out = {cls.__name__: prefix}
     for f in dataclasses.fields(cls):
         t = _hints(cls)[f.name]
         if dataclasses.is_dataclass(t):
-            keys += all_keys(t, f"{prefix}{f.name}.")
-        else:
-            keys.append(prefix + f.name)
-    return keys
+            out |= _section_prefixes(t, f"{prefix}{f.name}.")
+    return out
+
+
+def field_docs() -> dict[str, str]:
+    """dotted key -> its doc: the comment beside the field in this file, with the comment lines that continue it."""
+    lines = Path(__file__).read_text().splitlines()
+    prefixes = _section_prefixes()
+    docs = {}
+    for node in ast.parse("\n".join(lines)).body:
+        if not isinstance(node, ast.ClassDef) or node.name not in prefixes:
+            continue
+        for stmt in node.body:
+            if isinstance(stmt, ast.AnnAssign) and isinstance(stmt.target, ast.Name):
+                doc = lines[stmt.lineno - 1].partition("  # ")[2]
+                for line in lines[stmt.end_lineno :]:
+                    if not line.strip().startswith("# "):
+                        break
+                    doc += " " + line.strip()[2:]
+                docs[prefixes[node.name] + stmt.target.id] = doc
+    return docs
+
+
+def explain(cfg: Config) -> str:
+    """A table of every key: its value in ``cfg``, default, range, whether it may change on resume, and its doc."""
+    docs, defaults, interval, resumable = field_docs(), Config(), ranges(), resumable_keys()
+
+    def show(value: Any) -> str:
+        return yaml.safe_dump(list(value) if isinstance(value, tuple) else value, default_flow_style=True).split("\n")[
+            0
+        ]
+
+    rows = [("key", "value", "default", "range", "on resume", "meaning")]
+    for key in all_keys():
+        may_change = "may change" if key in resumable else "fixed"
+        value, default = show(get_key(cfg, key)), show(get_key(defaults, key))
+        rows.append((key, value, default, interval.get(key, ""), may_change, docs.get(key, "")))
+    widths = [max(len(r[i]) for r in rows) for i in range(5)]
+    return "\n".join("  ".join(c.ljust(w) for c, w in zip(r[:5], widths, strict=True)) + "  " + r[5] for r in rows)
 
 
 def _unknown_key(key: str, section: type, prefix: str) -> ConfigError:
@@ -433,6 +490,31 @@ def _yaml_problem(e: yaml.YAMLError) -> str:
     return f"line {mark.line + 1}, column {mark.column + 1}: {problem}" + (f" ({context})" if context else "")
 
 
+def _bundled_recipe_dirs() -> list[Path]:
+    package = Path(__file__).resolve().parent
+    # a wheel ships the repository's configs/ as dist_bot/configs/; a source checkout has it beside dist_bot/
+    candidates = [package / "configs"]
+    if (package.parent / "pyproject.toml").is_file():
+        candidates.append(package.parent / "configs")
+    return [d for d in candidates if d.is_dir()]
+
+
+def find_recipe(recipe: str | Path) -> Path:
+    """The recipe's file: the path as given when it exists, else the recipe of that name that comes with dist_bot,
+    so that ``resnet50d_bs1024``, ``paper_ladder/3_cosine`` or ``configs/demo.yaml`` work from any folder after
+    ``pip install dist-bot``. A name found nowhere comes back as given (``read_recipe`` says it is missing)."""
+    path = Path(recipe)
+    if path.is_file() or path.is_absolute():
+        return path
+    name = Path(*path.parts[1:]) if path.parts[:1] == ("configs",) and len(path.parts) > 1 else path
+    if name.suffix != ".yaml":
+        name = name.with_name(name.name + ".yaml")
+    for folder in _bundled_recipe_dirs():
+        if (folder / name).is_file():
+            return folder / name
+    return path
+
+
 def read_recipe(path: str | Path, _chain: tuple[Path, ...] = ()) -> dict[str, Any]:
     """A recipe's values merged over its ``base`` chain (plain data, not yet checked)."""
     path = Path(path).resolve()
@@ -440,7 +522,10 @@ def read_recipe(path: str | Path, _chain: tuple[Path, ...] = ()) -> dict[str, An
         cycle = " -> ".join(p.name for p in (*_chain, path))
         raise ConfigError(f"recipe bases form a cycle: {cycle}")
     if not path.is_file():
-        raise ConfigError(f"recipe {path} does not exist (recipes live in configs/, e.g. configs/demo.yaml)")
+        raise ConfigError(
+            f"recipe {path} does not exist (recipes live in configs/, e.g. configs/demo.yaml; those that come with "
+            "dist_bot may be named alone, e.g. resnet50d_bs1024)"
+        )
     try:
         data = yaml.safe_load(path.read_text()) or {}
     except yaml.YAMLError as e:
@@ -506,7 +591,7 @@ def _nest(key: str, value: Any) -> dict[str, Any]:
 
 def load_config(recipe: str | Path | None = None, overrides: list[str] | tuple[str, ...] = ()) -> Config:
     """Defaults <- recipe (with its base chain) <- ``key=value`` overrides, checked into a Config."""
-    data: dict[str, Any] = read_recipe(recipe) if recipe is not None else {}
+    data: dict[str, Any] = read_recipe(find_recipe(recipe)) if recipe is not None else {}
     for item in overrides:
         key, value = parse_override(item)
         data = _deep_merge(data, _nest(key, value))

@@ -43,7 +43,7 @@ from .checkpoint import (
     set_rng_state,
     write_file,
 )
-from .config import Config, UserError, from_dict, profile_window, to_dict, to_yaml
+from .config import Config, UserError, from_dict, profile_window, resumable_keys, to_dict, to_yaml
 from .data import DataError, make_loaders
 from .data.sharding import MicroBatch, Step
 from .distributed import build_strategy
@@ -62,23 +62,6 @@ from .tracking import Progress, Tracker, updated_summary
 log = logging.getLogger(__name__)
 
 REQUEUE_EXIT_CODE = 75  # EX_TEMPFAIL: "try again later"; the sbatch script and launchers requeue on it
-# Settings that may change when a run is resumed; anything else must match the run folder's config.yaml.
-RESUMABLE_CHANGES = {
-    "data.path",
-    "data.workers",
-    "data.dali_py_workers",
-    "run.resume",
-    "run.out_dir",  # a run folder may be moved (another file system): it is found by its new place
-    "run.log_every_steps",
-    "run.stop_after_steps",
-    "run.profile_steps",
-    "wandb.mode",
-    "wandb.tags",
-    "dist.timeout_min",
-    "model.compile",
-    "model.compile_mode",
-    "model.cudnn_benchmark",
-}
 
 
 class RunError(UserError, RuntimeError):
@@ -117,7 +100,7 @@ def check_run_dir(cfg: Config, run_dir: Path) -> None:
         raise RunError(f"run folder {run_dir} already exists and run.resume=never: choose another run.name")
     old, new = flat_keys(yaml.safe_load(saved.read_text())), flat_keys(to_dict(cfg))
     # with a global batch, the per-process batch follows the world size, which may change on resume
-    may_change = set(RESUMABLE_CHANGES)
+    may_change = set(resumable_keys())  # the fields marked param(resumable=True) in config.py
     if cfg.data.global_batch_size:
         may_change |= {"data.batch_size"} | ({"optim.grad_accum_steps"} if cfg.data.max_batch_size else set())
     differ = sorted(k for k in old.keys() | new.keys() if old.get(k) != new.get(k) and k not in may_change)

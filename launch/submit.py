@@ -38,7 +38,7 @@ from pathlib import Path
 
 import submitit
 
-from dist_bot.config import UserError, load_config
+from dist_bot.config import UserError, find_recipe, load_config
 
 log = logging.getLogger("launch.submit")
 
@@ -95,7 +95,7 @@ def plan_runs(config: str, overrides: list[str], name: str, sweeps: list[str]) -
         recipe = point.get("config", config)
         extra = [f"{k}={v}" for k, v in point.items() if k != "config"]
         run_name = name if not point else f"{name}-{','.join(_slug(k, v) for k, v in point.items())}"
-        specs.append(RunSpec(str(Path(recipe).resolve()), [*overrides, *extra], run_name, point))
+        specs.append(RunSpec(str(find_recipe(recipe).resolve()), [*overrides, *extra], run_name, point))
     if len({s.name for s in specs}) != len(specs):
         raise UserError("two sweep points give the same run name: make the swept values distinct")
     for spec in specs:

@@ -40,6 +40,20 @@ def test_python_dash_m_config_prints_the_resolved_yaml():
     assert "  epochs: 90\n" in out.stdout and "  name: resnet50d\n" in out.stdout and "precision: fp16\n" in out.stdout
 
 
+def test_config_explain_tables_each_key_with_default_range_resume_rule_and_doc():
+    out = run("config", "resnet50d_bs1024", "run.seed=7", "--explain", entry=(sys.executable, "-m", "dist_bot"))
+    assert out.returncode == 0, out.stderr
+    rows = {line.split()[0]: line for line in out.stdout.splitlines()[1:]}
+    from dist_bot.config import all_keys
+
+    assert list(rows) == all_keys()
+    assert rows["run.seed"].split()[1:4] == ["7", "0", "fixed"]  # value, default, no range, fixed on resume
+    assert rows["data.batch_size"].split()[3:5] == ["[1,", "inf)"] and " fixed " in rows["data.batch_size"]
+    assert "may change" in rows["data.path"] and "folder holding train/ and val/" in rows["data.path"]
+    # a doc continued on the next comment lines is read whole
+    assert rows["data.workers"].endswith("(torch: one fewer, left to the training thread)")
+
+
 def test_config_errors_are_one_clear_line_and_exit_status_2():
     out = run("config", "configs/resnet50d_bs1024.yaml", "optim.lr=0.4", entry=(sys.executable, "-m", "dist_bot"))
     assert out.returncode == 2

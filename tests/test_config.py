@@ -264,3 +264,95 @@ def flat(cfg) -> dict:
     from dist_bot.engine import flat_keys
 
     return flat_keys(to_dict(cfg))
+
+
+# The tables as they were typed by hand before each field carried its own range and resume flag
+# (config.param): a field that loses its metadata, or gains some by accident, changes what is checked.
+EXPECTED_RANGES = {
+    "model.num_classes": "[1, inf)",
+    "data.image_size": "[1, inf)",
+    "data.val_resize_ratio": "(0, 1]",
+    "data.batch_size": "[1, inf)",
+    "data.val_batch_size": "[1, inf)",
+    "data.global_batch_size": "[1, inf)",
+    "data.max_batch_size": "[1, inf)",
+    "data.workers": "[0, inf)",
+    "data.dali_py_workers": "[0, inf)",
+    "data.min_crop_area": "(0, 1]",
+    "data.color_jitter": "[0, 1]",
+    "data.pca_lighting": "[0, inf)",
+    "optim.base_lr_per_256": "[0, inf)",
+    "optim.ref_batch": "[1, inf)",
+    "optim.momentum": "[0, 1)",
+    "optim.weight_decay": "[0, inf)",
+    "optim.grad_accum_steps": "[1, inf)",
+    "optim.grad_clip_norm": "(0, inf)",
+    "schedule.epochs": "[1, inf)",
+    "schedule.warmup_epochs": "[0, inf)",
+    "schedule.step_gamma": "(0, 1]",
+    "loss.label_smoothing": "[0, 1)",
+    "loss.mixup_alpha": "[0, inf)",
+    "loss.distill.temperature": "(0, inf)",
+    "loss.distill.hard_weight": "[0, inf)",
+    "loss.distill.soft_weight": "[0, inf)",
+    "loss_scale.init_scale": "(0, inf)",
+    "loss_scale.growth_interval": "[1, inf)",
+    "loss_scale.backoff_factor": "(0, 1)",
+    "loss_scale.min_scale": "(0, inf)",
+    "loss_scale.max_steps_at_min": "[1, inf)",
+    "dist.timeout_min": "(0, inf)",
+    "dist.zero_stage": "[0, 3]",
+    "run.keep_checkpoints": "[1, inf)",
+    "run.checkpoint_every_epochs": "[1, inf)",
+    "run.eval_every_epochs": "[1, inf)",
+    "run.log_every_steps": "[1, inf)",
+    "run.stop_after_steps": "[1, inf)",
+}
+EXPECTED_RESUMABLE = {
+    "data.path",
+    "data.workers",
+    "data.dali_py_workers",
+    "run.resume",
+    "run.out_dir",
+    "run.log_every_steps",
+    "run.stop_after_steps",
+    "run.profile_steps",
+    "wandb.mode",
+    "wandb.tags",
+    "dist.timeout_min",
+    "model.compile",
+    "model.compile_mode",
+    "model.cudnn_benchmark",
+}
+
+
+def test_ranges_and_resumable_keys_are_read_off_the_fields():
+    from dist_bot.config import ranges, resumable_keys
+
+    assert ranges() == EXPECTED_RANGES
+    assert resumable_keys() == EXPECTED_RESUMABLE
+    keys = set(all_keys())
+    assert set(ranges()) <= keys and resumable_keys() <= keys
+    for key, interval in ranges().items():  # each interval is one the check can read: "[lo, hi)" with lo <= hi
+        lo, hi = (float(x) for x in interval[1:-1].split(","))
+        assert interval[0] in "[(" and interval[-1] in ")]" and lo <= hi, key
+
+
+def test_a_range_comes_from_its_field_and_names_it_in_the_error():
+    # num_classes=0 is refused by the field's own param(range="[1, inf)"); a key without a range takes any number
+    with pytest.raises(ConfigError, match=r"^model\.num_classes=0 is out of range: it must lie in \[1, inf\)$"):
+        load_config(None, ["model.num_classes=0"])
+    assert load_config(None, ["data.mean=[-5.0,0.0,99.0]"]).data.mean == (-5.0, 0.0, 99.0)
+
+
+def test_recipes_that_come_with_dist_bot_load_by_name_from_any_folder(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)  # no configs/ here: the names resolve to the recipes shipped with dist_bot
+    by_name = load_config("resnet50d_bs1024")
+    assert by_name == load_config(REPO / "configs" / "resnet50d_bs1024.yaml")
+    assert by_name.run.name == "resnet50d_bs1024"
+    cosine = load_config("configs/paper_ladder/3_cosine.yaml")  # a README command's path; its base chain resolves
+    assert cosine.schedule.decay == "cosine" and cosine == load_config(REPO / "configs/paper_ladder/3_cosine.yaml")
+    write(tmp_path / "demo.yaml", "schedule: {epochs: 7}\n")  # a file of that name here wins over the bundled one
+    assert load_config("demo.yaml").schedule.epochs == 7
+    with pytest.raises(ConfigError, match=r"recipe .*resnet51d\.yaml does not exist .* e\.g\. resnet50d_bs1024\)$"):
+        load_config("resnet51d.yaml")
