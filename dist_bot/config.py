@@ -53,6 +53,8 @@ class ModelConfig:
     compile_mode: CompileMode = "default"  # torch.compile's mode (reduce-overhead: CUDA graphs; max-autotune: tuned)
     cudnn_benchmark: bool = True  # CUDA: cuDNN times its convolution algorithms on the first steps, keeps the fastest
     sync_bn: bool = False  # SyncBatchNorm across processes (GPU only; the paper uses per-device BN)
+    ema_decay: float = 0.0  # EMA of the weights, evaluated beside them each epoch and saved as ema.pt; 0: off
+    ema_warmup: bool = True  # timm's warmup of the EMA decay: 1 - (1 + step)^(-2/3), capped at ema_decay
 
 
 @dataclass
@@ -108,6 +110,7 @@ class DistillConfig:
     temperature: float = 20.0  # softmax temperature T of the soft targets (the paper: 20)
     hard_weight: float = 1.0  # weight of CE(true labels, student)
     soft_weight: float = 1.0  # weight of T^2 x CE(teacher soft targets, student soft predictions)
+    teacher_weights: Literal["raw", "ema"] = "raw"  # the teacher's model.pt, or its EMA (ema.pt)
 
 
 @dataclass
@@ -182,6 +185,7 @@ class Config:
 # dotted key -> the interval its value must lie in, written as in mathematics ("[0, 1)" etc.)
 _RANGES: dict[str, str] = {
     "model.num_classes": "[1, inf)",
+    "model.ema_decay": "[0, 1)",
     "data.image_size": "[1, inf)",
     "data.val_resize_ratio": "(0, 1]",
     "data.batch_size": "[1, inf)",
