@@ -117,6 +117,7 @@ def check_run_dir(cfg: Config, run_dir: Path) -> None:
     if cfg.run.resume == "never":
         raise RunError(f"run folder {run_dir} already exists and run.resume=never: choose another run.name")
     old, new = flat_keys(yaml.safe_load(saved.read_text())), flat_keys(to_dict(cfg))
+    old = flat_keys(to_dict(Config())) | old  # a setting added since the run started has its default there
     # with a global batch, the per-process batch follows the world size, which may change on resume
     may_change = set(RESUMABLE_CHANGES)
     if cfg.data.global_batch_size:
@@ -239,7 +240,7 @@ class Trainer:
         self.train_loader, self.val_loader = make_loaders(cfg, env)
         self.num_classes = self.check_num_classes(self.train_loader.num_classes)
         self.strategy = self.create_strategy()  # model (zero gamma, channels_last, compiled), optimizer, wrapper
-        self.ema, self._ema_module = self.create_ema(), None  # this process's share of the weights' EMA, or None
+        self.ema, self.ema_module = self.create_ema()  # this process's share of the weights' EMA, or None
         self.loss_fn = self.create_loss()
         self.global_batch = cfg.data.batch_size * env.world_size * cfg.optim.grad_accum_steps
         self.schedule = build_schedule(
@@ -289,25 +290,21 @@ class Trainer:
 
         return build_strategy(cfg.strategy, model, make_optimizer, self.env, cfg)
 
-    def create_ema(self) -> ModelEma | None:
+    def create_ema(self) -> tuple[ModelEma | None, torch.nn.Module | None]:
+        """The EMA's share on this process, and a plain model (no wrapper, not compiled) to evaluate it in."""
         m = self.cfg.model
         if not m.ema_decay:
-            return None
+            return None, None
         module, owners = self.strategy.ema_source()
-        return ModelEma(module, owners, m.ema_decay, m.ema_warmup)
-
-    def ema_module(self) -> torch.nn.Module:
-        """A plain model (no distributed wrapper, not compiled) to evaluate the EMA in; made once."""
-        if self._ema_module is None:
-            module = build_model(self.cfg.model.name, self.num_classes).to(self.env.device)
-            self._ema_module = module.to(memory_format=torch.channels_last) if self.cfg.model.channels_last else module
-        return self._ema_module
+        with torch.random.fork_rng(devices=[]):  # its random init must not move the run's RNG stream
+            plain = build_model(m.name, self.num_classes).to(self.env.device)
+        plain = plain.to(memory_format=torch.channels_last) if m.channels_last else plain
+        return ModelEma(module, owners, m.ema_decay, m.ema_warmup), plain.requires_grad_(False)
 
     def ema_eval_model(self) -> torch.nn.Module:
         """Collective: the full EMA, assembled from every process's share, in the plain model."""
-        module = self.ema_module()
-        module.load_state_dict(self.ema.full_state())
-        return module
+        self.ema_module.load_state_dict(self.ema.full_state())
+        return self.ema_module
 
     def create_loss(self):
         """The loss on (logits, soft targets[, teacher logits]): compiled with the model when model.compile is on."""
@@ -363,7 +360,7 @@ class Trainer:
         if not file.is_file():  # model.ema_* cannot change on resume: a checkpoint of this run has one
             raise CheckpointError(f"checkpoint {path} has no ema.pt, which a run with model.ema_decay writes")
         full = read_file(file)
-        check_state_dict(full, self.ema_module().state_dict(), file)
+        check_state_dict(full, self.ema_module.state_dict(), file)
         return self.ema.share_of(full)
 
     def check_layout(self, path: Path, saved: dict | None) -> None:

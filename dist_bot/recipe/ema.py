@@ -106,7 +106,8 @@ class ModelEma:
     @torch.no_grad()
     def full_state(self) -> dict[str, torch.Tensor]:
         """Collective: the whole EMA as a state dict with model.pt's keys, fp32, on every process (each
-        DTensor shard all-gathered, each owned tensor broadcast from its owner)."""
+        DTensor shard all-gathered, each owned tensor broadcast from its owner). Replicated entries are this
+        process's EMA tensors themselves, not copies: read them, do not change them."""
         out = {}
         for key, live in self.live.items():
             mine = self.ema.get(key)
