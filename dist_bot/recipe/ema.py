@@ -100,8 +100,14 @@ class ModelEma:
                 sources.append(src if src.dtype == ema.dtype else src.float())  # DeepSpeed fp16 weights
             else:
                 ema.copy_(src)  # num_batches_tracked, as timm
-        if floats:
-            torch._foreach_lerp_(floats, sources, [w] * len(floats))  # a tensor list: the scalar form would .item()
+        if weight == 1.0:  # decay 0 (the first step): the weights exactly, as timm's lerp with weight 1 gives
+            for ema, src in zip(floats, sources, strict=True):
+                torch.where(taken.to(ema.device), src, ema, out=ema)
+        elif floats:  # ema += w * (weights - ema): lerp's formula for w < 0.5; with w a device scalar, three
+            # fused kernels (foreach lerp takes a device weight only as one tensor per tensor: a kernel each)
+            delta = torch._foreach_sub(sources, floats)
+            torch._foreach_mul_(delta, w)
+            torch._foreach_add_(floats, delta)
 
     @torch.no_grad()
     def full_state(self) -> dict[str, torch.Tensor]:
