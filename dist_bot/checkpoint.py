@@ -5,7 +5,8 @@ A checkpoint is a folder ``checkpoints/step_<global step>/`` holding
     meta.pt     dist_bot's own state: epoch, step inside the epoch, global step, RNG states, loss-scale
                 guard, resolved config, W&B run id, model name, number of classes and class names
     model.pt    the full model state_dict in one file (for `dist-bot eval`, distillation, export)
-    ema.pt      when EMA is on: the EMA weights, a state_dict with model.pt's keys (``read_weights(ema=True)``)
+    ema.pt      with model.ema_decay: the EMA of the weights, model.pt's keys and format (recipe/ema.py;
+                ``read_weights(ema=True)``)
     ...         the strategy's training state (DDP: train_state.pt; FSDP: dcp/, torch.distributed.checkpoint
                 shards that load at any world size)
 

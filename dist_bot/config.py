@@ -74,6 +74,9 @@ class ModelConfig:
     cudnn_benchmark: bool = param(True, resumable=True)  # CUDA: cuDNN times its convolution algorithms on the first
     # steps, keeps the fastest
     sync_bn: bool = False  # SyncBatchNorm across processes (GPU only; the paper uses per-device BN)
+    ema_decay: float = param(0.0, range="[0, 1)")  # EMA of the weights, evaluated beside them each epoch and saved as
+    # ema.pt; 0: off (not resumable: an EMA is a function of every past step's decay)
+    ema_warmup: bool = True  # timm's warmup of the EMA decay: 1 - (1 + step)^(-2/3), capped at ema_decay
 
 
 @dataclass
@@ -139,6 +142,7 @@ class DistillConfig:
     hard_weight: float = param(1.0, range="[0, inf)")  # weight of CE(true labels, student)
     soft_weight: float = param(1.0, range="[0, inf)")  # weight of T^2 x CE(teacher soft targets, student soft
     # predictions)
+    teacher_weights: Literal["raw", "ema"] = "raw"  # the teacher's model.pt, or its EMA (ema.pt)
 
 
 @dataclass

@@ -33,8 +33,11 @@ import yaml
 
 from .checkpoint import (
     FORMAT_VERSION,
+    CheckpointError,
     agree_on_checkpoint,
+    check_state_dict,
     load_checkpoint,
+    read_file,
     read_meta,
     remove_stale_temporaries,
     resolve_checkpoint,
@@ -51,6 +54,7 @@ from .distributed.env import DistEnv, all_reduce_max, any_rank, local_peak_memor
 from .models import build_model
 from .profiling import StepProfiler
 from .provenance import config_header, source_info
+from .recipe.ema import ModelEma
 from .recipe.losses import distillation_loss, smooth_targets, soft_cross_entropy
 from .recipe.lr import build_schedule
 from .recipe.mixup import mixup
@@ -99,6 +103,7 @@ def check_run_dir(cfg: Config, run_dir: Path) -> None:
     if cfg.run.resume == "never":
         raise RunError(f"run folder {run_dir} already exists and run.resume=never: choose another run.name")
     old, new = flat_keys(yaml.safe_load(saved.read_text())), flat_keys(to_dict(cfg))
+    old = flat_keys(to_dict(Config())) | old  # a setting added since the run started has its default there
     # with a global batch, the per-process batch follows the world size, which may change on resume
     may_change = set(resumable_keys())  # the fields marked param(resumable=True) in config.py
     if cfg.data.global_batch_size:
@@ -161,14 +166,23 @@ def evaluate(model: torch.nn.Module, loader, env: DistEnv, precision: str) -> di
     return {"top1": 100 * c1 / n, "top5": 100 * c5 / n, "loss": loss / n, "samples": int(n)}
 
 
-def load_teacher(path: str, num_classes: int, env: DistEnv, channels_last: bool) -> torch.nn.Module:
+def load_teacher(
+    path: str, num_classes: int, env: DistEnv, channels_last: bool, weights: str = "raw"
+) -> torch.nn.Module:
     """A frozen teacher from a dist_bot checkpoint folder, or from a run folder (its latest good checkpoint);
-    the architecture is read from the config saved inside."""
+    the architecture is read from the config saved inside. ``weights``: "raw" (model.pt) or "ema" (ema.pt)."""
     path = resolve_checkpoint(path)
     state = load_checkpoint(path)
     tcfg = from_dict(state["config"])
     if state["num_classes"] != num_classes:
         raise RunError(f"teacher {path} predicts {state['num_classes']} classes, the data has {num_classes}")
+    if weights == "ema":
+        if not (Path(path) / "ema.pt").is_file():
+            raise RunError(
+                f"teacher {path} has no ema.pt (its run trained without model.ema_decay): "
+                "set loss.distill.teacher_weights=raw, or name a teacher trained with an EMA"
+            )
+        state["model"] = read_file(Path(path) / "ema.pt")
     teacher = build_model(tcfg.model.name, num_classes=num_classes)
     teacher.load_state_dict(state["model"])
     teacher.requires_grad_(False).eval().to(env.device)
@@ -208,6 +222,7 @@ class Trainer:
         self.train_loader, self.val_loader = make_loaders(cfg, env)
         self.num_classes = self.check_num_classes(self.train_loader.num_classes)
         self.strategy = self.create_strategy()  # model (zero gamma, channels_last, compiled), optimizer, wrapper
+        self.ema, self.ema_module = self.create_ema()  # this process's share of the weights' EMA, or None
         self.loss_fn = self.create_loss()
         self.global_batch = cfg.data.batch_size * env.world_size * cfg.optim.grad_accum_steps
         self.schedule = build_schedule(
@@ -260,6 +275,22 @@ class Trainer:
 
         return build_strategy(cfg.strategy, model, make_optimizer, self.env, cfg)
 
+    def create_ema(self) -> tuple[ModelEma | None, torch.nn.Module | None]:
+        """The EMA's share on this process, and a plain model (no wrapper, not compiled) to evaluate it in."""
+        m = self.cfg.model
+        if not m.ema_decay:
+            return None, None
+        module, owners = self.strategy.ema_source()
+        with torch.random.fork_rng(devices=[]):  # its random init must not move the run's RNG stream
+            plain = build_model(m.name, self.num_classes).to(self.env.device)
+        plain = plain.to(memory_format=torch.channels_last) if m.channels_last else plain
+        return ModelEma(module, owners, m.ema_decay, m.ema_warmup), plain.requires_grad_(False)
+
+    def ema_eval_model(self) -> torch.nn.Module:
+        """Collective: the full EMA, assembled from every process's share, in the plain model."""
+        self.ema_module.load_state_dict(self.ema.full_state())
+        return self.ema_module
+
     def create_loss(self):
         """The loss on (logits, soft targets[, teacher logits]): compiled with the model when model.compile is on."""
         d = self.cfg.loss.distill
@@ -279,7 +310,7 @@ class Trainer:
         d, m = self.cfg.loss.distill, self.cfg.model
         if not d.teacher:
             return None
-        teacher = load_teacher(d.teacher, self.num_classes, self.env, m.channels_last)
+        teacher = load_teacher(d.teacher, self.num_classes, self.env, m.channels_last, d.teacher_weights)
         if m.compile:
             teacher.compile(mode=m.compile_mode)
         return teacher
@@ -296,8 +327,8 @@ class Trainer:
             "steps_per_epoch": len(self.train_loader),
         }
 
-    def _read(self, path: Path) -> tuple[dict, object]:
-        """A checkpoint's meta and this process's strategy state, read and checked, nothing applied."""
+    def _read(self, path: Path) -> tuple[dict, object, dict | None]:
+        """A checkpoint's meta, this process's strategy state and EMA share, read and checked, nothing applied."""
         meta = read_meta(path)
         if meta["model_name"] != self.cfg.model.name or meta["num_classes"] != self.num_classes:
             raise RunError(
@@ -305,7 +336,17 @@ class Trainer:
                 f"builds {self.cfg.model.name} with {self.num_classes}: use another run.name"
             )
         self.check_layout(path, meta.get("layout"))
-        return meta, self.strategy.read(path)
+        strategy_state = self.strategy.read(path)  # its collectives first: the EMA is read locally
+        return meta, strategy_state, self.read_ema(path) if self.ema is not None else None
+
+    def read_ema(self, path: Path) -> dict:
+        """This process's share of the checkpoint's ema.pt, checked against the model."""
+        file = path / "ema.pt"
+        if not file.is_file():  # model.ema_* cannot change on resume: a checkpoint of this run has one
+            raise CheckpointError(f"checkpoint {path} has no ema.pt, which a run with model.ema_decay writes")
+        full = read_file(file)
+        check_state_dict(full, self.ema_module.state_dict(), file)
+        return self.ema.share_of(full)
 
     def check_layout(self, path: Path, saved: dict | None) -> None:
         """The global batch (so the lr, the steps per epoch and the data plan) a checkpoint continues must be the
@@ -352,8 +393,10 @@ class Trainer:
         found = agree_on_checkpoint(folder, self._read)
         if found is None:
             return RunState()
-        path, (meta, strategy_state) = found
+        path, (meta, strategy_state, ema_share) = found
         self.strategy.apply(strategy_state)
+        if self.ema is not None:
+            self.ema.load_share(ema_share)
         state = RunState(**{f.name: meta[f.name] for f in dataclasses.fields(RunState) if f.name in meta})
         self.guard.load_state_dict(state.guard)
         set_rng_state(meta["rng"])
@@ -375,9 +418,12 @@ class Trainer:
         }
 
         def write(folder: Path) -> None:
+            ema = self.ema.full_state() if self.ema is not None else None  # a collective: before any local write
             self.strategy.save(folder)
             if self.env.is_main:
                 write_file(meta, folder / "meta.pt")
+                if ema is not None:  # model.pt's keys and format: read like it (dist-bot eval, export, teachers)
+                    write_file({k: v.cpu() for k, v in ema.items()}, folder / "ema.pt")
 
         save_checkpoint(self.run_dir / "checkpoints", self.state.global_step, self.cfg.run.keep_checkpoints, write)
 
@@ -412,6 +458,8 @@ class Trainer:
             self.guard.update(s.loss_scale_async, taken)
         self.state.epoch_step += 1
         self.state.global_step += 1
+        if self.ema is not None:
+            self.ema.update(self.state.global_step, taken)  # not moved by a skipped step; no host sync
         return loss_sum
 
     # -- the loop ---------------------------------------------------------------------------------
@@ -533,15 +581,16 @@ class Trainer:
         if st.epoch % cfg.run.eval_every_epochs == 0 or last:
             result = evaluate(eval_model, self.val_loader, self.env, cfg.precision)
             result = {"split": "val", "epoch": st.epoch - 1, "step": st.global_step} | result
+            line = f"top1 {result['top1']:.2f} top5 {result['top5']:.2f} loss {result['loss']:.4f}"
+            if self.ema is not None:  # the same exact evaluation of the EMA weights
+                ema = evaluate(self.ema_eval_model(), self.val_loader, self.env, cfg.precision)
+                result |= {f"ema_{k}": ema[k] for k in ("top1", "top5", "loss")}
+                line += f" | ema top1 {ema['top1']:.2f} top5 {ema['top5']:.2f} loss {ema['loss']:.4f}"
             self.tracker.log(result)
             st.summary = updated_summary(st.summary, result)
             self.tracker.summarize(st.summary)
             if self.env.is_main:
-                print(
-                    f"epoch {st.epoch}/{epochs} val top1 {result['top1']:.2f} top5 {result['top5']:.2f} "
-                    f"loss {result['loss']:.4f} ({result['samples']} images)",
-                    flush=True,
-                )
+                print(f"epoch {st.epoch}/{epochs} val {line} ({result['samples']} images)", flush=True)
         stop = not last and self.should_stop()
         if st.epoch % cfg.run.checkpoint_every_epochs == 0 or last or stop:
             self.save()

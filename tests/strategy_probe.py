@@ -5,7 +5,7 @@
 CASE is ``fp16-overflow`` (an inf in rank 1's fp16 loss, then a clean step) or ``nan-data`` (fp32: a NaN pixel
 in rank 1's images, a clean step, then one NaN in rank 1's own gradient shard under FSDP2, then a clean step).
 Writes OUT/rank<r>.json: whether each step was taken, the loss scale after each, and whether any parameter
-changed (compared in full over all ranks' shards).
+changed (compared in full over all ranks' shards), and whether the weights' EMA did (its shards assembled).
 """
 
 import json
@@ -19,6 +19,7 @@ from dist_bot.config import load_config
 from dist_bot.distributed import build_strategy
 from dist_bot.distributed.env import init_distributed, shutdown
 from dist_bot.models import build_model
+from dist_bot.recipe.ema import ModelEma
 from dist_bot.recipe.precision import make_sgd
 
 CASES = {
@@ -47,10 +48,11 @@ def main(out: str, case: str, *overrides: str) -> None:
     model = build_model("resnet18d", num_classes=10, zero_init_last=False)
     s = build_strategy(cfg.strategy, model, lambda m: make_sgd([{"params": list(m.parameters())}], 0.9, True), env, cfg)
     s.set_lr(0.1)
-    record = {"steps": [], "scales": [], "changed": []}
+    ema = ModelEma(*s.ema_source(), decay=0.5, warmup=False)
+    record = {"steps": [], "scales": [], "changed": [], "ema_changed": []}
     g = torch.Generator().manual_seed(env.rank)
     for poison in poisons:
-        before = params(s)
+        before, ema_before = params(s), {k: v.clone() for k, v in ema.full_state().items()}
         if poison == "nan-grad-shard" and cfg.strategy != "fsdp":
             continue  # only FSDP2 shards gradients: under DDP and ZeRO every rank reduces them whole
         x, y = torch.randn(4, 3, 32, 32, generator=g), torch.randint(0, 10, (4,), generator=g)
@@ -64,10 +66,14 @@ def main(out: str, case: str, *overrides: str) -> None:
         s.backward(loss)
         if poison == "nan-grad-shard" and env.rank == 1:
             poison_one_gradient_element(s.model)
-        record["steps"].append(bool(s.step()))
+        taken = s.step()
+        ema.update(len(record["steps"]) + 2, taken)  # decay 0.5 (the first step's would be 0)
+        record["steps"].append(bool(taken))
         record["scales"].append(s.loss_scale)
         after = params(s)
         record["changed"].append(any(not torch.equal(before[k], after[k]) for k in before))
+        ema_after = ema.full_state()
+        record["ema_changed"].append(any(not torch.equal(ema_before[k], ema_after[k]) for k in before))
     Path(out, f"rank{env.rank}.json").write_text(json.dumps(record))
     shutdown()
 

@@ -270,6 +270,7 @@ def flat(cfg) -> dict:
 # (config.param): a field that loses its metadata, or gains some by accident, changes what is checked.
 EXPECTED_RANGES = {
     "model.num_classes": "[1, inf)",
+    "model.ema_decay": "[0, 1)",
     "data.image_size": "[1, inf)",
     "data.val_resize_ratio": "(0, 1]",
     "data.batch_size": "[1, inf)",

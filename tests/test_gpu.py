@@ -89,6 +89,7 @@ def test_two_log_intervals_of_the_bs1024_recipe_never_sync_outside_log_steps(tmp
     from dist_bot.engine import Preempted, Trainer
 
     overrides = ["data.loader=synthetic", "run.log_every_steps=3", "run.stop_after_steps=6", "wandb.mode=disabled"]
+    overrides += ["model.ema_decay=0.9998"]  # the EMA's per-step update on the device, its skip flag included
     cfg = load_config("configs/resnet50d_bs1024.yaml", [*overrides, f"run.out_dir={tmp_path}"])
     logs = []
     real_log, real_save = Trainer.log_train, Trainer.save

@@ -9,7 +9,7 @@ import pytest
 import torch
 from conftest import REPO, link_subset, run_cmd, torchrun_cmd
 
-from dist_bot.checkpoint import list_checkpoints, load_checkpoint, read_meta
+from dist_bot.checkpoint import list_checkpoints, load_checkpoint, read_file, read_meta
 from dist_bot.config import UserError
 from dist_bot.models import build_model
 
@@ -43,6 +43,7 @@ COMMON = [
     "data.batch_size=16",
     "schedule.epochs=1",  # the demo's warmup is one epoch: these 10 steps are also the first 10 of any longer run
     "run.log_every_steps=1",
+    "model.ema_decay=0.9998",  # the EMA too: it must not change training, and must agree over strategies
 ]
 # channels_last on (the default), max abs difference from DDP over fsdp and zero2, as measured (README,
 # "Strategies"): the first rounding difference (1.2e-7, step 3) grows through training at this recipe's lr to
@@ -109,15 +110,17 @@ def train_losses(run_dir):
 
 def differences(ref, got) -> dict:
     """Max abs differences between two runs: train loss at steps 1-5 and at every step, parameters and buffers
-    (BN statistics) of the last checkpoint, validation loss and top-1 (%)."""
+    (BN statistics) of the last checkpoint, its EMA (ema.pt: parameters and buffers), validation loss and top-1 (%)
+    of the raw and of the EMA weights."""
     (ref_val,), (got_val,) = metrics(ref, "val"), metrics(got, "val")
     a = load_checkpoint(list_checkpoints(ref / "checkpoints")[-1])["model"]
     b = load_checkpoint(list_checkpoints(got / "checkpoints")[-1])["model"]
-    assert a.keys() == b.keys()
+    ema_a, ema_b = (read_file(list_checkpoints(run / "checkpoints")[-1] / "ema.pt") for run in (ref, got))
+    assert a.keys() == b.keys() == ema_a.keys() == ema_b.keys()
     names = dict(build_model("resnet18d", num_classes=10).named_parameters())
 
-    def worst(keys):
-        return max((a[k].double() - b[k].double()).abs().max().item() for k in keys)
+    def worst(keys, a=a, b=b):
+        return max((a[k].double() - b[k].double()).abs().max().item() for k in keys if a[k].is_floating_point())
 
     ref_loss, got_loss = train_losses(ref), train_losses(got)
     assert len(ref_loss) == len(got_loss) == 10
@@ -127,22 +130,26 @@ def differences(ref, got) -> dict:
         "train_loss": max(loss_diffs),
         "params": worst(k for k in a if k in names),
         "buffers": worst(k for k in a if k not in names),
+        "ema": worst(a, ema_a, ema_b),
         "val_loss": abs(ref_val["loss"] - got_val["loss"]),
         "val_top1": abs(ref_val["top1"] - got_val["top1"]),
+        "ema_val_loss": abs(ref_val["ema_loss"] - got_val["ema_loss"]),
+        "ema_val_top1": abs(ref_val["ema_top1"] - got_val["ema_top1"]),
     }
 
 
 @pytest.mark.parametrize("strategy", [s for s in STRATEGIES if s != "ddp"])
 def test_same_training_statistics_and_validation_as_ddp(ten_steps, strategy):
     """channels_last off: every train loss, every BN buffer, and the validation loss and top-1 equal DDP's
-    exactly; so do the parameters under fsdp and ZeRO 0. ZeRO 1-2 step a flat fp32 copy of the parameters,
-    which rounds the last update differently: measured 9.3e-10, tested to 1e-8."""
+    exactly; so do the parameters and their EMA under fsdp and ZeRO 0 (each rank averaging its own shard, or
+    the parameters it owns). ZeRO 1-2 step a flat fp32 copy of the parameters, which rounds the last update
+    differently: measured 9.3e-10, tested to 1e-8 (the EMA, an average of such weights, too)."""
     needs(strategy)
     found = differences(ten_steps["ddp"], ten_steps[strategy])
     print(f"{strategy} vs ddp, channels_last off: {found}")
-    params_tolerance = 1e-8 if strategy in ("zero1", "zero2") else 0.0
-    assert found == dict.fromkeys(found, 0.0) | {"params": found["params"]}
-    assert found["params"] <= params_tolerance
+    tolerance = 1e-8 if strategy in ("zero1", "zero2") else 0.0
+    assert found == dict.fromkeys(found, 0.0) | {"params": found["params"], "ema": found["ema"]}
+    assert found["params"] <= tolerance and found["ema"] <= tolerance
 
 
 @pytest.mark.parametrize("strategy", ["fsdp", "zero2"])
@@ -152,7 +159,7 @@ def test_same_training_within_a_measured_tolerance_at_the_default_memory_format(
     needs(strategy)
     found = differences(ten_steps_channels_last["ddp"], ten_steps_channels_last[strategy])
     print(f"{strategy} vs ddp, channels_last on: {found} (measured when set: {DEFAULT_FORMAT_MEASURED})")
-    assert all(found[k] <= DEFAULT_FORMAT_TOLERANCE[k] for k in found), found
+    assert all(found[k] <= DEFAULT_FORMAT_TOLERANCE[k] for k in DEFAULT_FORMAT_TOLERANCE), found
 
 
 def run_probe(case: str, strategy: str, out) -> list[dict]:
@@ -169,7 +176,7 @@ def test_fp16_overflow_on_one_rank_skips_the_step_on_all(strategy, tmp_path):
     for got in run_probe("fp16-overflow", strategy, tmp_path):
         assert got["steps"] == [False, True]  # skipped on both ranks, then a clean step
         assert got["scales"] == [512.0, 512.0]  # halved once, not yet grown back
-        assert got["changed"] == [False, True]  # no parameter changed in the skipped step
+        assert got["changed"] == got["ema_changed"] == [False, True]  # no parameter nor EMA moved in the skip
 
 
 @pytest.mark.parametrize("strategy", ["ddp", "fsdp", "zero0"])  # ZeRO 1-2 also skip a non-finite grad norm
@@ -179,13 +186,13 @@ def test_nan_in_one_ranks_data_skips_the_step_on_all_in_fp32(strategy, tmp_path)
     needs(strategy)
     for got in run_probe("nan-data", strategy, tmp_path):
         if strategy == "fsdp":
-            assert got["steps"] == got["changed"] == [False, True, False, True]
+            assert got["steps"] == got["changed"] == got["ema_changed"] == [False, True, False, True]
         else:
-            assert got["steps"] == got["changed"] == [False, True, True]
+            assert got["steps"] == got["changed"] == got["ema_changed"] == [False, True, True]
         assert got["scales"] == [1.0] * len(got["steps"])
 
 
-@pytest.mark.parametrize("strategy", [s for s in STRATEGIES if s != "ddp"])  # ddp: tests/test_train.py
+@pytest.mark.parametrize("strategy", STRATEGIES)  # ddp also in tests/test_train.py (stops at an epoch's end)
 def test_resume_equals_the_uninterrupted_run(ten_steps, epoch_of_ten, tmp_path, strategy):
     needs(strategy)
     args = [
@@ -205,6 +212,9 @@ def test_resume_equals_the_uninterrupted_run(ten_steps, epoch_of_ten, tmp_path, 
     assert train_losses(tmp_path / strategy) == pytest.approx(train_losses(straight), rel=1e-6)
     a = load_checkpoint(list_checkpoints(straight / "checkpoints")[-1])["model"]
     b = load_checkpoint(list_checkpoints(tmp_path / strategy / "checkpoints")[-1])["model"]
+    assert max((a[k].double() - b[k].double()).abs().max().item() for k in a if a[k].is_floating_point()) <= 1e-6
+    # the EMA too: each rank's share went into ema.pt at the stop and came back out of it
+    a, b = (read_file(list_checkpoints(run / "checkpoints")[-1] / "ema.pt") for run in (straight, tmp_path / strategy))
     assert max((a[k].double() - b[k].double()).abs().max().item() for k in a if a[k].is_floating_point()) <= 1e-6
 
 

@@ -75,6 +75,7 @@ def test_two_processes_train_with_every_trick_and_never_wait_between_log_steps(
         f"run.stop_after_steps={STEPS}",
         f"run.out_dir={tmp_path}",
         "run.name=probe",
+        "model.ema_decay=0.9998",  # the EMA's update every step must not wait either
         *extra,
     ]
     probe = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2"]

@@ -12,7 +12,7 @@ import pytest
 import torch
 from conftest import REPO, run_cmd, torchrun_cmd
 
-from dist_bot.checkpoint import list_checkpoints, load_checkpoint
+from dist_bot.checkpoint import list_checkpoints, load_checkpoint, read_file
 
 TINY_MODEL = ["model.name=resnet18d", "data.workers=1", "wandb.mode=disabled"]
 
@@ -23,6 +23,10 @@ def read_metrics(run_dir: Path) -> list[dict]:
 
 def final_weights(run_dir: Path) -> dict:
     return load_checkpoint(list_checkpoints(run_dir / "checkpoints")[-1])["model"]
+
+
+def final_ema(run_dir: Path) -> dict:
+    return read_file(list_checkpoints(run_dir / "checkpoints")[-1] / "ema.pt")
 
 
 def max_diff(a: dict, b: dict) -> float:
@@ -128,7 +132,7 @@ def straight_run(digits_dir, tmp_path_factory, loader):
     return out / "r"
 
 
-RESUME_ARGS = [*TINY_MODEL, "precision=fp32", "schedule.epochs=2", "run.log_every_steps=5"]
+RESUME_ARGS = [*TINY_MODEL, "precision=fp32", "schedule.epochs=2", "run.log_every_steps=5", "model.ema_decay=0.9998"]
 
 
 def resume_args(data: Path, loader: str, out_dir: Path) -> list[str]:
@@ -163,6 +167,7 @@ def test_stop_after_one_epoch_and_resume_equals_straight_run(straight_run, digit
     second = run_cmd(torchrun_cmd(2, *args))
     assert second.returncode == 0, second.stderr[-3000:]
     assert max_diff(final_weights(tmp_path / "r"), final_weights(straight_run)) <= 1e-6
+    assert max_diff(final_ema(tmp_path / "r"), final_ema(straight_run)) <= 1e-6
     # the requeued run evaluated epoch 1 first, with the BN statistics the straight run evaluated with
     val = [m for m in read_metrics(tmp_path / "r") if m["split"] == "val"]
     ref = [m for m in read_metrics(straight_run) if m["split"] == "val"]
@@ -170,6 +175,8 @@ def test_stop_after_one_epoch_and_resume_equals_straight_run(straight_run, digit
     for got, want in zip(val, ref, strict=True):
         assert (got["top1"], got["top5"]) == pytest.approx((want["top1"], want["top5"]))
         assert got["loss"] == pytest.approx(want["loss"], rel=1e-5)
+        assert (got["ema_top1"], got["ema_top5"]) == pytest.approx((want["ema_top1"], want["ema_top5"]))
+        assert got["ema_loss"] == pytest.approx(want["ema_loss"], rel=1e-5)
 
 
 def test_signal_to_one_rank_mid_epoch_checkpoints_all_and_resumes_exactly(straight_run, digits_dir, tmp_path, loader):
@@ -190,6 +197,7 @@ def test_signal_to_one_rank_mid_epoch_checkpoints_all_and_resumes_exactly(straig
     resumed = run_cmd(torchrun_cmd(2, *args))
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     assert max_diff(final_weights(tmp_path / "r"), final_weights(straight_run)) <= 1e-6
+    assert max_diff(final_ema(tmp_path / "r"), final_ema(straight_run)) <= 1e-6
 
 
 def test_sigterm_to_every_process_exits_75_with_a_resumable_checkpoint(tiny_digits, tmp_path):
@@ -240,8 +248,10 @@ def test_eval_command_counts_every_validation_image(straight_run):
 
 def test_checkpoint_holds_everything_resume_needs(straight_run):
     path = list_checkpoints(straight_run / "checkpoints")[-1]
-    assert sorted(p.name for p in path.iterdir()) == ["meta.pt", "model.pt", "train_state.pt"]
+    assert sorted(p.name for p in path.iterdir()) == ["ema.pt", "meta.pt", "model.pt", "train_state.pt"]
     state = load_checkpoint(path)
+    ema = read_file(path / "ema.pt")  # read like model.pt: the same keys, shapes and dtypes
+    assert [(k, v.shape, v.dtype) for k, v in ema.items()] == [(k, v.shape, v.dtype) for k, v in state["model"].items()]
     assert {"epoch", "epoch_step", "global_step", "rng", "config", "wandb_id", "model_name", "guard"} <= state.keys()
     assert state["config"]["model"]["name"] == "resnet18d" and state["num_classes"] == 10
     assert state["class_names"] == [str(d) for d in range(10)]  # the class folders, in label order
@@ -275,7 +285,7 @@ def test_gradient_accumulation_trains_like_more_processes(tiny_digits, tmp_path)
 def test_teacher_sees_exactly_the_students_mixed_input(tiny_digits, tmp_path):
     from dist_bot.config import load_config
     from dist_bot.distributed.env import DistEnv
-    from dist_bot.engine import Preempted, Trainer
+    from dist_bot.engine import Preempted, RunError, Trainer, load_teacher
 
     common = [
         f"data.path={tiny_digits}",
@@ -288,6 +298,11 @@ def test_teacher_sees_exactly_the_students_mixed_input(tiny_digits, tmp_path):
     ]
     Trainer(load_config("configs/demo.yaml", [*common, "run.name=teacher", "model.name=resnet18c"]), DistEnv()).fit()
     teacher_ckpt = list_checkpoints(tmp_path / "teacher" / "checkpoints")[-1]
+    # the teacher trained without an EMA (model.ema_decay=0, the default): no ema.pt, no ema_ metrics
+    assert not (teacher_ckpt / "ema.pt").exists()
+    assert not [k for m in read_metrics(tmp_path / "teacher") for k in m if k.startswith("ema")]
+    with pytest.raises(RunError, match=r"has no ema\.pt .*teacher_weights=raw"):
+        load_teacher(str(teacher_ckpt), 10, DistEnv(), channels_last=False, weights="ema")
     cfg = load_config(
         "configs/demo.yaml",
         [
@@ -328,3 +343,6 @@ def test_a_teacher_can_be_named_by_its_run_folder(straight_run):
     teacher = load_teacher(str(straight_run), 10, DistEnv(), channels_last=False)
     assert max_diff(teacher.state_dict(), final_weights(straight_run)) == 0
     assert not any(p.requires_grad for p in teacher.parameters()) and not teacher.training
+    ema_teacher = load_teacher(str(straight_run), 10, DistEnv(), channels_last=False, weights="ema")
+    assert max_diff(ema_teacher.state_dict(), final_ema(straight_run)) == 0
+    assert max_diff(ema_teacher.state_dict(), final_weights(straight_run)) > 0

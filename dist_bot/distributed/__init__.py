@@ -45,6 +45,11 @@ class Strategy(Protocol):
         False: they already are), for evaluation (no collectives in its forward). A collective: every process
         calls it."""
 
+    def ema_source(self) -> tuple[nn.Module, dict[str, int]]:
+        """For the weights' EMA (recipe/ema.py): the module whose state_dict is model.pt's (under FSDP2 its
+        parameters are DTensor shards), and the rank that averages each parameter named here; a parameter not
+        named is averaged on every rank (its replica, or its local shard)."""
+
     def save(self, folder: Path) -> None:
         """Collective: write model.pt (full weights, one file) and the training state into ``folder``."""
 

@@ -37,6 +37,9 @@ class DDPStrategy(ScaledOptimizer):
             average_buffers(self.module, self.env)
         return self.module
 
+    def ema_source(self) -> tuple[nn.Module, dict[str, int]]:
+        return self.module, {}  # a full EMA on every rank, replicated like the model
+
     def save(self, folder: Path) -> None:
         if self.env.is_main:  # every rank holds the same state
             write_file(self.module.state_dict(), folder / "model.pt")

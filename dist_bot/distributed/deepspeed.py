@@ -29,6 +29,7 @@ from torch import nn
 
 from ..checkpoint import CheckpointError, check_state_dict, read_model, verify_file, write_file
 from ..config import UserError
+from ..recipe.ema import balanced_owners
 from ..recipe.precision import zero_momentum
 from .env import DistEnv, average_buffers, broadcast_buffers
 
@@ -141,6 +142,16 @@ class DeepSpeedStrategy:
         if sync_buffers:
             average_buffers(module, self.env)
         return module
+
+    def ema_source(self) -> tuple[nn.Module, dict[str, int]]:
+        """Every rank holds every parameter (ZeRO 0-2 partition only the optimizer state and gradients), so the
+        EMA is split by whole parameters: each rank averages those ``balanced_owners`` assigns it, about
+        1/world_size of the weights, read from the module (fp32; fp16 under DeepSpeed's fp16 mode, averaged in
+        fp32). Not ZeRO's own partitions: they are flat slices inside DeepSpeed's optimizer, an internal layout
+        that would tie ema.pt's assembly to DeepSpeed's version."""
+        module = self.engine.module
+        sizes = {name: p.numel() for name, p in module.named_parameters()}
+        return module, balanced_owners(sizes, self.env.world_size)
 
     def save(self, folder: Path) -> None:
         self.engine.save_checkpoint(str(folder / "deepspeed"), tag="state", save_latest=False)  # collective first

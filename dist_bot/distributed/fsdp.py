@@ -81,6 +81,9 @@ class FSDPStrategy(ScaledOptimizer):
         self.plain.load_state_dict(self._full_state(cpu_offload=False))
         return self.plain
 
+    def ema_source(self) -> tuple[nn.Module, dict[str, int]]:
+        return self.model, {}  # every rank averages its own shard of every parameter
+
     def save(self, folder: Path) -> None:
         # Rank 0's BN statistics everywhere (the next training forward would broadcast them anyway): the
         # checkpoint must not depend on which rank's copy torch.distributed.checkpoint keeps.
