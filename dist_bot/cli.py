@@ -99,13 +99,14 @@ def cmd_train(args: argparse.Namespace) -> int:
     installed = PREEMPTION.install()
     try:
         from dist_bot.engine import REQUEUE_EXIT_CODE, Preempted, Trainer
+        from dist_bot.export import export_for_tracking
         from dist_bot.models import parse_name
 
         cfg = load_config(args.config, args.overrides)
         parse_name(cfg.model.name)  # an unknown model is reported now, before any process group or data scan
         try:
             with process_group(cfg, args.command) as env:
-                Trainer(cfg, env).fit()
+                Trainer(cfg, env).fit(export_model=export_for_tracking)
         except Preempted as stop:
             if env.is_main:
                 print(f"{stop}; exiting with status {REQUEUE_EXIT_CODE} so the launcher requeues", flush=True)

@@ -203,6 +203,8 @@ class WandbConfig:
     entity: str | None = None  # W&B team or user; None: the key's default
     group: str | None = None  # runs grouped in the UI; None: the Slurm job id when there is one
     tags: tuple[str, ...] = param((), resumable=True)  # free-form labels
+    log_model: bool = param(True, resumable=True)  # at the end of a run, upload its final weights (timm safetensors,
+    # else ONNX; with the EMA) as a W&B model artifact, kept in <run dir>/export/ too
 
 
 @dataclass

@@ -22,7 +22,7 @@ import dataclasses
 import logging
 import signal
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -36,6 +36,7 @@ from .checkpoint import (
     CheckpointError,
     agree_on_checkpoint,
     check_state_dict,
+    list_checkpoints,
     load_checkpoint,
     read_file,
     read_meta,
@@ -598,7 +599,23 @@ class Trainer:
             raise Preempted(st.global_step, PREEMPTION.received)
         return result
 
-    def fit(self) -> dict:
+    def log_model(self, export_model: Callable[[Path, Path], list[Path]]) -> None:
+        """W&B's model artifact of the finished run: its final checkpoint exported by ``export_model`` into
+        <run dir>/export/ (rank 0, with W&B on and wandb.log_model). A failure is a warning: the run is done."""
+        if not (self.env.is_main and self.cfg.wandb.log_model and self.tracker.wandb_run is not None):
+            return
+        checkpoint = list_checkpoints(self.run_dir / "checkpoints")[-1]
+        try:
+            files = export_model(checkpoint, self.run_dir / "export")
+        except Exception as e:
+            log.warning("no W&B model artifact: exporting %s failed (%s: %s)", checkpoint, type(e).__name__, e)
+            return
+        metadata = self.state.summary | {"checkpoint": checkpoint.name, "files": [f.name for f in files]}
+        self.tracker.log_artifact(self.run_dir / "export", f"model-{self.tracker.wandb_run.id}", "model", metadata)
+
+    def fit(self, export_model: Callable[[Path, Path], list[Path]] | None = None) -> dict:
+        """Train to the end (or to a stop: Preempted). ``export_model(checkpoint, folder)``: how the final weights
+        are exported for W&B's model artifact (the CLI passes dist_bot.export's; the engine does not import it)."""
         cfg, env, st = self.cfg, self.env, self.state
         epochs = cfg.schedule.epochs
         self.start_global_step = st.global_step
@@ -647,6 +664,8 @@ class Trainer:
                     self.strategy.eval_model()
                 self.save()
                 raise Preempted(st.global_step, PREEMPTION.received)
+            if result and export_model is not None:  # finished here (not "nothing to do")
+                self.log_model(export_model)
         finally:
             self.profiler.close()  # a run ending inside the profiled window writes the steps it traced
             self.tracker.close()

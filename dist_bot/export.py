@@ -208,3 +208,18 @@ def export_checkpoint(source: str | Path, fmt: str, out: str | Path, ema: bool =
     summary |= {"model": info["model_name"], "classes": info["num_classes"]}
     summary |= {f"{fmt}_model": twin} if twin else {}
     return summary | ({"max_abs_diff": diff} if diff is not None else {})
+
+
+def export_for_tracking(checkpoint: Path, out_dir: Path) -> list[Path]:
+    """The final weights of a run as W&B's model artifact holds them (``wandb.log_model``): timm's safetensors
+    where timm has the architecture (the format most tools read), else ONNX; the EMA beside the raw weights when
+    the checkpoint has one. Returns the files written into ``out_dir``."""
+    meta = read_meta(checkpoint)
+    fmt = "timm" if timm_name(meta["model_name"]) else "onnx"
+    suffix = SUFFIXES[fmt][0]
+    written = []
+    for ema in (False, True) if (checkpoint / "ema.pt").is_file() else (False,):
+        out = out_dir / f"{meta['model_name']}{'_ema' if ema else ''}{suffix}"
+        export_checkpoint(checkpoint, fmt, out, ema=ema)
+        written.append(out)
+    return written

@@ -320,6 +320,7 @@ EXPECTED_RESUMABLE = {
     "run.profile_steps",
     "wandb.mode",
     "wandb.tags",
+    "wandb.log_model",
     "dist.timeout_min",
     "model.compile",
     "model.compile_mode",

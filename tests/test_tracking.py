@@ -13,6 +13,7 @@ from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
+import torch
 from conftest import REPO
 
 import dist_bot
@@ -207,6 +208,40 @@ def test_offline_run_is_resumed_under_the_same_id(wandb_env, tiny_digits, tmp_pa
     logged = b"".join(f.read_bytes() for r in runs for f in r.glob("*.wandb"))
     assert b"train/loss" in logged and b"val/top1" in logged
     assert FAKE_KEY.encode() not in logged
+
+
+@pytest.mark.slow  # two one-epoch runs
+def test_a_finished_run_uploads_its_final_weights_and_ema_as_a_model_artifact(wandb_env, tiny_digits, tmp_path):
+    from safetensors.torch import load_file
+
+    from dist_bot.models.interop import to_timm
+
+    wandb_env.setenv("WANDB_SILENT", "true")
+    args = [f"data.path={tiny_digits}", f"run.out_dir={tmp_path}", *TINY, "schedule.epochs=1", "wandb.mode=offline"]
+    args += ["precision=fp32", "data.batch_size=32"]  # bf16 is emulated on CPUs without AMX: slow
+    assert main(["train", "configs/demo.yaml", *args, "model.ema_decay=0.9"]) == 0
+    run_dir = tmp_path / "demo"
+    final = list_checkpoints(run_dir / "checkpoints")[-1]
+    for name, weights in (("resnet18d", "model.pt"), ("resnet18d_ema", "ema.pt")):  # timm's names, exactly these
+        exported = load_file(run_dir / "export" / f"{name}.safetensors")
+        expected = to_timm(torch.load(final / weights, weights_only=True), "resnet18d")
+        assert exported.keys() == expected.keys()
+        assert all(torch.equal(exported[k], expected[k]) for k in expected)
+    [folder] = (run_dir / "wandb").glob("offline-run-*")
+    [artifact] = wandb_records(folder, "artifact")
+    run_id = load_checkpoint(final)["wandb_id"]
+    assert (artifact.type, artifact.name) == ("model", f"model-{run_id}")
+    metadata = json.loads(artifact.metadata)
+    summary = json.loads((run_dir / "summary.json").read_text())
+    assert metadata["best/top1"] == summary["best/top1"] and metadata["checkpoint"] == final.name
+    assert sorted(metadata["files"]) == ["resnet18d.safetensors", "resnet18d_ema.safetensors"]
+    assert sorted(e.path for e in artifact.manifest.contents) == sorted(metadata["files"])
+
+    # wandb.log_model=false: no export, no artifact
+    assert main(["train", "configs/demo.yaml", *args, "run.name=off", "wandb.log_model=false"]) == 0
+    assert not (tmp_path / "off" / "export").exists()
+    [folder] = (tmp_path / "off" / "wandb").glob("offline-run-*")
+    assert wandb_records(folder, "artifact") == []
 
 
 # -- the run summary, artifacts, and which dist_bot made the run -------------------------------------------------
