@@ -73,6 +73,8 @@ def summary(run: Run) -> dict:
         "top1": last.get("top1"),
         "top5": last.get("top5"),
         "best_top1": max((v["top1"] for v in run.val), default=None),
+        "ema_top1": last.get("ema_top1"),  # with model.ema_decay: the EMA's exact evaluation beside the weights'
+        "best_ema_top1": max((v["ema_top1"] for v in run.val if "ema_top1" in v), default=None),
         "val_loss": last.get("loss"),
         "img_per_s": statistics.median(rates) if rates else None,
         "steps": run.train[-1]["step"] if run.train else 0,
@@ -81,6 +83,8 @@ def summary(run: Run) -> dict:
 
 def markdown_table(rows: list[dict]) -> str:
     cols = ["run", "model", "epochs", "top1", "top5", "best_top1", "val_loss", "img_per_s", "steps"]
+    if any(r.get("ema_top1") is not None for r in rows):  # runs with an EMA: its columns beside the weights'
+        cols[6:6] = ["ema_top1", "best_ema_top1"]
 
     def fmt(v) -> str:
         return "-" if v is None else f"{v:.2f}" if isinstance(v, float) else str(v)
@@ -112,6 +116,9 @@ def plot(runs: list[Run], out: Path) -> Path:
         ax = axes.flat[3]
         epochs = [v["epoch"] + 1 for v in run.val]
         line = ax.plot(epochs, [v["top1"] for v in run.val], marker="o", label=f"{run.name} top-1")[0]
+        ema = [(e, v["ema_top1"]) for e, v in zip(epochs, run.val, strict=True) if "ema_top1" in v]
+        if ema:
+            ax.plot(*zip(*ema, strict=True), marker="^", linestyle=":", color=line.get_color(), label="EMA top-1")
         if single:
             top5 = [v["top5"] for v in run.val]
             ax.plot(epochs, top5, marker="s", linestyle="--", color=line.get_color(), label="top-5")

@@ -41,7 +41,7 @@ def test_bench_train_prints_both_sides_and_their_ratio():
     assert ratio["model"] == "resnet18d" and ratio["precision"] == "bf16" and ratio["channels_last"] is True
 
 
-def write_run(folder, name, epochs, steps_per_epoch, top1s, duplicate_step=None):
+def write_run(folder, name, epochs, steps_per_epoch, top1s, duplicate_step=None, ema_top1s=None):
     folder.mkdir(parents=True)
     (folder / "config.yaml").write_text(f"model:\n  name: resnet50d\nrun:\n  name: {name}\n")
     lines = []
@@ -50,6 +50,8 @@ def write_run(folder, name, epochs, steps_per_epoch, top1s, duplicate_step=None)
             step = e * steps_per_epoch + s
             lines.append({"split": "train", "epoch": e, "step": step, "lr": 0.1, "loss": 9.0, "img_per_s": 30.0})
         lines.append({"split": "val", "epoch": e, "step": step, "top1": top1s[e], "top5": 90.0, "loss": 1.0})
+        if ema_top1s:
+            lines[-1] |= {"ema_top1": ema_top1s[e], "ema_top5": 91.0, "ema_loss": 0.9}
     if duplicate_step:  # a run that crashed after logging a step, then logged it again after resuming
         lines.insert(duplicate_step, dict(lines[duplicate_step], loss=123.0))
     (folder / "metrics.jsonl").write_text("".join(json.dumps(x) + "\n" for x in lines))
@@ -70,6 +72,18 @@ def test_report_of_several_runs_writes_one_png_and_a_table(tmp_path):
     assert png.read_bytes()[:8] == PNG_MAGIC and png.stat().st_size > 20_000
     rows = [line.split("|")[1:-1] for line in table.splitlines()[2:]]
     assert [(r[0].strip(), r[3].strip()) for r in rows] == [("baseline", "60.00"), ("tricks", "70.50")]
+
+
+def test_report_tabulates_the_ema_beside_the_weights_when_a_run_has_one(tmp_path):
+    a = write_run(tmp_path / "ema", "ema", 3, 2, [50.0, 60.0, 58.0], ema_top1s=[40.0, 62.0, 61.0])
+    b = write_run(tmp_path / "plain", "plain", 1, 2, [55.0])
+    _, table = report([str(a), str(b)], str(tmp_path / "two.png"))
+    header, _, *rows = ([c.strip() for c in line.split("|")[1:-1]] for line in table.splitlines())
+    first = dict(zip(header, rows[0], strict=True))
+    assert (first["top1"], first["ema_top1"], first["best_ema_top1"]) == ("58.00", "61.00", "62.00")
+    assert dict(zip(header, rows[1], strict=True))["ema_top1"] == "-"
+    _, table = report([str(b)], str(tmp_path / "one.png"))
+    assert "ema_top1" not in table  # no EMA, no columns for it
 
 
 def test_report_names_runs_by_their_folders_and_tells_equal_names_apart(tmp_path):
