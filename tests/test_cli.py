@@ -123,3 +123,15 @@ def test_data_fake_writes_jpegs_of_the_asked_size_in_class_folders_and_refuses_a
     assert all(Image.open(f).size == (50, 40) for f in files)
     again = run("data", "fake", str(out))
     assert again.returncode == 2 and "is not empty" in again.stderr
+
+
+def test_overrides_may_follow_options_and_anything_else_unknown_is_refused(capsys):
+    from dist_bot.cli import parse_args
+
+    args = parse_args(["eval", "configs/demo.yaml", "a.b=1", "--checkpoint", "runs/x", "c.d=2", "--ema"])
+    assert (args.checkpoint, args.ema, args.overrides) == ("runs/x", True, ["a.b=1", "c.d=2"])
+    with pytest.raises(SystemExit):
+        parse_args(["eval", "configs/demo.yaml", "--checkpoint", "runs/x", "--nonsense"])
+    assert "unrecognized arguments: --nonsense" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        parse_args(["models", "a.b=1"])  # a command without overrides takes none

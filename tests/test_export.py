@@ -277,5 +277,6 @@ def test_eval_refuses_data_whose_classes_are_other_ones(tiny_run, tiny_digits, t
         for d in sorted((tiny_digits / split).iterdir()):
             (renamed / split).mkdir(parents=True, exist_ok=True)
             (renamed / split / f"digit_{d.name}").symlink_to(d.resolve())
-    code = main(["eval", str(tiny_run / "config.yaml"), f"data.path={renamed}", "--checkpoint", str(tiny_run)])
+    # overrides may come after the options too
+    code = main(["eval", str(tiny_run / "config.yaml"), "--checkpoint", str(tiny_run), f"data.path={renamed}"])
     assert code == 2 and "the checkpoint's class 0 is '0', the data's is 'digit_0'" in capsys.readouterr().err
