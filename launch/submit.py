@@ -31,6 +31,7 @@ import logging
 import os
 import re
 import signal
+import subprocess
 import sys
 import time
 from dataclasses import dataclass, field
@@ -156,7 +157,16 @@ class TrainJob(submitit.helpers.Checkpointable):
         if usr in stop.signals:
             if rank == 0:  # submitit's own handler: checkpoint() -> requeue -> exit
                 log.warning("%s: requeueing through submitit", stop)
-                signal.getsignal(usr)(usr, None)
+                try:
+                    signal.getsignal(usr)(usr, None)
+                except subprocess.CalledProcessError as e:
+                    if list(e.cmd[:2]) != ["scontrol", "requeue"] or e.returncode != -signal.SIGTERM:
+                        raise
+                    # The requeue took: Slurm ended this attempt, scontrol (a process of the job) included, before
+                    # scontrol returned. submitit would record that as the job's error, and `job.results()` would
+                    # report a failure while the requeued job runs; exit as submitit does after a requeue instead.
+                    log.warning("job requeued (scontrol ended by the requeue's SIGTERM): exiting this attempt")
+                    sys.exit(-1)
             return {"preempted_at_step": stop.step}
         if signal.SIGTERM in stop.signals:
             # Slurm ends (or requeues) the job itself after a SIGTERM; a user signal may still follow.

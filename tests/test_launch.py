@@ -94,6 +94,21 @@ def test_requeue_goes_through_submitit_on_rank_0_only(monkeypatch):
     assert calls == [signal.SIGUSR2]
 
 
+@pytest.mark.parametrize(("returncode", "ends"), [(-signal.SIGTERM, SystemExit), (1, subprocess.CalledProcessError)])
+def test_a_requeue_whose_scontrol_the_requeue_itself_ended_exits_without_an_error(monkeypatch, returncode, ends):
+    """Slurm's requeue SIGTERMs every process of the job, scontrol too, sometimes before it returns (seen in CI):
+    that is a requeue that took, not the job's error; any other scontrol failure still is one."""
+
+    def requeue(signum, frame):
+        raise subprocess.CalledProcessError(returncode, ["scontrol", "requeue", "4"])
+
+    monkeypatch.setattr(signal, "getsignal", lambda s: requeue)
+    with pytest.raises(ends) as stopped:
+        TrainJob(sigterm_wait_s=0)._after_stop(_stop(signal.SIGTERM, signal.SIGUSR2), rank=0)
+    if ends is SystemExit:
+        assert stopped.value.code == -1  # what submitit's own handler exits with after a requeue
+
+
 @pytest.mark.parametrize("signals", [(), (signal.SIGTERM,), (signal.SIGUSR1,)])
 def test_a_stop_without_submitits_signal_is_an_error_that_says_how_to_resume(signals):
     with pytest.raises(RuntimeError, match=r"step 7.*submit the same command again to resume"):
