@@ -27,6 +27,7 @@ from .folder import DataError, ImageList, scan_dataset
 from .shards import FORMAT_VERSION, INDEX_DTYPE, PACK_FILE
 
 PROGRESS = ".pack-progress"
+MIN_SHARD_SIZE = 10**6  # bytes; smaller shards would be many small files again
 CHUNK = 64  # files read and decoded at a time by the thread pool (bounds the bytes held in memory)
 
 
@@ -164,7 +165,7 @@ def write_pack(src: str | Path, dst: str | Path, shard_size: int = 1 << 30, work
     """Pack ``src`` (train/ and val/ class folders) into ``dst``; resumes an interrupted pack of the same source."""
     t0 = time.perf_counter()
     src, dst = Path(src).expanduser().resolve(), Path(dst).expanduser()
-    if shard_size < 10**6:
+    if shard_size < MIN_SHARD_SIZE:
         raise DataError(f"--shard-size {shard_size} bytes is too small: use at least 1MB (e.g. 1GB)")
     train, val = scan_dataset(str(src))
     if (dst / PACK_FILE).exists():
