@@ -155,3 +155,16 @@ def test_shard_sizes_parse_with_units():
     for bad in ("", "GB", "1XB", "one"):
         with pytest.raises(ValueError):
             parse_size(bad)
+
+
+def test_a_shuffled_epoch_opens_each_shard_once_per_reader_when_all_stay_open():
+    from dist_bot.data.shards import opens_per_epoch
+
+    shard_of = np.repeat(np.arange(10), 100)  # 10 shards of 100 samples
+    order = np.random.default_rng(0).permutation(1000)
+    batches = [order[i : i + 50].tolist() for i in range(0, 1000, 50)]
+    assert opens_per_epoch(shard_of, batches, readers=1, keep=10) == 10
+    assert opens_per_epoch(shard_of, batches, readers=4, keep=10) == 40
+    assert opens_per_epoch(shard_of, batches, readers=1, keep=2) > 500  # a few open files: an open per image
+    sequential = [list(range(i, i + 50)) for i in range(0, 1000, 50)]
+    assert opens_per_epoch(shard_of, sequential, readers=1, keep=1) == 10

@@ -30,7 +30,35 @@ from .folder import DataError, ImageList, scan_dataset
 FORMAT_VERSION = 1
 PACK_FILE = "pack.json"
 INDEX_DTYPE = np.dtype([("shard", "<i4"), ("label", "<i4"), ("offset", "<i8"), ("size", "<i8")])
-MAX_OPEN_SHARDS = 4  # per process: a batch's samples come from a few shards at most in sequential plans
+
+
+def max_open_shards() -> int:
+    """Shards a process keeps open. A shuffled plan reads every shard all the time, so a few open files would mean
+    an open per image again: keep them all open (ImageNet in 1 GB shards: ~150), within a quarter of the
+    process's file limit (commonly 1024) so that the rest of the process has room."""
+    import resource
+
+    soft, _ = resource.getrlimit(resource.RLIMIT_NOFILE)
+    return max(4, min(1024, soft // 4)) if soft != resource.RLIM_INFINITY else 1024
+
+
+def opens_per_epoch(shard_of: np.ndarray, batches: list, readers: int, keep: int | None = None) -> int:
+    """Shard files an epoch opens when its ``batches`` (lists of indices) go round-robin to ``readers`` processes
+    (a DataLoader's workers, or the process itself), each starting with none open and keeping ``keep`` (LRU)."""
+    keep = keep or max_open_shards()
+    opened = 0
+    for r in range(max(1, readers)):
+        lru: OrderedDict[int, None] = OrderedDict()
+        for batch in batches[r :: max(1, readers)]:
+            for shard in shard_of[list(batch)].tolist():
+                if shard in lru:
+                    lru.move_to_end(shard)
+                    continue
+                opened += 1
+                lru[shard] = None
+                if len(lru) > keep:
+                    lru.popitem(last=False)
+    return opened
 
 
 def is_pack(path: str | Path) -> bool:
@@ -40,8 +68,9 @@ def is_pack(path: str | Path) -> bool:
 
 
 class ShardReader:
-    """Sample index -> its image bytes: one ``pread`` from its shard at (offset, size). Keeps the last few shards
-    open (LRU) in each process; open files are not pickled, so each DataLoader or DALI worker opens its own."""
+    """Sample index -> its image bytes: one ``pread`` from its shard at (offset, size). Keeps the shards it read
+    open (LRU, up to ``max_open_shards()``) in each process; open files are not pickled, so each DataLoader or DALI
+    worker opens its own, once: a worker serves epoch after epoch."""
 
     def __init__(self, split_dir: str | Path, shard_names: list[str], index: np.ndarray):
         self.split_dir, self.shard_names, self.index = str(split_dir), list(shard_names), index
@@ -49,6 +78,7 @@ class ShardReader:
         self._open: OrderedDict[int, int] = OrderedDict()
         self._pid = os.getpid()
         self._lock = threading.Lock()  # threads share the open files (data check reads with a thread pool)
+        self.keep = max_open_shards()
 
     def __len__(self) -> int:
         return len(self.index)
@@ -75,7 +105,7 @@ class ShardReader:
         if fd is not None:
             self._open.move_to_end(shard)
             return fd
-        if len(self._open) >= MAX_OPEN_SHARDS:
+        if len(self._open) >= self.keep:
             os.close(self._open.popitem(last=False)[1])
         fd = os.open(os.path.join(self.split_dir, self.shard_names[shard]), os.O_RDONLY)
         self.opened += 1
