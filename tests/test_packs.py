@@ -168,3 +168,20 @@ def test_a_shuffled_epoch_opens_each_shard_once_per_reader_when_all_stay_open():
     assert opens_per_epoch(shard_of, batches, readers=1, keep=2) > 500  # a few open files: an open per image
     sequential = [list(range(i, i + 50)) for i in range(0, 1000, 50)]
     assert opens_per_epoch(shard_of, sequential, readers=1, keep=1) == 10
+
+
+def test_the_data_pack_command_lists_bad_files_prints_a_summary_and_refuses_to_overwrite(tmp_path, fake_jpegs, capsys):
+    from dist_bot.cli import main
+
+    src = copy_dataset(fake_jpegs, tmp_path / "src")
+    (src / "val" / "class002" / "empty.jpg").write_bytes(b"")
+    dst = tmp_path / "pack"
+    assert main(["data", "pack", str(src), str(dst), "--shard-size", "1MB", "--workers", "2"]) == 0
+    out, err = capsys.readouterr()
+    summary = json.loads(out)
+    assert summary["samples"] == {"train": 36, "val": 4} and summary["bad_files"] == 1
+    assert f"not packed: {src / 'val' / 'class002' / 'empty.jpg'}" in err
+    assert main(["data", "check", str(dst)]) == 0 and capsys.readouterr().out.rstrip().endswith("OK")
+    assert main(["data", "pack", str(src), str(dst)]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("dist-bot data: error: ") and "already a finished pack" in err and err.count("\n") == 1
