@@ -3,9 +3,9 @@ shared file system serves a few large files per epoch instead of a million small
 
 Every image is checked as ``dist-bot data check`` does (a full decode); a bad one is reported and not packed.
 Packing is resumable: each shard is written as ``.tmp`` and renamed when complete, with a record of the source
-files it holds in ``DST/.pack-progress/``; a rerun keeps the complete shards whose record matches the source's
-next files and writes the rest. pack.json is written last, by an atomic rename: until then DST is not a pack,
-and the loaders say it is unfinished.
+files it holds in ``DST/.pack-progress/``; a rerun keeps the complete shards whose record names the source's
+next files (by name: a file rewritten in place between the runs is not noticed) and writes the rest. pack.json
+is written last, by an atomic rename: until then DST is not a pack, and the loaders say it is unfinished.
 """
 
 from __future__ import annotations
@@ -16,6 +16,7 @@ import os
 import shutil
 import tarfile
 import time
+from collections import deque
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -23,12 +24,12 @@ from pathlib import Path
 import numpy as np
 
 from .check import check_bytes
-from .folder import DataError, ImageList, scan_dataset
+from .folder import BadImageError, DataError, ImageList, scan_dataset
 from .shards import FORMAT_VERSION, INDEX_DTYPE, PACK_FILE
 
 PROGRESS = ".pack-progress"
 MIN_SHARD_SIZE = 10**6  # bytes; smaller shards would be many small files again
-CHUNK = 64  # files read and decoded at a time by the thread pool (bounds the bytes held in memory)
+AHEAD = 128  # files read and decoded ahead of the shard being written
 
 
 @dataclass
@@ -90,14 +91,23 @@ class SplitPacker:
         return pos
 
     def checked(self, start: int):
-        """(source position, bytes, error) of every file from ``start`` on, read and decoded ``CHUNK`` at a time."""
+        """(source position, bytes, error) of every file from ``start`` on, in order; the pool reads and decodes
+        up to ``AHEAD`` files ahead (bounding the bytes held in memory)."""
 
         def one(i):
-            data = self.images.read(i)
+            try:
+                data = self.images.read(i)
+            except BadImageError as e:  # a file that cannot even be opened is a bad file too
+                return i, b"", str(e)
             return i, data, check_bytes(data)[1]
 
-        for lo in range(start, len(self.images), CHUNK):
-            yield from self.pool.map(one, range(lo, min(lo + CHUNK, len(self.images))))
+        ahead: deque = deque()
+        for i in range(start, len(self.images)):
+            ahead.append(self.pool.submit(one, i))
+            if len(ahead) >= AHEAD:
+                yield ahead.popleft().result()
+        while ahead:
+            yield ahead.popleft().result()
 
     def run(self) -> None:
         start = self.resume()
