@@ -32,6 +32,11 @@ def bench_data(cfg: Config, loaders: list[str], batches: int = 20, repeats: int 
     so that a noisy neighbour hurts them alike; the median over repeats is reported. ``main_thread_ms`` is the
     training thread's CPU time per batch (``time.thread_time`` around the timed ``next()`` calls): what the
     loader takes from the thread that must also keep the GPU fed.
+
+    ``data.path`` may differ between variants (``torch@data.path=/packs/imagenette``): each record says whether
+    it read a ``folder`` or a ``pack``, its training files, and ``files_opened_per_epoch``: one per image for a
+    folder; for a pack, the shards its reading processes open in a first epoch of the plan (later epochs reuse
+    them: shards.opens_per_epoch).
     """
     import os
     import platform
@@ -85,6 +90,7 @@ def bench_data(cfg: Config, loaders: list[str], batches: int = 20, repeats: int 
     for spec, r in rates.items():
         loader = built[spec]
         yield {
+            **data_files(loader),
             "bench": "data",
             "loader": loader.cfg.data.loader,
             "variant": spec,
@@ -102,6 +108,21 @@ def bench_data(cfg: Config, loaders: list[str], batches: int = 20, repeats: int 
             "dali": dali_version,
             "ratio_to_" + loaders[-1]: statistics.median(r) / statistics.median(rates[loaders[-1]]),
         }
+
+
+def data_files(loader) -> dict:
+    """What a training loader reads: a folder or a pack, its files, and the files an epoch opens."""
+    from .data.shards import opens_per_epoch
+
+    images = getattr(loader, "images", None)
+    if images is None:  # synthetic
+        return {"data": None}
+    if images.reader is None:
+        return {"data": "folder", "files": len(images), "files_opened_per_epoch": len(images)}
+    loader.set_epoch(0)
+    readers = loader.py_workers if hasattr(loader, "py_workers") else loader.workers  # 0: the training thread
+    opened = opens_per_epoch(images.reader.index["shard"], loader.train_batches(), readers)
+    return {"data": "pack", "files": len(images.reader.shard_names), "files_opened_per_epoch": opened}
 
 
 def versions(device: torch.device) -> dict:

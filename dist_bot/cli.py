@@ -9,7 +9,8 @@
     dist-bot config [CONFIG] --explain          every key: value, default, range, may it change on resume, meaning
     dist-bot data digits OUT_DIR                write the bundled handwritten digits as an ImageFolder
     dist-bot data fake OUT_DIR [--images 2000]  random JPEGs of ImageNet's size, for loader and GPU benchmarks
-    dist-bot data check DIR [--workers N]       scan a dataset for unreadable files, empty classes, leakage
+    dist-bot data check DIR [--workers N]       scan a dataset or pack for unreadable files, empty classes, leakage
+    dist-bot data pack SRC DST [--shard-size 1GB]  a folder dataset as tar shards (WebDataset layout) + index
     dist-bot bench data CONFIG [key=value ...]  images/s of each data loader, side by side (JSON lines)
     dist-bot bench train [CONFIG] [key=value ...]  training step vs a bare PyTorch loop (and fed by data.path)
     dist-bot report RUN_DIR [RUN_DIR ...]       PNG plots of loss, lr, img/s, top-1; a table for several runs
@@ -211,6 +212,37 @@ def cmd_data_check(args: argparse.Namespace) -> int:
     return 0 if report.ok else 1
 
 
+def parse_size(text: str) -> int:
+    """Bytes of '1GB', '512MB', '1GiB' or a plain number; argparse reports a ValueError as a usage error."""
+    units = {"": 1, "k": 10**3, "m": 10**6, "g": 10**9, "t": 10**12, "ki": 2**10, "mi": 2**20, "gi": 2**30}
+    t = text.strip().lower().removesuffix("b")
+    number = t.rstrip("kmgti")
+    if not number or t[len(number) :] not in units:
+        raise ValueError(text)
+    return int(float(number) * units[t[len(number) :]])
+
+
+def cmd_data_pack(args: argparse.Namespace) -> int:
+    from dist_bot.data.pack import write_pack
+
+    summary = write_pack(args.src, args.dst, shard_size=args.shard_size, workers=args.workers)
+    for path, error in summary.bad:
+        print(f"not packed: {path}: {error}", file=sys.stderr)
+    print(
+        json.dumps(
+            {
+                "pack": summary.dst,
+                "samples": summary.samples,
+                "shards": summary.shards,
+                "bad_files": len(summary.bad),
+                "resumed_shards": summary.resumed_shards,
+                "seconds": round(summary.seconds, 1),
+            }
+        )
+    )
+    return 0
+
+
 def cmd_bench_data(args: argparse.Namespace) -> int:
     from dist_bot.bench import bench_data
 
@@ -278,7 +310,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--batch-size", type=int, default=32, help="images per forward pass (default 32)")
     p.set_defaults(func=cmd_predict)
 
-    p = sub.add_parser("data", help="make demo datasets")
+    p = sub.add_parser("data", help="make demo datasets, check or pack a dataset")
     dsub = p.add_subparsers(dest="data_command", required=True, metavar="DATASET")
     d = dsub.add_parser("digits", help="scikit-learn's handwritten digits as JPEG class folders (train/ and val/)")
     d.add_argument("out_dir", help="new folder to write")
@@ -291,10 +323,16 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--classes", type=int, default=10, help="class folders (default 10)")
     d.set_defaults(func=cmd_data_fake)
     d = dsub.add_parser("check", help="scan train/ and val/: counts, unreadable files, empty classes, leakage")
-    d.add_argument("dir", help="dataset folder holding train/ and val/")
+    d.add_argument("dir", help="dataset folder holding train/ and val/, or a pack (dist-bot data pack)")
     d.add_argument("--workers", type=int, default=8, help="parallel readers (default 8)")
     d.add_argument("--json", action="store_true", help="print the report as one JSON object")
     d.set_defaults(func=cmd_data_check)
+    d = dsub.add_parser("pack", help="a folder dataset as tar shards + an index; bad images reported, not packed")
+    d.add_argument("src", help="dataset folder holding train/ and val/ (ImageNet layout)")
+    d.add_argument("dst", help="new folder for the pack (or an unfinished pack of SRC, to finish it)")
+    d.add_argument("--shard-size", type=parse_size, default="1GB", help="bytes per shard, e.g. 1GB (default), 256MB")
+    d.add_argument("--workers", type=int, default=8, help="parallel readers and decoders (default 8)")
+    d.set_defaults(func=cmd_data_pack)
 
     p = sub.add_parser("bench", help="benchmarks (JSON lines)")
     bsub = p.add_subparsers(dest="bench_command", required=True, metavar="WHAT")

@@ -9,7 +9,7 @@
 # sbatch flags override the #SBATCH lines below: --nodes, --partition, --account, --time, --qos, and
 # --gpus-per-node=G together with --ntasks-per-node=G (one task per GPU). Arguments after the script are
 # config overrides (key=value). Environment variables:
-#   DATA            dataset folder with train/ and val/ (data.path); needed unless the config sets it
+#   DATA            data.path: train/ and val/ class folders or their pack (dist-bot data pack); unless in the config
 #   CONFIG          recipe (default configs/resnet50d_bs1024.yaml)
 #   RUN_NAME        run folder under OUT_DIR (default: job name-job id, which a requeue keeps: it resumes)
 #   OUT_DIR         runs folder (run.out_dir; default runs/)

@@ -48,6 +48,24 @@ def fake_jpegs(tmp_path_factory) -> Path:
     return out
 
 
+def pack_of(src: Path, out: Path, shard_size: int = 4096) -> Path:
+    """``dist-bot data pack`` of ``src`` in shards of ``shard_size`` bytes (tiny: a test's dataset spans several)."""
+    import dist_bot.data.pack as pack
+
+    minimum, pack.MIN_SHARD_SIZE = pack.MIN_SHARD_SIZE, 1
+    try:
+        pack.write_pack(src, out, shard_size=shard_size, workers=2)
+    finally:
+        pack.MIN_SHARD_SIZE = minimum
+    return out
+
+
+@pytest.fixture(scope="session")
+def tiny_digits_pack(tmp_path_factory, tiny_digits) -> Path:
+    """tiny_digits packed in shards of 4 kB (about 8 images each)."""
+    return pack_of(tiny_digits, tmp_path_factory.mktemp("packs") / "tiny_digits")
+
+
 @pytest.fixture(scope="session")
 def imagenette_subset(tmp_path_factory) -> Path:
     """20 train and 10 val images per class of ../shared/data/imagenette."""

@@ -21,3 +21,15 @@ def test_bench_data_names_each_variant_and_times_the_training_thread(tiny_digits
         assert r["device"] == ("cuda:0" if torch.cuda.is_available() else "cpu") and r["device_name"]
         assert r["torch"] == torch.__version__ and r["dali"]
     assert records[1]["ratio_to_torch@data.workers=0"] == 1.0
+
+
+def test_bench_data_puts_a_folder_and_its_pack_side_by_side_with_the_files_each_opens(tiny_digits, tiny_digits_pack):
+    from dist_bot.bench import bench_data
+
+    cfg = load_config("configs/demo.yaml", [f"data.path={tiny_digits}", "data.batch_size=4"])
+    variants = ["torch@data.workers=0", f"torch@data.workers=0@data.path={tiny_digits_pack}"]
+    folder, pack = bench_data(cfg, variants, batches=2, repeats=1, warmup=1)
+    shards = len(list((tiny_digits_pack / "train").glob("shard-*.tar")))
+    assert (folder["data"], folder["files"], folder["files_opened_per_epoch"]) == ("folder", 100, 100)
+    assert (pack["data"], pack["files"], pack["files_opened_per_epoch"]) == ("pack", shards, shards)
+    assert shards > 5 and pack["img_per_s"] > 0

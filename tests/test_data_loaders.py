@@ -5,7 +5,7 @@ import sys
 
 import pytest
 import torch
-from conftest import REPO, run_cmd
+from conftest import REPO, pack_of, run_cmd
 
 from dist_bot.config import load_config
 from dist_bot.distributed.env import DistEnv
@@ -24,14 +24,22 @@ def one_image_per_class(tmp_path_factory, digits_dir):
     return out
 
 
+@pytest.fixture(scope="module")
+def one_image_per_class_pack(tmp_path_factory, one_image_per_class):
+    return pack_of(one_image_per_class, tmp_path_factory.mktemp("unique") / "pack")
+
+
 def needs(loader):
     if loader == "dali":
         pytest.importorskip("nvidia.dali", reason="DALI is not installed (pip install -e '.[dali]')")
 
 
+# the pack's variants are slow (two torchrun launches); the single-process equality test below covers packs fast
+@pytest.mark.parametrize("layout", ["folder", pytest.param("pack", marks=pytest.mark.slow)])
 @pytest.mark.parametrize("loader", ["dali", "torch"])
-def test_two_ranks_read_every_sample_exactly_once(loader, one_image_per_class, tmp_path):
+def test_two_ranks_read_every_sample_exactly_once(loader, layout, request, tmp_path):
     needs(loader)
+    data = request.getfixturevalue("one_image_per_class" if layout == "folder" else "one_image_per_class_pack")
     cmd = [
         sys.executable,
         "-m",
@@ -39,7 +47,7 @@ def test_two_ranks_read_every_sample_exactly_once(loader, one_image_per_class, t
         "--standalone",
         "--nproc_per_node=2",
         str(REPO / "tests" / "loader_probe.py"),
-        str(one_image_per_class),
+        str(data),
         loader,
         "8",
         str(tmp_path),
@@ -76,12 +84,18 @@ def loaders(loader, data, **over):
     return make_loaders(load_config(None, args), DistEnv())
 
 
-@pytest.mark.parametrize("precision", ["fp32", "fp16"])
-def test_dali_and_torch_batches_have_the_same_form(imagenette_subset, precision):
+@pytest.fixture(scope="module")
+def imagenette_subset_pack(tmp_path_factory, imagenette_subset):
+    return pack_of(imagenette_subset, tmp_path_factory.mktemp("imagenette") / "pack", shard_size=2 * 10**6)
+
+
+@pytest.mark.parametrize(("precision", "layout"), [("fp32", "folder"), ("fp16", "folder"), ("fp32", "pack")])
+def test_dali_and_torch_batches_have_the_same_form(precision, layout, request):
     needs("dali")
+    data = request.getfixturevalue("imagenette_subset" if layout == "folder" else "imagenette_subset_pack")
     out = {}
     for name in ("dali", "torch"):
-        train, val = loaders(name, imagenette_subset, precision=precision)
+        train, val = loaders(name, data, precision=precision)
         out[name] = (next(iter(train)), next(iter(val)))
     for i in (0, 1):
         (xd, yd), (xt, yt) = out["dali"][i], out["torch"][i]
@@ -98,6 +112,25 @@ def test_dali_and_torch_batches_have_the_same_form(imagenette_subset, precision)
     assert torch.equal(yd, yt)  # the same validation images in the same order (one process)
     diff = (vd.float() - vt.float()).abs()
     assert diff.mean() < 0.05, f"validation crops differ: mean |diff| {diff.mean():.3f} (normalized units)"
+
+
+@pytest.mark.parametrize("loader", ["dali", "torch"])
+def test_a_pack_gives_exactly_the_folders_batches_augmented_resumed_and_evaluated(
+    loader, tiny_digits, tiny_digits_pack
+):
+    """Sample i of a pack is sample i of its folder, so every batch is the same: the plan, each image's augmentation
+    (seeded by its index), a resume inside an epoch and validation."""
+    needs(loader)
+    got = []
+    for data in (tiny_digits, tiny_digits_pack):
+        over = {"data.color_jitter": 0.4, "data.pca_lighting": 0.1, "data.dali_py_workers": 0}
+        train, val = loaders(loader, data, **over)
+        train.set_epoch(1, 3)
+        got.append(([b for b in train], [b for b in val]))
+    for folder, packed in zip(*got, strict=True):
+        assert len(folder) == len(packed) > 1
+        for (xf, yf), (xp, yp) in zip(folder, packed, strict=True):
+            assert torch.equal(yf, yp) and torch.equal(xf, xp)
 
 
 def test_grayscale_cmyk_and_png_decode_and_a_corrupt_file_is_named(tmp_path):
@@ -173,13 +206,15 @@ def test_loader_workers_and_their_forkserver_outlive_preemption_signals():
         worker.join()
 
 
-def test_one_dataloader_serves_consecutive_epochs_reading_ahead_across_their_end(tiny_digits, monkeypatch):
+@pytest.mark.parametrize("layout", ["folder", "pack"])
+def test_one_dataloader_serves_consecutive_epochs_reading_ahead_across_their_end(layout, request, monkeypatch):
     """The torch loader keeps its DataLoader (and its workers) from one epoch to the next, so the next epoch's
     first batches are decoded while this one ends; a resume, an abandoned epoch or another order starts anew."""
     import itertools
 
     from dist_bot.data.torch_loader import TorchLoader
 
+    tiny_digits = request.getfixturevalue("tiny_digits" if layout == "folder" else "tiny_digits_pack")
     built, real = [], TorchLoader._dataloader
     monkeypatch.setattr(TorchLoader, "_dataloader", lambda self, b: built.append(self.epoch) or real(self, b))
     train, _ = loaders("torch", tiny_digits)

@@ -5,13 +5,16 @@ format. ``len(train)`` is optimizer steps per epoch, the same on every process; 
 this process's micro-batches of step i and the step's global size. ``set_epoch(e, start_step)`` fixes the
 order from (seed, epoch) and resumes inside an epoch. ``val.samples`` is the number of real images this
 process evaluates (no padding); ``num_samples`` the split's size; ``num_classes`` the number of classes.
+``data.path`` is an ImageNet-layout folder or a pack of it (``dist-bot data pack``): either way the loaders
+read sample i by its index (``ImageList.read``), so plans, augmentation and resume are the same.
 The same contract holds for every loader: ``torch`` (torchvision, DataLoader workers), ``dali`` (GPU
 decoding, or DALI's CPU-only mode), ``synthetic`` (random tensors made once on the device).
 """
 
 from __future__ import annotations
 
-from .folder import BadImageError, DataError, scan_dataset
+from .folder import BadImageError, DataError
+from .shards import open_dataset
 
 
 def make_loaders(cfg, env):
@@ -24,7 +27,7 @@ def make_loaders(cfg, env):
         from .synthetic import synthetic_loaders
 
         return synthetic_loaders(cfg, env)
-    train_list, val_list = scan_dataset(cfg.data.path)
+    train_list, val_list = open_dataset(cfg.data.path)  # a folder or a pack
     if loader == "dali":
         from .dali_loader import DaliLoader, dali_available
 

@@ -9,6 +9,9 @@ up front, and reports:
 - class folders with no readable image, classes only in val (errors) and train classes without val images
   (a warning: they are just not evaluated);
 - files with identical bytes in both train and val (train/val leakage).
+
+A pack (``dist-bot data pack``) is checked the same way, image by image, after checking that its index and its
+shards agree: every shard is a tar whose members lie where the index says, with the labels it says.
 """
 
 from __future__ import annotations
@@ -16,6 +19,7 @@ from __future__ import annotations
 import hashlib
 import io
 import os
+import tarfile
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -23,6 +27,7 @@ from pathlib import Path
 from PIL import Image, UnidentifiedImageError
 
 from .folder import IMAGE_EXTENSIONS, DataError
+from .shards import is_pack, open_pack
 
 SPLITS = ("train", "val")
 MAX_LISTED = 20  # per problem section of to_text(); to_dict() has them all
@@ -77,7 +82,11 @@ class DatasetReport:
 
 def check_file(path: str) -> tuple[str, str | None]:
     """(sha1 of the bytes, None or why the image does not decode)."""
-    data = Path(path).read_bytes()  # read once: both the hash and the decode use it
+    return check_bytes(Path(path).read_bytes())  # read once: both the hash and the decode use it
+
+
+def check_bytes(data: bytes) -> tuple[str, str | None]:
+    """(sha1 of an image file's bytes, None or why the image does not decode)."""
     try:
         with Image.open(io.BytesIO(data)) as im:
             # The loader turns this warning into an error; warnings filters are process-wide and not
@@ -100,8 +109,11 @@ def check_file(path: str) -> tuple[str, str | None]:
 
 
 def check_dataset(root: str | Path, workers: int = 8) -> DatasetReport:
-    """Decode and hash every image of ``root/train`` and ``root/val``; raises DataError if a folder is missing."""
+    """Decode and hash every image of ``root/train`` and ``root/val`` (a folder or a pack); raises DataError if a
+    folder is missing or a pack is unfinished."""
     root = Path(root).expanduser()
+    if is_pack(root):
+        return check_pack(root, workers)
     layout = "it must hold train/ and val/, each with one sub-folder of images per class (ImageNet layout)"
     if not root.is_dir():
         raise DataError(f"{root} does not exist or is not a folder: {layout}")
@@ -124,6 +136,12 @@ def check_dataset(root: str | Path, workers: int = 8) -> DatasetReport:
     with ThreadPoolExecutor(workers) as pool:
         results = list(pool.map(check_file, [f for _, _, f in files]))
 
+    tally(report, files, results)
+    return report
+
+
+def tally(report: DatasetReport, files: list[tuple[str, str, str]], results: list[tuple[str, str | None]]) -> None:
+    """Counts, unreadable images, train/val duplicates and class problems from each file's (sha1, error)."""
     train_hashes: dict[str, str] = {}
     for (split, cls, path), (digest, error) in zip(files, results, strict=True):
         if error:
@@ -139,4 +157,48 @@ def check_dataset(root: str | Path, workers: int = 8) -> DatasetReport:
     report.empty_classes = [(s, c) for s in SPLITS for c, n in report.counts[s].items() if n == 0]
     report.missing_in_val = [c for c in train if not val.get(c)]
     report.extra_in_val = [c for c in val if c not in train]
+
+
+def check_shards(images) -> list[tuple[str, str]]:
+    """(shard, problem) wherever a pack's index and its shards disagree: each indexed image must be a member of
+    its shard at the indexed offset and size, followed by its ``.cls`` member holding the indexed label."""
+    reader, problems = images.reader, []
+    for k, name in enumerate(reader.shard_names):
+        path = Path(reader.split_dir) / name
+        try:
+            with tarfile.open(path) as tar:
+                members = tar.getmembers()
+                found = {m.offset_data: m for m in members}
+                cls = {m.name: tar.extractfile(m).read() for m in members if m.name.endswith(".cls")}
+        except (OSError, tarfile.TarError) as e:
+            problems.append((str(path), f"not a readable tar: {e}"))
+            continue
+        rows = (reader.index["shard"] == k).nonzero()[0]
+        for i in rows.tolist():
+            rec = reader.index[i]
+            m = found.get(int(rec["offset"]))
+            key = m.name.split(".", 1)[0] if m is not None else ""
+            if m is None or m.size != int(rec["size"]):
+                problems.append((str(path), f"sample {i}: no member at offset {int(rec['offset'])} of {rec['size']} B"))
+            elif cls.get(f"{key}.cls") != str(int(rec["label"])).encode():
+                problems.append((str(path), f"sample {i} ({m.name}): its .cls does not hold label {rec['label']}"))
+    return problems
+
+
+def check_pack(root: Path, workers: int = 8) -> DatasetReport:
+    """``check_dataset`` of a pack: its index against its shards, then every image decoded and hashed. A sample is
+    named by its source file; index problems are listed as unreadable (shard, problem)."""
+    train, val = open_pack(root)
+    report = DatasetReport(counts={s: dict.fromkeys(train.classes, 0) for s in SPLITS}, root=str(root))
+    files, reads = [], []
+    for split, images in (("train", train), ("val", val)):
+        report.unreadable += check_shards(images)
+        for i, (path, label) in enumerate(images.samples):
+            files.append((split, images.classes[label], path))
+            reads.append((images, i))
+    with ThreadPoolExecutor(workers) as pool:
+        results = list(pool.map(lambda r: check_bytes(r[0].read(r[1])), reads))
+    in_val = {cls for _, cls, _ in files[len(train) :]}
+    report.counts["val"] = {c: 0 for c in train.classes if c in in_val}  # as a folder's val: classes it has
+    tally(report, files, results)
     return report

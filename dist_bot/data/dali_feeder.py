@@ -20,7 +20,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from .augment import lighting_rgb, sample_resized_crop, sample_seed
-from .folder import BadImageError, ImageList, image_size_of
+from .folder import BadImageError, ImageList, SampleReader, image_size_of
 from .sharding import EpochStream
 
 # name -> DALI type of each per-sample field the feeder computes, in the order of its outputs
@@ -52,23 +52,30 @@ class FileList:
     names: bytes  # the paths relative to root, file-system encoded, concatenated
     offsets: np.ndarray  # int64 (n + 1,): path i is names[offsets[i]:offsets[i + 1]]
     labels: np.ndarray  # int64 (n,)
+    reader: SampleReader | None = None  # a pack's (shards.py): the bytes come from its shards, paths name them
 
     @classmethod
     def of(cls, images: ImageList) -> FileList:
-        root = str(images.root)
+        root = str(images.root) if images.reader is None else os.path.commonpath([p for p, _ in images.samples])
         prefix = root + os.sep
         # a path outside root stays absolute: os.path.join(root, absolute) is that path
         rel = [os.fsencode(p[len(prefix) :] if p.startswith(prefix) else p) for p, _ in images.samples]
         offsets = np.zeros(len(rel) + 1, dtype=np.int64)
         np.cumsum([len(r) for r in rel], out=offsets[1:])
         labels = np.fromiter((label for _, label in images.samples), dtype=np.int64, count=len(rel))
-        return cls(root, b"".join(rel), offsets, labels)
+        return cls(root, b"".join(rel), offsets, labels, images.reader)
 
     def __len__(self) -> int:
         return len(self.labels)
 
     def path(self, i: int) -> str:
         return os.path.join(self.root, os.fsdecode(self.names[self.offsets[i] : self.offsets[i + 1]]))
+
+    def read(self, i: int) -> bytes:
+        if self.reader is not None:
+            return self.reader.read(i)
+        with open(self.path(i), "rb") as f:
+            return f.read()
 
 
 def read_image(files: FileList, index: int, skip_bad: bool) -> tuple[bytes, int, tuple[int, int], int]:
@@ -77,8 +84,7 @@ def read_image(files: FileList, index: int, skip_bad: bool) -> tuple[bytes, int,
     n = len(files)
     for attempt in range(n):
         path = files.path((index + attempt) % n)
-        with open(path, "rb") as f:
-            data = f.read()
+        data = files.read((index + attempt) % n)
         try:
             return data, int(files.labels[(index + attempt) % n]), image_size_of(data, path), attempt
         except BadImageError:
@@ -93,12 +99,28 @@ def unreadable_from(files: FileList, index: int) -> list[BadImageError]:
     for attempt in range(len(files)):
         path = files.path((index + attempt) % len(files))
         try:
-            with open(path, "rb") as f:
-                image_size_of(f.read(), path)
+            image_size_of(files.read((index + attempt) % len(files)), path)
             return errors
         except BadImageError as e:
             errors.append(e)
     return errors
+
+
+class ValFeeder:
+    """DALI's external source for validating a pack: ``BatchInfo(iteration)`` -> (bytes, labels) of batch
+    ``iteration % batches`` of the rank's contiguous shard [lo, hi) in batches of ``batch``, the shard of the folder
+    path's ``readers.file`` (each image exactly once over all ranks, no padding). Cycling, the pipeline reads
+    ahead into the next pass as a reader would."""
+
+    def __init__(self, files: FileList, lo: int, hi: int, batch: int):
+        self.files, self.lo, self.hi, self.batch = files, lo, hi, batch
+        self.batches = -(-(hi - lo) // batch)
+
+    def __call__(self, info) -> list:
+        first = self.lo + (info.iteration % self.batches) * self.batch
+        indices = range(first, min(self.hi, first + self.batch))
+        jpegs = [np.frombuffer(self.files.read(i), dtype=np.uint8) for i in indices]
+        return [jpegs, self.files.labels[first : first + len(indices)]]
 
 
 def die_with_parent(parent_pid: int) -> None:

@@ -18,7 +18,8 @@ of its normalisation, and the skipped-image flags stay on the CPU, unread until 
 
 Validation: ``fn.readers.file`` sharded by GLOBAL rank (``shard_id``/``num_shards``), ``pad_last_batch``
 with ``reader_name`` and a partial last batch, ``stick_to_shard``: each image exactly once over all ranks,
-padding never reaches the metrics. Resize the shorter side to size / 0.875, center crop, normalize.
+padding never reaches the metrics. Resize the shorter side to size / 0.875, center crop, normalize. A pack
+(shards.py) is read by index instead (``ValFeeder``): the same contiguous shard per rank, in exact batches.
 """
 
 from __future__ import annotations
@@ -30,7 +31,7 @@ from typing import Any
 import torch
 
 from ..signals import helpers_shielded
-from .dali_feeder import FIELDS, FileList, TrainFeeder, read_image, unreadable_from
+from .dali_feeder import FIELDS, FileList, TrainFeeder, ValFeeder, read_image, unreadable_from
 from .folder import BadImageError, ImageList, load_rgb
 from .sharding import MIN_PER_MICRO_BATCH, PlannedLoader, dali_py_workers, decode_workers
 
@@ -95,6 +96,15 @@ def _pipelines(cfg, device_id, max_batch: int, num_threads: int, py_workers: int
         labels = x["label"].gpu() if gpu else x["label"]
         return images, labels, x["ok"]  # ok stays on the CPU: it is counted there, without waiting for the GPU
 
+    def val_images(jpeg):
+        images = fn.decoders.image(jpeg, device=decode_device, output_type=types.RGB)
+        images = fn.resize(
+            images, resize_shorter=round(d.image_size / d.val_resize_ratio), antialias=True, device=op_device
+        )
+        return fn.crop_mirror_normalize(
+            images, dtype=out_dtype, output_layout=layout, mean=mean, std=std, crop=(d.image_size, d.image_size)
+        )
+
     @pipeline_def(batch_size=max_batch, num_threads=num_threads, device_id=device_id, exec_dynamic=True)
     def val_pipe(files, labels, shard_id, num_shards):
         jpeg, label = fn.readers.file(
@@ -107,16 +117,18 @@ def _pipelines(cfg, device_id, max_batch: int, num_threads: int, py_workers: int
             stick_to_shard=True,
             name="val_reader",
         )
-        images = fn.decoders.image(jpeg, device=decode_device, output_type=types.RGB)
-        images = fn.resize(
-            images, resize_shorter=round(d.image_size / d.val_resize_ratio), antialias=True, device=op_device
-        )
-        images = fn.crop_mirror_normalize(
-            images, dtype=out_dtype, output_layout=layout, mean=mean, std=std, crop=(d.image_size, d.image_size)
-        )
-        return images, label.gpu() if gpu else label
+        return val_images(jpeg), label.gpu() if gpu else label
 
-    return train_pipe, val_pipe
+    @pipeline_def(batch_size=max_batch, num_threads=num_threads, device_id=device_id, exec_dynamic=True)
+    def val_pack_pipe(feeder: ValFeeder):
+        # a pack's images are read by index from its shards (ValFeeder): DALI's readers.webdataset shards by
+        # its own rules, and its labels would be the .cls text
+        jpeg, label = fn.external_source(
+            source=feeder, num_outputs=2, batch=True, batch_info=True, dtype=[types.UINT8, types.INT64]
+        )
+        return val_images(jpeg), label.gpu() if gpu else label
+
+    return train_pipe, val_pipe, val_pack_pipe
 
 
 @dataclass
@@ -228,7 +240,7 @@ class DaliLoader(PlannedLoader):
             self._files = FileList.of(self.images)
         feeder = TrainFeeder(self._files, self.planner(), self.cfg, self.epoch, self.start_step)
         max_batch = self.cfg.data.batch_size + MIN_PER_MICRO_BATCH  # any epoch's largest (see plan_epoch)
-        train_pipe, _ = _pipelines(self.cfg, self.device_id, max_batch, self.workers, self.py_workers)
+        train_pipe, _, _ = _pipelines(self.cfg, self.device_id, max_batch, self.workers, self.py_workers)
         pipe = train_pipe(feeder, seed=self.cfg.run.seed, prefetch_queue_depth=PIPELINE_PREFETCH)
         if self.py_workers:
             with helpers_shielded():  # Slurm's SIGTERM to every process leaves the workers to the trainer
@@ -261,9 +273,10 @@ class DaliLoader(PlannedLoader):
                 _, _, _, skipped = read_image(self._files, index, skip)
             except BadImageError as e:
                 return e
-            path = self._files.path((index + skipped) % len(self._files))
+            at = (index + skipped) % len(self._files)
+            path = self._files.path(at)
             try:
-                load_rgb(path)
+                load_rgb(path, self._files.read(at))
             except BadImageError as e:
                 if not skip:
                     return e
@@ -276,10 +289,13 @@ class DaliLoader(PlannedLoader):
     def _iter_val(self):
         from nvidia.dali.plugin.pytorch import DALIGenericIterator, LastBatchPolicy
 
+        if self.images.reader is not None:
+            yield from self._iter_val_pack()
+            return
         if self._val_pipe is None:
             files = [p for p, _ in self.images.samples]
             labels = [lbl for _, lbl in self.images.samples]
-            _, val_pipe = _pipelines(self.cfg, self.device_id, self._val_batch(), self.workers)
+            _, val_pipe, _ = _pipelines(self.cfg, self.device_id, self._val_batch(), self.workers)
             pipe = val_pipe(files, labels, self.env.rank, self.env.world_size, seed=self.cfg.run.seed)
             pipe.build()
             self._val_pipe = DALIGenericIterator(
@@ -293,3 +309,21 @@ class DaliLoader(PlannedLoader):
             labels = out["labels"].view(-1)
             if labels.numel():  # a shard one image shorter ends on an empty (all-padding) batch
                 yield self._to_torch(out["images"]), labels.long()
+
+    def _iter_val_pack(self):
+        """A pack's validation: this rank's shard of ``_val_shard`` through a ValFeeder, exactly its batches."""
+        from nvidia.dali.plugin.pytorch import DALIGenericIterator
+
+        lo, hi = self._val_shard()
+        if hi == lo:
+            return
+        if self._val_pipe is None:
+            feeder = ValFeeder(FileList.of(self.images), lo, hi, self._val_batch())
+            _, _, val_pack_pipe = _pipelines(self.cfg, self.device_id, self._val_batch(), self.workers)
+            pipe = val_pack_pipe(feeder, seed=self.cfg.run.seed, prefetch_queue_depth=PIPELINE_PREFETCH)
+            pipe.build()
+            self._val_pipe = (DALIGenericIterator([pipe], ["images", "labels"], auto_reset=False), feeder.batches)
+        it, batches = self._val_pipe
+        for _ in range(batches):
+            (out,) = next(it)
+            yield self._to_torch(out["images"]), out["labels"].view(-1).long()

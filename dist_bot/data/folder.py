@@ -1,6 +1,8 @@
 """An ImageNet-layout folder: ``<root>/{train,val}/<class>/<image>``; checked before anything is trained.
 Reading one of its images: decoded to RGB, or only its size from the header; a file that cannot be read is
-named in a ``BadImageError``. (No torch here: DALI's Python workers import this module.)
+named in a ``BadImageError``. An ``ImageList`` reads sample i's bytes from its file, or from a pack's shard
+(shards.py) when it has a reader: the loaders see only indices either way. (No torch here: DALI's Python
+workers import this module.)
 """
 
 from __future__ import annotations
@@ -10,6 +12,7 @@ import os
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Protocol
 
 from PIL import Image, UnidentifiedImageError
 
@@ -26,13 +29,13 @@ class BadImageError(UserError, RuntimeError):
     """An image file that cannot be decoded (named in the message)."""
 
 
-def read_rgb(path: str) -> Image.Image:
-    """Decode an image file to RGB (grayscale, CMYK and palette images are converted); a BadImageError names the
-    file and why it cannot be read."""
+def read_rgb(path: str, data: bytes | None = None) -> Image.Image:
+    """Decode an image file (or its bytes ``data``, read elsewhere) to RGB (grayscale, CMYK and palette images are
+    converted); a BadImageError names the file and why it cannot be read."""
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("error", Image.DecompressionBombWarning)
-            with Image.open(path) as im:
+            with Image.open(path if data is None else io.BytesIO(data)) as im:
                 return im.convert("RGB")
     except (
         OSError,
@@ -44,10 +47,10 @@ def read_rgb(path: str) -> Image.Image:
         raise BadImageError(f"cannot read image {path}: {e}") from None
 
 
-def load_rgb(path: str) -> Image.Image:
+def load_rgb(path: str, data: bytes | None = None) -> Image.Image:
     """An image of the dataset, decoded to RGB; the error of an unreadable one says how to go on."""
     try:
-        return read_rgb(path)
+        return read_rgb(path, data)
     except BadImageError as e:
         raise BadImageError(
             f"{e}. Remove or replace the file, or set data.skip_bad_images=true "
@@ -67,14 +70,32 @@ def image_size_of(data: bytes, path: str) -> tuple[int, int]:
         ) from None
 
 
+class SampleReader(Protocol):
+    """Where a pack's samples are (shards.ShardReader): sample index -> its bytes."""
+
+    def read(self, i: int) -> bytes: ...
+
+
 @dataclass(frozen=True)
 class ImageList:
     root: Path
     classes: tuple[str, ...]  # class folder names, sorted: the label of classes[i] is i
     samples: tuple[tuple[str, int], ...]  # (path, label), sorted by path: a fixed order every run
+    reader: SampleReader | None = None  # a pack's: samples[i][0] then only names the packed file in messages
 
     def __len__(self) -> int:
         return len(self.samples)
+
+    def read(self, i: int) -> bytes:
+        """The bytes of sample i's image file."""
+        if self.reader is not None:
+            return self.reader.read(i)
+        path = self.samples[i][0]
+        try:
+            with open(path, "rb") as f:
+                return f.read()
+        except OSError as e:
+            raise BadImageError(f"cannot read image {path}: {e.strerror or e}") from None
 
 
 def scan_split(root: Path, split: str, classes: tuple[str, ...] | None = None) -> ImageList:

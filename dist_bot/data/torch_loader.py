@@ -39,9 +39,10 @@ class ImageDataset(torch.utils.data.Dataset):
     def __getitem__(self, key: tuple[int, int]):
         index, sample_seed = key
         for attempt in range(len(self.images)):
-            path, label = self.images.samples[(index + attempt) % len(self.images)]
+            i = (index + attempt) % len(self.images)
+            path, label = self.images.samples[i]
             try:
-                img = load_rgb(path)
+                img = load_rgb(path, self.images.read(i))
                 break
             except BadImageError as e:
                 if not self.skip_bad:
