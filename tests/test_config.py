@@ -29,6 +29,9 @@ def test_defaults_are_the_papers_tricks():
     assert (cfg.loss.label_smoothing, cfg.loss.smoothing_form) == (0.1, "paper")
     assert cfg.loss.distill.temperature == 20.0
     assert cfg.strategy == "ddp"
+    # LARS and poly decay are opt-in, with the LARS paper's / MLPerf's eta, eps and power
+    assert (cfg.optim.name, cfg.optim.lars_eta, cfg.optim.lars_eps) == ("sgd", 0.001, 0.0)
+    assert (cfg.schedule.poly_power, cfg.schedule.end_lr) == (2.0, 0.0)
 
 
 def test_recipe_and_overrides_resolve_in_order(tmp_path):
@@ -95,6 +98,9 @@ def test_override_values_are_typed_by_the_schema():
         ("data.batch_size=0", r"data.batch_size=0 is out of range: it must lie in \[1, inf\)"),
         ("loss.label_smoothing=1.0", r"loss.label_smoothing=1.0 is out of range"),
         ("schedule.warmup_epochs=500", r"warmup_epochs=500.0 exceeds schedule.epochs=120"),
+        ("optim.name=lamb", r"'optim.name' must be one of 'sgd', 'lars', got 'lamb'"),
+        ("schedule.decay=polynomial", r"'schedule.decay' must be one of 'cosine', 'step', 'poly', 'constant'"),
+        ("optim.lars_eta=0", r"optim.lars_eta=0.0 is out of range: it must lie in \(0, inf\)"),
     ],
 )
 def test_bad_overrides_fail_with_a_message_that_names_the_fix(override, message):
@@ -288,9 +294,13 @@ EXPECTED_RANGES = {
     "optim.weight_decay": "[0, inf)",
     "optim.grad_accum_steps": "[1, inf)",
     "optim.grad_clip_norm": "(0, inf)",
+    "optim.lars_eta": "(0, inf)",
+    "optim.lars_eps": "[0, inf)",
     "schedule.epochs": "[1, inf)",
     "schedule.warmup_epochs": "[0, inf)",
     "schedule.step_gamma": "(0, 1]",
+    "schedule.poly_power": "(0, inf)",
+    "schedule.end_lr": "[0, inf)",
     "loss.label_smoothing": "[0, 1)",
     "loss.mixup_alpha": "[0, inf)",
     "loss.distill.temperature": "(0, inf)",
