@@ -190,6 +190,33 @@ def test_paper_recipes_hold_the_papers_numbers():
     assert teacher.model.name == "resnet152d" and teacher.data.global_batch_size == 1024
 
 
+def test_lars_recipes_hold_mlperfs_numbers():
+    """lars_opt_base_learning_rate 10.0 at 8k and 29.0 at 32k (the lr at the global batch), poly power 2 to 1e-4,
+    eps 0, eta 0.001, and the warmup, epochs, momentum and weight decay of each file's cited set."""
+    for name, batch, lr, warmup, epochs, momentum, wd in (
+        ("resnet50d_lars_bs8k", 8192, 10.0, 5, 56, 0.9, 2e-4),
+        ("resnet50d_lars_bs32k", 32768, 29.0, 18, 64, 0.929, 1e-4),
+    ):
+        cfg = load_config(REPO / "configs" / f"{name}.yaml")
+        o, s = cfg.optim, cfg.schedule
+        assert (o.name, o.lars_eta, o.lars_eps, o.nesterov, o.no_bias_decay) == ("lars", 0.001, 0.0, False, True)
+        assert cfg.data.global_batch_size == batch and o.base_lr_per_256 * batch / o.ref_batch == pytest.approx(lr)
+        assert (s.decay, s.poly_power, s.end_lr, s.warmup_epochs, s.epochs) == ("poly", 2.0, 1e-4, warmup, epochs)
+        assert (o.momentum, o.weight_decay, cfg.loss.label_smoothing) == (momentum, wd, 0.1)
+    runs = {p.stem: load_config(p) for p in (REPO / "configs" / "imagenette" / "lars").glob("*.yaml")}
+    assert sorted(runs) == ["lars_bs2048", "sgd_bs2048", "sgd_bs256"]
+    for name, cfg in runs.items():  # the same model, data, epochs and schedule; only optimizer and batch differ
+        assert changed_keys(runs["sgd_bs256"], cfg) <= {
+            "data.global_batch_size",
+            "optim.name",
+            "optim.base_lr_per_256",
+            "optim.nesterov",
+            "optim.weight_decay",
+        }, name
+    lars = runs["lars_bs2048"]
+    assert lars.optim.name == "lars" and lars.optim.base_lr_per_256 * 2048 / 256 == pytest.approx(8.5)
+
+
 def test_imagenette_ladder_adds_one_trick_per_rung():
     rungs = [load_config(p) for p in sorted((REPO / "configs" / "imagenette").glob("[0-9]_*.yaml"))]
     assert len(rungs) == 6
