@@ -157,3 +157,32 @@ def test_fp16_gradients_are_unscaled_before_the_norms():
         return model.weight.detach()
 
     torch.testing.assert_close(run("fp16"), run("fp32"))
+
+
+def test_a_run_trains_with_lars_and_poly_decay(tiny_digits, tmp_path):
+    """`optim.name=lars schedule.decay=poly` through the CLI: the engine builds LARS over the no-bias-decay groups
+    (checkpointed with them) and sets the poly lr of every step."""
+    import json
+
+    from dist_bot.checkpoint import list_checkpoints, read_file
+    from dist_bot.cli import main
+
+    args = ["train", "configs/demo.yaml", f"data.path={tiny_digits}", "model.name=resnet18d", "data.workers=1"]
+    args += [
+        "wandb.mode=disabled",
+        "precision=fp32",
+        "optim.name=lars",
+        "optim.base_lr_per_256=4.0",
+        "data.batch_size=16",
+    ]
+    args += ["schedule.decay=poly", "schedule.end_lr=0.01", "schedule.epochs=1", "schedule.warmup_epochs=0"]
+    assert main([*args, "run.log_every_steps=1", f"run.out_dir={tmp_path}", "run.name=lars"]) == 0
+    steps = [json.loads(x) for x in (tmp_path / "lars" / "metrics.jsonl").read_text().splitlines()]
+    steps = [x for x in steps if x["split"] == "train"]
+    peak, T = 4.0 * 16 / 256, len(steps)  # one process x 16 images
+    assert T >= 6 and all(x["loss"] < 10 for x in steps)
+    for t, x in enumerate(steps):
+        assert x["lr"] == pytest.approx((peak - 0.01) * (1 - t / T) ** 2 + 0.01)
+    saved = read_file(list_checkpoints(tmp_path / "lars" / "checkpoints")[-1] / "train_state.pt")
+    groups = saved["optimizer"]["param_groups"]
+    assert [(g["name"], g["lars"]) for g in groups] == [("decay", True), ("no_decay", False)]

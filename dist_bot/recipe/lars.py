@@ -8,7 +8,8 @@ For each adapted parameter w (a whole tensor: one conv or linear weight) with gr
     g    <- trust x (g + wd x w)
 
 then SGD with (Nesterov) momentum takes the step with the scheduled lr. This is the paper's eq. 6 with the MLPerf
-reference's details (mlcommons/training image_classification/tensorflow2/lars_optimizer.py): the weight decay
+reference's details, chosen because the published large-batch ResNet-50 hyperparameters (the recipes in configs/)
+were tuned with them (mlcommons/training image_classification/tensorflow2/lars_optimizer.py): the weight decay
 both in the trust ratio's denominator and added to the gradient, trust 1 for all-zero weights or gradients, and
 BatchNorm gamma/beta and biases left out of both the adaptation and the weight decay (here: the "no_decay" group
 of ``param_groups``, chosen by module type). The one difference: the lr multiplies the momentum's output here
@@ -21,7 +22,9 @@ DeepSpeed's optimizer-state handling work unchanged.
 Norms are over the WHOLE parameter, whatever the strategy holds: FSDP2's DTensor shards and DeepSpeed ZeRO 1-2's
 flat partitions sum their local squared norms and reduce them over the ranks (one all_reduce per group per step);
 DDP and ZeRO 0 hold full tensors. Nothing here waits for the device (no .item()): trust ratios stay tensors.
-Gradients arrive unscaled (fp16: GradScaler.unscale_ / DeepSpeed's unscale run before ``step``) and clipped.
+(MLPerf's eps: its runs log lars_epsilon 0, though its TF2 code turns an eps of 0 into Keras's 1e-7; either is
+negligible next to ||g||.) Gradients arrive unscaled (fp16: GradScaler.unscale_ / DeepSpeed's unscale run before
+``step``) and clipped.
 """
 
 from __future__ import annotations
