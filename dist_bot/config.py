@@ -113,7 +113,8 @@ class DataConfig:
 
 @dataclass
 class OptimConfig:
-    name: Literal["sgd"] = "sgd"  # the paper's SGD (Nesterov momentum below); LARS is not implemented yet
+    name: Literal["sgd", "lars"] = "sgd"  # sgd: the paper's (Nesterov) momentum SGD; lars: the same with LARS's
+    # layer-wise trust ratio on conv/linear weights (large batches; dist_bot/recipe/lars.py)
     base_lr_per_256: float = param(0.1, range="[0, inf)")  # linear scaling: lr = base_lr_per_256 x global_batch /
     # ref_batch (3.1)
     ref_batch: int = param(256, range="[1, inf)")  # the batch size at which the learning rate equals base_lr_per_256
@@ -124,15 +125,21 @@ class OptimConfig:
     grad_accum_steps: int = param(1, range="[1, inf)")  # micro-batches per optimizer step (counts in the global batch)
     grad_clip_norm: float | None = param(None, range="(0, inf)")  # clip the global gradient norm to this; None:
     # no clipping
+    lars_eta: float = param(0.001, range="(0, inf)")  # LARS trust coefficient eta (the LARS paper and MLPerf: 0.001)
+    lars_eps: float = param(0.0, range="[0, inf)")  # LARS: added to the trust ratio's denominator (MLPerf logs 0)
 
 
 @dataclass
 class ScheduleConfig:
     epochs: int = param(120, range="[1, inf)")  # training epochs (the paper: 120; 200 with mixup)
     warmup_epochs: float = param(5.0, range="[0, inf)")  # linear warmup from 0 to the peak lr, updated every iteration
-    decay: Literal["cosine", "step", "constant"] = "cosine"  # lr shape after warmup, set every iteration
+    decay: Literal["cosine", "step", "poly", "constant"] = "cosine"  # lr shape after warmup, set every iteration
     step_milestones: tuple[int, ...] = (30, 60, 90)  # step decay: epochs at which lr is multiplied ...
     step_gamma: float = param(0.1, range="(0, 1]")  # ... by this factor (the paper's baseline)
+    poly_power: float = param(2.0, range="(0, inf)")  # poly decay: lr = (peak - end_lr) (1 - t/T)^poly_power + end_lr
+    # over the T steps after warmup (MLPerf's LARS recipe: 2)
+    end_lr: float = param(0.0, range="[0, inf)")  # poly decay: the absolute lr it ends at, whatever the batch (MLPerf:
+    # 1e-4); at most the peak lr (checked when the run starts)
 
 
 @dataclass

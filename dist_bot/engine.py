@@ -56,6 +56,7 @@ from .models import build_model
 from .profiling import StepProfiler
 from .provenance import config_header, source_info
 from .recipe.ema import ModelEma
+from .recipe.lars import make_lars
 from .recipe.losses import distillation_loss, smooth_targets, soft_cross_entropy
 from .recipe.lr import build_schedule
 from .recipe.mixup import mixup
@@ -272,7 +273,10 @@ class Trainer:
         o = cfg.optim
 
         def make_optimizer(module: torch.nn.Module) -> torch.optim.Optimizer:  # the lr is set before every step
-            return make_sgd(param_groups(module, o.weight_decay, o.no_bias_decay), o.momentum, o.nesterov)
+            groups = param_groups(module, o.weight_decay, o.no_bias_decay)
+            if o.name == "lars":
+                return make_lars(groups, o.momentum, o.nesterov, o.lars_eta, o.lars_eps)
+            return make_sgd(groups, o.momentum, o.nesterov)
 
         return build_strategy(cfg.strategy, model, make_optimizer, self.env, cfg)
 

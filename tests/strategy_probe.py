@@ -6,6 +6,12 @@ CASE is ``fp16-overflow`` (an inf in rank 1's fp16 loss, then a clean step) or `
 in rank 1's images, a clean step, then one NaN in rank 1's own gradient shard under FSDP2, then a clean step).
 Writes OUT/rank<r>.json: whether each step was taken, the loss scale after each, and whether any parameter
 changed (compared in full over all ranks' shards), and whether the weights' EMA did (its shards assembled).
+
+CASE ``lars`` STRATEGY...: ten LARS steps (warmup-like rising lr, no-bias-decay groups) under each named strategy
+in turn, in one process group (one start-up for all), on the same data; rank 0 writes OUT/<strategy>.pt with the
+full parameters after them. BatchNorm normalizes with its running statistics in these steps: with batch
+statistics over 4 random images the steps are chaotic (a 1e-8 difference in a norm grows ~70x per step), which
+would hide what is tested, the norms; the gradients still reach every parameter.
 """
 
 import json
@@ -20,6 +26,8 @@ from dist_bot.distributed import build_strategy
 from dist_bot.distributed.env import init_distributed, shutdown
 from dist_bot.models import build_model
 from dist_bot.recipe.ema import ModelEma
+from dist_bot.recipe.lars import make_lars
+from dist_bot.recipe.param_groups import param_groups
 from dist_bot.recipe.precision import make_sgd
 
 CASES = {
@@ -40,7 +48,41 @@ def poison_one_gradient_element(model) -> None:
     local[(0,) * local.dim()] = float("nan")
 
 
+# the strategies' overrides (tests/test_strategies.py's STRATEGIES)
+LARS_STRATEGIES = {
+    "ddp": ["strategy=ddp"],
+    "fsdp": ["strategy=fsdp"],
+    "zero0": ["strategy=deepspeed", "dist.zero_stage=0"],
+    "zero1": ["strategy=deepspeed", "dist.zero_stage=1"],
+    "zero2": ["strategy=deepspeed", "dist.zero_stage=2"],
+}
+
+
+def lars_steps(out: str, strategies: list[str]) -> None:
+    env = init_distributed("gloo")
+    for name in strategies:
+        cfg = load_config(None, [*LARS_STRATEGIES[name], "optim.name=lars", "model.channels_last=false"])
+        torch.manual_seed(0)
+        model = build_model("resnet18d", num_classes=10, zero_init_last=False)
+        s = build_strategy(
+            cfg.strategy, model, lambda m: make_lars(param_groups(m, 1e-4), 0.9, True, 0.01, 0.0), env, cfg
+        )
+        g = torch.Generator().manual_seed(env.rank)
+        for step in range(10):
+            s.set_lr(0.01 * (step + 1))
+            x, y = torch.randn(4, 3, 32, 32, generator=g), torch.randint(0, 10, (4,), generator=g)
+            s.model.eval()
+            s.backward(torch.nn.functional.cross_entropy(s.model(x), y))
+            assert bool(s.step())
+        full = params(s)
+        if env.rank == 0:
+            torch.save(full, Path(out, f"{name}.pt"))
+    shutdown()
+
+
 def main(out: str, case: str, *overrides: str) -> None:
+    if case == "lars":
+        return lars_steps(out, list(overrides))
     settings, poisons = CASES[case]
     cfg = load_config(None, [*overrides, *settings, "model.channels_last=false"])
     env = init_distributed("gloo")

@@ -29,6 +29,9 @@ def test_defaults_are_the_papers_tricks():
     assert (cfg.loss.label_smoothing, cfg.loss.smoothing_form) == (0.1, "paper")
     assert cfg.loss.distill.temperature == 20.0
     assert cfg.strategy == "ddp"
+    # LARS and poly decay are opt-in, with the LARS paper's / MLPerf's eta, eps and power
+    assert (cfg.optim.name, cfg.optim.lars_eta, cfg.optim.lars_eps) == ("sgd", 0.001, 0.0)
+    assert (cfg.schedule.poly_power, cfg.schedule.end_lr) == (2.0, 0.0)
 
 
 def test_recipe_and_overrides_resolve_in_order(tmp_path):
@@ -95,6 +98,9 @@ def test_override_values_are_typed_by_the_schema():
         ("data.batch_size=0", r"data.batch_size=0 is out of range: it must lie in \[1, inf\)"),
         ("loss.label_smoothing=1.0", r"loss.label_smoothing=1.0 is out of range"),
         ("schedule.warmup_epochs=500", r"warmup_epochs=500.0 exceeds schedule.epochs=120"),
+        ("optim.name=lamb", r"'optim.name' must be one of 'sgd', 'lars', got 'lamb'"),
+        ("schedule.decay=polynomial", r"'schedule.decay' must be one of 'cosine', 'step', 'poly', 'constant'"),
+        ("optim.lars_eta=0", r"optim.lars_eta=0.0 is out of range: it must lie in \(0, inf\)"),
     ],
 )
 def test_bad_overrides_fail_with_a_message_that_names_the_fix(override, message):
@@ -182,6 +188,33 @@ def test_paper_recipes_hold_the_papers_numbers():
     assert distill.loss.distill.teacher == f"{teacher.run.out_dir}/{teacher.run.name}"  # the teacher recipe's run
     assert distill.loss.distill.temperature == 20 and distill.loss.mixup_alpha == 0.2
     assert teacher.model.name == "resnet152d" and teacher.data.global_batch_size == 1024
+
+
+def test_lars_recipes_hold_mlperfs_numbers():
+    """lars_opt_base_learning_rate 10.0 at 8k and 29.0 at 32k (the lr at the global batch), poly power 2 to 1e-4,
+    eps 0, eta 0.001, and the warmup, epochs, momentum and weight decay of each file's cited set."""
+    for name, batch, lr, warmup, epochs, momentum, wd in (
+        ("resnet50d_lars_bs8k", 8192, 10.0, 5, 56, 0.9, 2e-4),
+        ("resnet50d_lars_bs32k", 32768, 29.0, 18, 64, 0.929, 1e-4),
+    ):
+        cfg = load_config(REPO / "configs" / f"{name}.yaml")
+        o, s = cfg.optim, cfg.schedule
+        assert (o.name, o.lars_eta, o.lars_eps, o.nesterov, o.no_bias_decay) == ("lars", 0.001, 0.0, False, True)
+        assert cfg.data.global_batch_size == batch and o.base_lr_per_256 * batch / o.ref_batch == pytest.approx(lr)
+        assert (s.decay, s.poly_power, s.end_lr, s.warmup_epochs, s.epochs) == ("poly", 2.0, 1e-4, warmup, epochs)
+        assert (o.momentum, o.weight_decay, cfg.loss.label_smoothing) == (momentum, wd, 0.1)
+    runs = {p.stem: load_config(p) for p in (REPO / "configs" / "imagenette" / "lars").glob("*.yaml")}
+    assert sorted(runs) == ["lars_bs2048", "sgd_bs2048", "sgd_bs256"]
+    for name, cfg in runs.items():  # the same model, data, epochs and schedule; only optimizer and batch differ
+        assert changed_keys(runs["sgd_bs256"], cfg) <= {
+            "data.global_batch_size",
+            "optim.name",
+            "optim.base_lr_per_256",
+            "optim.nesterov",
+            "optim.weight_decay",
+        }, name
+    lars = runs["lars_bs2048"]
+    assert lars.optim.name == "lars" and lars.optim.base_lr_per_256 * 2048 / 256 == pytest.approx(8.5)
 
 
 def test_imagenette_ladder_adds_one_trick_per_rung():
@@ -288,9 +321,13 @@ EXPECTED_RANGES = {
     "optim.weight_decay": "[0, inf)",
     "optim.grad_accum_steps": "[1, inf)",
     "optim.grad_clip_norm": "(0, inf)",
+    "optim.lars_eta": "(0, inf)",
+    "optim.lars_eps": "[0, inf)",
     "schedule.epochs": "[1, inf)",
     "schedule.warmup_epochs": "[0, inf)",
     "schedule.step_gamma": "(0, 1]",
+    "schedule.poly_power": "(0, inf)",
+    "schedule.end_lr": "[0, inf)",
     "loss.label_smoothing": "[0, 1)",
     "loss.mixup_alpha": "[0, inf)",
     "loss.distill.temperature": "(0, inf)",

@@ -7,7 +7,7 @@ import pytest
 import torch
 from torch import nn
 
-from dist_bot.config import load_config
+from dist_bot.config import ConfigError, load_config
 from dist_bot.distributed.ddp import DDPStrategy
 from dist_bot.distributed.env import DistEnv
 from dist_bot.models import build_model
@@ -52,6 +52,28 @@ def test_step_decay_of_the_baseline():
     s = build_schedule(cfg.schedule, 0.1, 256, global_batch=256, steps_per_epoch=10)
     assert s(0) == pytest.approx(0.1) and s(299) == pytest.approx(0.1)
     assert s(300) == pytest.approx(0.01) and s(600) == pytest.approx(0.001) and s(900) == pytest.approx(1e-4)
+
+
+def test_poly_decay_after_warmup_is_the_formula():
+    """lr = (peak - end) (1 - t/T)^power + end, t the step after warmup, T the steps after warmup (LARS recipes)."""
+    cfg = load_config(
+        None,
+        ["schedule.decay=poly", "schedule.poly_power=2", "schedule.end_lr=0.0001", "schedule.warmup_epochs=5"],
+    )
+    s = build_schedule(cfg.schedule, 0.3125, 256, global_batch=8192, steps_per_epoch=10)  # peak 10.0 (MLPerf, 8k)
+    peak, end, T = 10.0, 1e-4, (120 - 5) * 10
+    assert s(0) == pytest.approx(peak / 50) and s(49) == pytest.approx(peak)  # the same linear warmup
+    for t in (0, 1, 100, T // 2, T - 1):
+        assert s(50 + t) == pytest.approx((peak - end) * (1 - t / T) ** 2 + end)
+    assert s(50 + T) == pytest.approx(end) and s(50 + T + 7) == pytest.approx(end)  # stays at the end lr
+    cubic = LRSchedule(peak_lr=1.0, total_steps=100, decay="poly", power=3.0)
+    assert cubic(50) == pytest.approx(0.5**3) and all(cubic(i) > cubic(i + 1) for i in range(99))
+
+
+def test_poly_end_lr_above_the_peak_is_an_error():
+    cfg = load_config(None, ["schedule.decay=poly", "schedule.end_lr=1.0"])
+    with pytest.raises(ConfigError, match=r"schedule\.end_lr=1 is above the peak lr 0\.4"):
+        build_schedule(cfg.schedule, 0.1, 256, global_batch=1024, steps_per_epoch=10)
 
 
 # -- no bias decay --------------------------------------------------------------------------------

@@ -192,6 +192,28 @@ def test_nan_in_one_ranks_data_skips_the_step_on_all_in_fp32(strategy, tmp_path)
         assert got["scales"] == [1.0] * len(got["steps"])
 
 
+@pytest.mark.slow  # one torchrun for all five strategies: ~80 s on 2 busy CPU cores, most of it DeepSpeed's start
+def test_lars_takes_norms_over_whole_parameters_under_every_strategy(tmp_path):
+    """Ten LARS steps give DDP's weights under FSDP2 (DTensor shards) and ZeRO 0-2 (flat partitions): each
+    parameter's trust ratio uses the norms of the whole tensor, its pieces' squared norms summed over the ranks.
+    Measured: fsdp 5.5e-7, zero1-2 (a flat fp32 copy, rounded differently) about the same, zero0 exactly; a
+    trust ratio from each rank's own piece alone is off by 8e-3 to 9e-3 (the tolerance lies between)."""
+    names = [s for s in STRATEGIES if not s.startswith("zero") or importlib.util.find_spec("deepspeed")]
+    probe = str(REPO / "tests" / "strategy_probe.py")
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", probe]
+    res = run_cmd([*cmd, str(tmp_path), "lars", *names])
+    assert res.returncode == 0, res.stderr[-3000:]
+    got = {name: torch.load(tmp_path / f"{name}.pt", weights_only=True) for name in names}
+    torch.manual_seed(0)
+    init = dict(build_model("resnet18d", num_classes=10, zero_init_last=False).named_parameters())
+    ddp = got.pop("ddp")
+    assert max((ddp[k] - init[k]).abs().max().item() for k in init) > 0.1  # the steps moved the weights
+    for name, params in got.items():
+        worst = max((ddp[k].double() - params[k].double()).abs().max().item() for k in ddp)
+        print(f"lars, {name} vs ddp: {worst:.3g}")
+        assert worst <= (0.0 if name == "zero0" else 1e-5), name
+
+
 @pytest.mark.parametrize("strategy", STRATEGIES)  # ddp also in tests/test_train.py (stops at an epoch's end)
 def test_resume_equals_the_uninterrupted_run(ten_steps, epoch_of_ten, tmp_path, strategy):
     needs(strategy)

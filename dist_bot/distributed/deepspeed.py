@@ -30,6 +30,7 @@ from torch import nn
 from ..checkpoint import CheckpointError, check_state_dict, read_model, verify_file, write_file
 from ..config import UserError
 from ..recipe.ema import balanced_owners
+from ..recipe.lars import LARS, FlatPartition
 from ..recipe.precision import zero_momentum
 from .env import DistEnv, average_buffers, broadcast_buffers
 
@@ -60,6 +61,43 @@ def deepspeed_config(cfg, world_size: int) -> dict:
     return ds
 
 
+def describe_zero_partitions(zero, lars: LARS) -> None:
+    """Tell LARS which parameter each stretch of ZeRO 1-2's flat partitions belongs to, so that it takes each
+    parameter's norm over the whole tensor (DeepSpeed 0.19's layout, stage_1_and_2.py: group i's parameters, in
+    ``round_robin_bit16_groups[i]`` order, start at ``round_robin_bit16_offsets[i]`` in one flat buffer with
+    alignment padding between them and at the end; rank r steps elements [r s, (r + 1) s) of it, s =
+    ``partition_size[i]``, as the flat fp32 tensor ``single_partition_of_fp32_groups[i]``)."""
+    needed = (
+        "single_partition_of_fp32_groups",
+        "round_robin_bit16_meta",
+        "round_robin_bit16_offsets",
+        "partition_size",
+    )
+    if not all(hasattr(zero, a) for a in needed):
+        raise UserError(
+            "optim.name=lars under ZeRO 1-2 reads DeepSpeed's partition layout, which this DeepSpeed version "
+            f"({type(zero).__name__}) does not expose: use strategy=fsdp or ddp, or dist.zero_stage=0"
+        )
+    for i, flat in enumerate(zero.single_partition_of_fp32_groups):
+        group = zero.real_dp_process_group[i]
+        size = int(zero.partition_size[i])
+        start = size * dist.get_rank(group=group)
+        end, pos = start + size, start
+        lengths, keys = [], []
+        metas, offsets = zero.round_robin_bit16_meta[i], zero.round_robin_bit16_offsets[i]
+        for key, (meta, offset) in enumerate(zip(metas, offsets, strict=True)):
+            lo, hi = max(offset, start), min(offset + meta.numel(), end)
+            if lo >= hi:
+                continue
+            if lo > pos:  # alignment padding before this parameter
+                lengths.append(lo - pos), keys.append(None)
+            lengths.append(hi - lo), keys.append(key)
+            pos = hi
+        if end > pos:
+            lengths.append(end - pos), keys.append(None)
+        lars.set_flat_partition(flat, FlatPartition(tuple(lengths), tuple(keys), len(metas), group))
+
+
 class DeepSpeedStrategy:
     def __init__(self, model: nn.Module, make_optimizer, env: DistEnv, cfg):
         import deepspeed
@@ -83,6 +121,8 @@ class DeepSpeedStrategy:
             model=model, optimizer=self.optimizer, config=deepspeed_config(cfg, env.world_size)
         )
         zero_momentum(self.optimizer)
+        if isinstance(self.optimizer, LARS) and cfg.dist.zero_stage in (1, 2):
+            describe_zero_partitions(self.engine.optimizer, self.optimizer)
         if env.distributed:
             self.engine.module.register_forward_pre_hook(self._broadcast_buffers)
         self.model = self.engine

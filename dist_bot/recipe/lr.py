@@ -1,4 +1,5 @@
-"""Learning rate: linear scaling (3.1), per-iteration linear warmup (3.1), cosine decay (5.1) or step decay.
+"""Learning rate: linear scaling (3.1), per-iteration linear warmup (3.1), cosine decay (5.1), step decay, or the
+polynomial decay that large-batch LARS training uses (You et al. 2017; the MLPerf ResNet-50 reference: power 2).
 
 The schedule is a pure function of the optimizer step, so a resumed run continues exactly where it
 stopped, and the lr is set before every step, never once per epoch.
@@ -8,6 +9,8 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+
+from ..config import ConfigError
 
 
 def scaled_lr(base_lr_per_256: float, global_batch: int, ref_batch: int = 256) -> float:
@@ -20,36 +23,49 @@ class LRSchedule:
     peak_lr: float  # eta, reached at the end of warmup
     total_steps: int  # optimizer steps of the whole run
     warmup_steps: int = 0  # m: linear warmup over the first m steps
-    decay: str = "cosine"  # cosine | step | constant, over the steps after warmup
+    decay: str = "cosine"  # cosine | step | poly | constant, over the steps after warmup
     milestones: tuple[int, ...] = ()  # step decay: optimizer steps at which lr is multiplied by gamma
     gamma: float = 0.1
+    power: float = 2.0  # poly decay: the exponent ...
+    end_lr: float = 0.0  # ... and the lr it decays to
 
     def __call__(self, step: int) -> float:
         """lr of 0-based optimizer step ``step``.
 
         Warmup: the paper's i-th batch (1 <= i <= m) gets i x eta / m, so step s < m gets (s + 1) x eta / m
         and the last warmup step reaches eta. Cosine: eta_t = 1/2 (1 + cos(t pi / T)) eta with t = s - m
-        the step after warmup and T = total - m.
+        the step after warmup and T = total - m. Poly: eta_t = (eta - end) (1 - t / T)^power + end.
         """
         if step < self.warmup_steps:
             return (step + 1) * self.peak_lr / self.warmup_steps
         if self.decay == "cosine":
             t, T = step - self.warmup_steps, max(1, self.total_steps - self.warmup_steps)
             return 0.5 * (1 + math.cos(math.pi * min(t, T) / T)) * self.peak_lr
+        if self.decay == "poly":
+            t, T = step - self.warmup_steps, max(1, self.total_steps - self.warmup_steps)
+            return (self.peak_lr - self.end_lr) * (1 - min(t, T) / T) ** self.power + self.end_lr
         if self.decay == "step":
             return self.peak_lr * self.gamma ** sum(step >= m for m in self.milestones)
         if self.decay == "constant":
             return self.peak_lr
-        raise ValueError(f"unknown lr decay {self.decay!r}: use cosine, step or constant")
+        raise ValueError(f"unknown lr decay {self.decay!r}: use cosine, step, poly or constant")
 
 
 def build_schedule(sched_cfg, base_lr_per_256: float, ref_batch: int, global_batch: int, steps_per_epoch: int):
     """The run's schedule from ``schedule.*`` and ``optim.*`` settings, in optimizer steps."""
+    peak_lr = scaled_lr(base_lr_per_256, global_batch, ref_batch)
+    if sched_cfg.decay == "poly" and sched_cfg.end_lr > peak_lr:
+        raise ConfigError(
+            f"schedule.end_lr={sched_cfg.end_lr:g} is above the peak lr {peak_lr:g} (optim.base_lr_per_256 x "
+            f"global batch {global_batch} / {ref_batch}): poly decay would rise; lower schedule.end_lr"
+        )
     return LRSchedule(
-        peak_lr=scaled_lr(base_lr_per_256, global_batch, ref_batch),
+        peak_lr=peak_lr,
         total_steps=sched_cfg.epochs * steps_per_epoch,
         warmup_steps=round(sched_cfg.warmup_epochs * steps_per_epoch),
         decay=sched_cfg.decay,
         milestones=tuple(e * steps_per_epoch for e in sched_cfg.step_milestones),
         gamma=sched_cfg.step_gamma,
+        power=sched_cfg.poly_power,
+        end_lr=sched_cfg.end_lr,
     )
