@@ -113,6 +113,29 @@ def test_a_short_run_keeps_timms_ema_and_evaluates_it_each_epoch(tiny_digits, tm
     assert f"| ema top1 {val['ema_top1']:.2f} top5 {val['ema_top5']:.2f}" in capsys.readouterr().out
 
 
+def test_the_ema_never_changes_training(tiny_digits, tmp_path):
+    """A run with an EMA ends with exactly the raw weights and raw val metrics of the same run without one: the
+    EMA only reads the weights, so one run measures both (the README's Imagenette EMA row relies on this)."""
+    from dist_bot.distributed.env import DistEnv
+    from dist_bot.engine import Trainer
+
+    base = [f"data.path={tiny_digits}", "model.name=resnet18d", "data.workers=0", "data.batch_size=16"]
+    base += ["schedule.epochs=1", "precision=fp32", f"run.out_dir={tmp_path}"]
+    runs = {}
+    for name, ema in (("raw", "0"), ("ema", "0.99")):
+        Trainer(
+            load_config("configs/demo.yaml", [*base, f"run.name={name}", f"model.ema_decay={ema}"]), DistEnv()
+        ).fit()
+        last = list_checkpoints(tmp_path / name / "checkpoints")[-1]
+        lines = map(json.loads, (tmp_path / name / "metrics.jsonl").read_text().splitlines())
+        (val,) = [x for x in lines if x["split"] == "val"]
+        runs[name] = read_model(last), val, (last / "ema.pt").exists()
+    (raw, raw_val, raw_has_ema), (ema, ema_val, ema_has_ema) = runs["raw"], runs["ema"]
+    assert ema_has_ema and not raw_has_ema and "ema_top1" in ema_val and "ema_top1" not in raw_val
+    assert raw.keys() == ema.keys() and all(torch.equal(raw[k], ema[k]) for k in raw)
+    assert {k: raw_val[k] for k in ("top1", "top5", "loss")} == {k: ema_val[k] for k in ("top1", "top5", "loss")}
+
+
 def test_ema_settings_cannot_change_on_resume_and_runs_from_before_them_still_resume(tmp_path):
     """An EMA depends on every past step's decay: turning it on, off or changing it on resume would match no
     uninterrupted run. A run folder written before these settings existed resumes with their defaults."""
