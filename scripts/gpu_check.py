@@ -102,7 +102,7 @@ def run(out: Path, mode: str, seconds_left: float) -> None:
             "no:cacheprovider",
             f"--junitxml={xml}",
         ],
-        cap_s=200,
+        cap_s=260,
     )
     if res is not None:
         cases = junit_cases(xml)

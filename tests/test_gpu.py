@@ -80,17 +80,26 @@ def test_fp16_loss_scaling_skips_an_overflow_with_fused_sgd_on_the_gpu():
     assert strategy.step().item() and not torch.equal(before, model.weight)
 
 
-def test_two_log_intervals_of_the_bs1024_recipe_never_sync_outside_log_steps(tmp_path, monkeypatch):
-    """configs/resnet50d_bs1024.yaml on one GPU (8 accumulated micro-batches of 128, fp16, mixup, label smoothing)
-    on synthetic data; from the first log step on, CUDA raises at any synchronising call except in log steps and
+@pytest.mark.parametrize(
+    "recipe, extra",
+    [
+        ("configs/resnet50d_bs1024.yaml", []),
+        # LARS's per-tensor norms and trust ratios stay on the device too (at 1,024: the same 8 micro-batches)
+        ("configs/resnet50d_lars_bs8k.yaml", ["data.global_batch_size=1024"]),
+    ],
+    ids=["sgd-bs1024", "lars"],
+)
+def test_two_log_intervals_of_a_recipe_never_sync_outside_log_steps(tmp_path, monkeypatch, recipe, extra):
+    """A recipe on one GPU (8 accumulated micro-batches of 128, fp16, label smoothing; mixup in bs1024) on
+    synthetic data; from the first log step on, CUDA raises at any synchronising call except in log steps and
     the checkpoint (the first interval warms up: cuDNN's algorithm search, lazy initialisation)."""
     from dist_bot.config import load_config
     from dist_bot.distributed.env import DistEnv
     from dist_bot.engine import Preempted, Trainer
 
     overrides = ["data.loader=synthetic", "run.log_every_steps=3", "run.stop_after_steps=6", "wandb.mode=disabled"]
-    overrides += ["model.ema_decay=0.9998"]  # the EMA's per-step update on the device, its skip flag included
-    cfg = load_config("configs/resnet50d_bs1024.yaml", [*overrides, f"run.out_dir={tmp_path}"])
+    overrides += ["model.ema_decay=0.9998", *extra]  # the EMA's per-step update on the device, its skip flag too
+    cfg = load_config(recipe, [*overrides, f"run.out_dir={tmp_path}"])
     logs = []
     real_log, real_save = Trainer.log_train, Trainer.save
 
@@ -144,14 +153,37 @@ def test_training_run_on_the_gpu(tmp_path, precision):
         assert all(x["loss_scale"] > 0 for x in train)
 
 
-def test_dali_mixed_decoding_on_the_gpu(fake_jpegs):
+def test_lars_with_an_ema_in_bf16_trains_and_resumes_on_the_gpu(tmp_path):
+    """LARS (its foreach norms and trust ratios on CUDA tensors) with the EMA in bf16: a run stopped for requeue
+    resumes from its checkpoint (model, optimizer, EMA) and finishes with EMA metrics. (FSDP2 and ZeRO need two
+    GPUs: NCCL takes one process per GPU; their LARS and EMA are checked against DDP on CPU.)"""
+    common = ["train", "configs/demo.yaml", *SMALL, "precision=bf16", "optim.name=lars"]
+    common += ["model.ema_decay=0.99", "schedule.epochs=2", "run.log_every_steps=4", f"run.out_dir={tmp_path}"]
+    common += ["run.name=lars"]
+    first = run_cmd(torchrun_cmd(1, *common, "run.stop_after_steps=4"))
+    assert "exiting with status 75" in first.stdout, first.stderr[-3000:]
+    assert "ddp over nccl on cuda:0, bf16" in first.stderr
+    second = run_cmd(torchrun_cmd(1, *common))
+    assert second.returncode == 0 and "resumed from" in second.stderr, second.stderr[-3000:]
+    lines = [json.loads(x) for x in (tmp_path / "lars" / "metrics.jsonl").read_text().splitlines()]
+    train = [x for x in lines if x["split"] == "train"]
+    assert train and all(x["max_gpu_mem_mb"] > 0 and x["loss"] == x["loss"] for x in train)
+    val = [x for x in lines if x["split"] == "val"]
+    assert val and all("ema_top1" in x and x["samples"] == 64 for x in val)
+
+
+@pytest.mark.parametrize("layout", ["folder", "pack"])
+def test_dali_mixed_decoding_on_the_gpu(fake_jpegs, tmp_path, layout):
     pytest.importorskip("nvidia.dali", reason="DALI is not installed here (its wheel did not travel)")
+    from conftest import pack_of
+
     from dist_bot.config import load_config
     from dist_bot.data import make_loaders
     from dist_bot.distributed.env import DistEnv
 
+    data = fake_jpegs if layout == "folder" else pack_of(fake_jpegs, tmp_path / "pack")  # packs: read by index
     cfg = load_config(
-        "configs/demo.yaml", [f"data.path={fake_jpegs}", "data.loader=dali", "data.batch_size=8", "precision=fp16"]
+        "configs/demo.yaml", [f"data.path={data}", "data.loader=dali", "data.batch_size=8", "precision=fp16"]
     )
     env = DistEnv(device=torch.device("cuda", 0))
     train, val = make_loaders(cfg, env)
