@@ -25,7 +25,8 @@ from dist_bot.provenance import source_info
 from dist_bot.tracking import PROBE_TIMEOUT_S, Tracker, resolve_wandb_mode, updated_summary
 
 FAKE_KEY = "f" * 40
-TINY = ["model.name=resnet18d", "data.workers=0", "data.batch_size=8", "schedule.warmup_epochs=0"]
+# fp32: what these tests check is tracking, and bf16 is emulated (~10x slower) on CPUs without AMX
+TINY = ["model.name=resnet18d", "data.workers=0", "data.batch_size=8", "schedule.warmup_epochs=0", "precision=fp32"]
 
 
 @pytest.fixture
@@ -218,7 +219,7 @@ def test_a_finished_run_uploads_its_final_weights_and_ema_as_a_model_artifact(wa
 
     wandb_env.setenv("WANDB_SILENT", "true")
     args = [f"data.path={tiny_digits}", f"run.out_dir={tmp_path}", *TINY, "schedule.epochs=1", "wandb.mode=offline"]
-    args += ["precision=fp32", "data.batch_size=32"]  # bf16 is emulated on CPUs without AMX: slow
+    args += ["data.batch_size=32"]
     assert main(["train", "configs/demo.yaml", *args, "model.ema_decay=0.9"]) == 0
     run_dir = tmp_path / "demo"
     final = list_checkpoints(run_dir / "checkpoints")[-1]
