@@ -1,10 +1,11 @@
 """Run under torchrun by tests/test_data_loaders.py: record which samples each rank's loaders deliver.
 
-    python -m torch.distributed.run --standalone --nproc_per_node=2 tests/loader_probe.py DATA LOADER BATCH OUT
+    torchrun --standalone --nproc_per_node=2 tests/loader_probe.py DATA[,DATA...] LOADER BATCH OUT
 
-Every class of DATA holds one image, so a label is a sample's identity. Writes OUT/rank<r>.json with, per
-epoch, the labels of each training step (micro-batches concatenated), the validation labels, and the
-labels delivered when epoch 1 is resumed at step 2.
+Every class of DATA holds one image, so a label is a sample's identity. Writes OUT/<i>/rank<r>.json for the
+i-th DATA (a folder or a pack; one launch serves several, since starting the processes is most of the cost)
+with, per epoch, the labels of each training step (micro-batches concatenated), the validation labels, and
+the labels delivered when epoch 1 is resumed at step 2.
 """
 
 import json
@@ -29,7 +30,7 @@ def steps_of(loader) -> list[list[int]]:
     return out
 
 
-def main(data: str, loader: str, batch: str, out: str) -> None:
+def record(data: str, loader: str, batch: str, env) -> dict:
     cfg = load_config(
         None,
         [
@@ -41,16 +42,22 @@ def main(data: str, loader: str, batch: str, out: str) -> None:
             "model.channels_last=true",
         ],
     )
-    env = init_distributed("gloo")
     train, val = make_loaders(cfg, env)
-    record = {"steps_per_epoch": len(train), "train": [], "val": []}
+    out = {"steps_per_epoch": len(train), "train": [], "val": []}
     for epoch in (0, 1):
         train.set_epoch(epoch)
-        record["train"].append(steps_of(train))
-        record["val"].append([label for _, y in val for label in y.tolist()])
+        out["train"].append(steps_of(train))
+        out["val"].append([label for _, y in val for label in y.tolist()])
     train.set_epoch(1, start_step=2)
-    record["resumed"] = steps_of(train)
-    Path(out, f"rank{env.rank}.json").write_text(json.dumps(record))
+    out["resumed"] = steps_of(train)
+    return out
+
+
+def main(datas: str, loader: str, batch: str, out: str) -> None:
+    env = init_distributed("gloo")
+    for i, data in enumerate(datas.split(",")):
+        Path(out, str(i)).mkdir(parents=True, exist_ok=True)
+        Path(out, str(i), f"rank{env.rank}.json").write_text(json.dumps(record(data, loader, batch, env)))
     shutdown()
 
 

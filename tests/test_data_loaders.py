@@ -34,12 +34,10 @@ def needs(loader):
         pytest.importorskip("nvidia.dali", reason="DALI is not installed (pip install -e '.[dali]')")
 
 
-# the pack's variants are slow (two torchrun launches); the single-process equality test below covers packs fast
-@pytest.mark.parametrize("layout", ["folder", pytest.param("pack", marks=pytest.mark.slow)])
 @pytest.mark.parametrize("loader", ["dali", "torch"])
-def test_two_ranks_read_every_sample_exactly_once(loader, layout, request, tmp_path):
+def test_two_ranks_read_every_sample_exactly_once(loader, one_image_per_class, one_image_per_class_pack, tmp_path):
+    """A folder and its pack, in one launch of 2 processes."""
     needs(loader)
-    data = request.getfixturevalue("one_image_per_class" if layout == "folder" else "one_image_per_class_pack")
     cmd = [
         sys.executable,
         "-m",
@@ -47,26 +45,27 @@ def test_two_ranks_read_every_sample_exactly_once(loader, layout, request, tmp_p
         "--standalone",
         "--nproc_per_node=2",
         str(REPO / "tests" / "loader_probe.py"),
-        str(data),
+        f"{one_image_per_class},{one_image_per_class_pack}",
         loader,
         "8",
         str(tmp_path),
     ]
     res = run_cmd(cmd)
     assert res.returncode == 0, res.stderr[-3000:]
-    ranks = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in range(2)]
-    assert ranks[0]["steps_per_epoch"] == ranks[1]["steps_per_epoch"] == 7  # 6 x 16 + one step of 7
-    for epoch in (0, 1):
-        steps = [r["train"][epoch] for r in ranks]
-        assert len(steps[0]) == len(steps[1]) == 7
-        assert all(len(s) > 0 for r in steps for s in r), "no rank may get an empty step"
-        assert sorted(x for r in steps for s in r for x in s) == list(range(103))
-        val = [x for r in ranks for x in r["val"][epoch]]
-        assert sorted(val) == list(range(103)), "validation: every image once, padding never counted"
-    order = [[x for s in r["train"][e] for x in s] for r in ranks for e in (0, 1)]
-    assert order[0] != order[1], "the order changes with the epoch"
-    for r in ranks:  # resumed inside epoch 1 at step 2: exactly the rest of that epoch
-        assert r["resumed"] == r["train"][1][2:]
+    for layout in ("0", "1"):  # the folder, then the pack
+        ranks = [json.loads((tmp_path / layout / f"rank{r}.json").read_text()) for r in range(2)]
+        assert ranks[0]["steps_per_epoch"] == ranks[1]["steps_per_epoch"] == 7  # 6 x 16 + one step of 7
+        for epoch in (0, 1):
+            steps = [r["train"][epoch] for r in ranks]
+            assert len(steps[0]) == len(steps[1]) == 7
+            assert all(len(s) > 0 for r in steps for s in r), "no rank may get an empty step"
+            assert sorted(x for r in steps for s in r for x in s) == list(range(103))
+            val = [x for r in ranks for x in r["val"][epoch]]
+            assert sorted(val) == list(range(103)), "validation: every image once, padding never counted"
+        order = [[x for s in r["train"][e] for x in s] for r in ranks for e in (0, 1)]
+        assert order[0] != order[1], "the order changes with the epoch"
+        for r in ranks:  # resumed inside epoch 1 at step 2: exactly the rest of that epoch
+            assert r["resumed"] == r["train"][1][2:]
 
 
 def loaders(loader, data, **over):
