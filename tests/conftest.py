@@ -1,5 +1,7 @@
 """Shared fixtures: small real datasets (digits from scikit-learn, an Imagenette subset) and a torchrun helper."""
 
+import hashlib
+import importlib.metadata
 import os
 import subprocess
 import sys
@@ -9,6 +11,14 @@ import pytest
 
 REPO = Path(__file__).resolve().parents[1]
 IMAGENETTE = REPO.parent / "shared" / "data" / "imagenette"
+
+# DeepSpeed JIT-compiles its CPU shared-memory comm op (~35-300 s of CPU) on the first strategy=deepspeed start
+# into TORCH_EXTENSIONS_DIR (default ~/.cache/torch_extensions/py311_cu130/), and every later start reuses it. That
+# default is one folder for every Python environment of the user: two environments (another venv, the same one
+# mounted at another path) write different include paths into its build.ninja, so each rebuilds after the other.
+# One folder per interpreter and torch version: the tests' runs (torchrun inherits this) compile it once, keep it.
+_EXTENSIONS = hashlib.sha1(f"{sys.prefix} {importlib.metadata.version('torch')}".encode()).hexdigest()[:10]
+os.environ.setdefault("TORCH_EXTENSIONS_DIR", str(Path.home() / ".cache" / "torch_extensions" / f"env-{_EXTENSIONS}"))
 
 
 @pytest.fixture(scope="session")

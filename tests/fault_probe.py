@@ -9,8 +9,9 @@ FAULT is one of
     unreadable:STEP:RANK    on RANK only, every file of checkpoint STEP cannot be read (a stale listing, a
                             transient read error on one node)
     startup-signal:SIG      the process receives SIG while its loaders are being built
-    dump:PATH               after resuming, write the full model state and (rank 0) stop: PATH gets the weights as
-                            this world size holds them, to compare with what was saved
+    dump:PATH               after resuming, write the full model state, then train on: PATH gets the weights as
+                            this world size holds them, to compare with what was saved (one launch both checks the
+                            resumed state and continues the run)
 
 Everything else is the real command: `dist_bot.cli.main`.
 """
@@ -97,7 +98,7 @@ def dump(path: str) -> None:
         weights = self.strategy.eval_model(sync_buffers=False).state_dict()
         if env.is_main:
             torch.save({k: v.detach().cpu() for k, v in weights.items()}, path)
-        raise SystemExit(0)
+        # no side effect on training: DDP's and ZeRO's module is only read, FSDP2 fills a separate plain copy
 
     dist_bot.engine.Trainer.__init__ = init
 

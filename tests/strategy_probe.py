@@ -1,11 +1,13 @@
 """Run under torchrun by tests/test_strategies.py: steps poisoned on ONE rank must be skipped on every rank.
 
-    python -m torch.distributed.run --standalone --nproc_per_node=2 tests/strategy_probe.py OUT CASE key=value...
+    python -m torch.distributed.run --standalone --nproc_per_node=2 tests/strategy_probe.py OUT CASE STRATEGY...
 
 CASE is ``fp16-overflow`` (an inf in rank 1's fp16 loss, then a clean step) or ``nan-data`` (fp32: a NaN pixel
-in rank 1's images, a clean step, then one NaN in rank 1's own gradient shard under FSDP2, then a clean step).
-Writes OUT/rank<r>.json: whether each step was taken, the loss scale after each, and whether any parameter
-changed (compared in full over all ranks' shards), and whether the weights' EMA did (its shards assembled).
+in rank 1's images, a clean step, then one NaN in rank 1's own gradient shard under FSDP2, then a clean step),
+run under each named strategy in turn, in one process group (one start-up for all; each strategy starts from
+the same seed, model and data as it would alone). Writes OUT/<strategy>-rank<r>.json: whether each step was
+taken, the loss scale after each, and whether any parameter changed (compared in full over all ranks' shards),
+and whether the weights' EMA did (its shards assembled).
 
 CASE ``lars`` STRATEGY...: ten LARS steps (warmup-like rising lr, no-bias-decay groups) under each named strategy
 in turn, in one process group (one start-up for all), on the same data; rank 0 writes OUT/<strategy>.pt with the
@@ -49,7 +51,7 @@ def poison_one_gradient_element(model) -> None:
 
 
 # the strategies' overrides (tests/test_strategies.py's STRATEGIES)
-LARS_STRATEGIES = {
+STRATEGIES = {
     "ddp": ["strategy=ddp"],
     "fsdp": ["strategy=fsdp"],
     "zero0": ["strategy=deepspeed", "dist.zero_stage=0"],
@@ -61,7 +63,7 @@ LARS_STRATEGIES = {
 def lars_steps(out: str, strategies: list[str]) -> None:
     env = init_distributed("gloo")
     for name in strategies:
-        cfg = load_config(None, [*LARS_STRATEGIES[name], "optim.name=lars", "model.channels_last=false"])
+        cfg = load_config(None, [*STRATEGIES[name], "optim.name=lars", "model.channels_last=false"])
         torch.manual_seed(0)
         model = build_model("resnet18d", num_classes=10, zero_init_last=False)
         s = build_strategy(
@@ -80,12 +82,17 @@ def lars_steps(out: str, strategies: list[str]) -> None:
     shutdown()
 
 
-def main(out: str, case: str, *overrides: str) -> None:
-    if case == "lars":
-        return lars_steps(out, list(overrides))
+def poison_steps(out: str, case: str, strategies: list[str]) -> None:
     settings, poisons = CASES[case]
-    cfg = load_config(None, [*overrides, *settings, "model.channels_last=false"])
     env = init_distributed("gloo")
+    for name in strategies:
+        cfg = load_config(None, [*STRATEGIES[name], *settings, "model.channels_last=false"])
+        record = poisoned_steps(cfg, env, poisons)
+        Path(out, f"{name}-rank{env.rank}.json").write_text(json.dumps(record))
+    shutdown()
+
+
+def poisoned_steps(cfg, env, poisons: list[str | None]) -> dict:
     torch.manual_seed(0)
     model = build_model("resnet18d", num_classes=10, zero_init_last=False)
     s = build_strategy(cfg.strategy, model, lambda m: make_sgd([{"params": list(m.parameters())}], 0.9, True), env, cfg)
@@ -116,8 +123,13 @@ def main(out: str, case: str, *overrides: str) -> None:
         record["changed"].append(any(not torch.equal(before[k], after[k]) for k in before))
         ema_after = ema.full_state()
         record["ema_changed"].append(any(not torch.equal(ema_before[k], ema_after[k]) for k in before))
-    Path(out, f"rank{env.rank}.json").write_text(json.dumps(record))
-    shutdown()
+    return record
+
+
+def main(out: str, case: str, *strategies: str) -> None:
+    if case == "lars":
+        return lars_steps(out, list(strategies))
+    return poison_steps(out, case, list(strategies))
 
 
 if __name__ == "__main__":

@@ -23,11 +23,19 @@ STRATEGIES = {
 }
 
 
-def needs(name, fp16=False):
+def unmet_need(name, fp16=False) -> str | None:
+    """Why ``name`` cannot run here (with fp16), or None."""
     if name.startswith("zero"):
-        pytest.importorskip("deepspeed", reason="DeepSpeed is not installed (pip install -e '.[deepspeed]')")
+        if importlib.util.find_spec("deepspeed") is None:
+            return "DeepSpeed is not installed (pip install -e '.[deepspeed]')"
         if fp16 and not torch.ops.mkldnn._is_mkldnn_fp16_supported() and not torch.cuda.is_available():
-            pytest.skip("DeepSpeed's fp16 needs a GPU or a CPU with AVX512-FP16/AMX-FP16; this CPU has neither")
+            return "DeepSpeed's fp16 needs a GPU or a CPU with AVX512-FP16/AMX-FP16; this CPU has neither"
+    return None
+
+
+def needs(name, fp16=False):
+    if reason := unmet_need(name, fp16):
+        pytest.skip(reason)
 
 
 # channels_last off: FSDP2 and DeepSpeed keep conv weights contiguous (they shard or flatten parameters), DDP
@@ -162,29 +170,46 @@ def test_same_training_within_a_measured_tolerance_at_the_default_memory_format(
     assert all(found[k] <= DEFAULT_FORMAT_TOLERANCE[k] for k in DEFAULT_FORMAT_TOLERANCE), found
 
 
-def run_probe(case: str, strategy: str, out) -> list[dict]:
+def run_probe(case: str, strategies: list[str], out) -> dict[str, list[dict]]:
+    """One torchrun of the probe for all ``strategies`` in turn: each one's record on rank 0 and 1."""
     probe = str(REPO / "tests" / "strategy_probe.py")
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", probe, str(out), case]
-    res = run_cmd([*cmd, *STRATEGIES[strategy]])
+    res = run_cmd([*cmd, *strategies])
     assert res.returncode == 0, res.stderr[-3000:]
-    return [json.loads((out / f"rank{r}.json").read_text()) for r in range(2)]
+    return {s: [json.loads((out / f"{s}-rank{r}.json").read_text()) for r in range(2)] for s in strategies}
 
 
-@pytest.mark.parametrize("strategy", ["ddp", "fsdp", "zero1", "zero2"])  # DeepSpeed fp16 needs ZeRO >= 1
-def test_fp16_overflow_on_one_rank_skips_the_step_on_all(strategy, tmp_path):
+FP16_OVERFLOW = ["ddp", "fsdp", "zero1", "zero2"]  # DeepSpeed fp16 needs ZeRO >= 1
+NAN_DATA = ["ddp", "fsdp", "zero0"]  # ZeRO 1-2 also skip a non-finite grad norm
+
+
+@pytest.fixture(scope="module")
+def fp16_overflow(tmp_path_factory):
+    runnable = [s for s in FP16_OVERFLOW if not unmet_need(s, fp16=True)]
+    return run_probe("fp16-overflow", runnable, tmp_path_factory.mktemp("fp16_overflow"))
+
+
+@pytest.fixture(scope="module")
+def nan_data(tmp_path_factory):
+    runnable = [s for s in NAN_DATA if not unmet_need(s)]
+    return run_probe("nan-data", runnable, tmp_path_factory.mktemp("nan_data"))
+
+
+@pytest.mark.parametrize("strategy", FP16_OVERFLOW)
+def test_fp16_overflow_on_one_rank_skips_the_step_on_all(strategy, request):
     needs(strategy, fp16=True)
-    for got in run_probe("fp16-overflow", strategy, tmp_path):
+    for got in request.getfixturevalue("fp16_overflow")[strategy]:
         assert got["steps"] == [False, True]  # skipped on both ranks, then a clean step
         assert got["scales"] == [512.0, 512.0]  # halved once, not yet grown back
         assert got["changed"] == got["ema_changed"] == [False, True]  # no parameter nor EMA moved in the skip
 
 
-@pytest.mark.parametrize("strategy", ["ddp", "fsdp", "zero0"])  # ZeRO 1-2 also skip a non-finite grad norm
-def test_nan_in_one_ranks_data_skips_the_step_on_all_in_fp32(strategy, tmp_path):
+@pytest.mark.parametrize("strategy", NAN_DATA)
+def test_nan_in_one_ranks_data_skips_the_step_on_all_in_fp32(strategy, request):
     """A NaN pixel in rank 1's images: no parameter changes on any rank (fp32 has no loss scaler to skip it);
     under FSDP2 also one NaN in rank 1's gradient shard alone, which the ranks must agree on."""
     needs(strategy)
-    for got in run_probe("nan-data", strategy, tmp_path):
+    for got in request.getfixturevalue("nan_data")[strategy]:
         if strategy == "fsdp":
             assert got["steps"] == got["changed"] == got["ema_changed"] == [False, True, False, True]
         else:
