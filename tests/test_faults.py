@@ -5,6 +5,7 @@ few minutes; tests/fault_probe.py injects the faults that cannot be made from ou
 on one node, a signal at a chosen moment of start-up). The README's reliability section lists the same cases.
 """
 
+import itertools
 import json
 import os
 import shutil
@@ -207,10 +208,11 @@ def test_a_signal_during_start_up_exits_75_and_writes_nothing(tiny_digits, tmp_p
 
 
 def test_fp16_preempted_and_resumed_equals_uninterrupted_with_the_loss_scale(tiny_digits, tmp_path):
-    # a huge initial scale overflows the first steps; short growth interval: the scale moves at every few steps,
-    # so a GradScaler state lost at the resume would show in the trajectory. 16 px: this CPU runs fp16 ~10x slower
-    # than fp32, and the subject is the loss scale's state, not the images (the suite's end-to-end fp16 run)
-    fp16 = ["precision=fp16", "loss_scale.init_scale=1e9", "loss_scale.growth_interval=2", "data.image_size=16"]
+    # a small initial scale and a short growth interval: the scale doubles every 2 clean steps until it overflows,
+    # halves and grows again, so a GradScaler state lost at the resume (step 9) would show in the trajectory, and
+    # most steps are applied, so the weights compare too. 16 px: this CPU runs fp16 ~10x slower than fp32, and the
+    # subject is the loss scale's state, not the images (the suite's end-to-end fp16 run)
+    fp16 = ["precision=fp16", "loss_scale.init_scale=4096", "loss_scale.growth_interval=2", "data.image_size=16"]
     straight = run_cmd(torchrun_cmd(2, *train_args(tiny_digits, tmp_path, *fp16, "run.name=straight")))
     assert straight.returncode == 0, straight.stderr[-3000:]
     first = run_cmd(torchrun_cmd(2, *train_args(tiny_digits, tmp_path, *fp16, "run.stop_after_steps=9")))
@@ -223,8 +225,9 @@ def test_fp16_preempted_and_resumed_equals_uninterrupted_with_the_loss_scale(tin
 
     want = trajectory(tmp_path / "straight")
     assert trajectory(tmp_path / "r") == want
-    assert want[0][1] < 1e9 and want[-1][2] >= 1  # it did overflow and skip, and the scale did move
-    assert len({scale for _, scale, _ in want}) >= 3
+    scales = [scale for _, scale, _ in want]
+    assert max(scales) > 4096 and any(b < a for a, b in itertools.pairwise(scales))  # it grew, and backed off
+    assert 1 <= want[-1][2] <= len(want) // 2  # some steps overflowed and were skipped, most were applied
     a, b = (weights(list_checkpoints(tmp_path / n / "checkpoints")[-1]) for n in ("straight", "r"))
     assert max_diff(a, b) <= 1e-6
 
