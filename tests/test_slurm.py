@@ -3,8 +3,9 @@ preemption with requeue through both, and a sweep as a job array.
 
 Every job trains a ResNet-18-D on a 200-image Imagenette subset at 64 px, 2 epochs of 13 steps, with 2
 processes (2 nodes x 1 task) and the torchvision loader with a worker process, so Slurm's signals also reach
-DataLoader workers, as on a real cluster. An uninterrupted sbatch run is the reference: a preempted and
-requeued run must log every step once and end with exactly its metrics.
+DataLoader workers, as on a real cluster. In fp32, not the config's bf16: the subject here is Slurm, and on
+CPUs without AMX bf16 autocast is ~10x slower (bf16 has its own end-to-end tests). An uninterrupted sbatch run
+is the reference: a preempted and requeued run must log every step once and end with exactly its metrics.
 """
 
 from __future__ import annotations
@@ -34,6 +35,7 @@ SMALL = [
     "data.batch_size=8",
     "data.loader=torch",
     "data.workers=1",
+    "precision=fp32",
     f"schedule.epochs={EPOCHS}",
     "optim.base_lr_per_256=0.5",
     "run.log_every_steps=1",
