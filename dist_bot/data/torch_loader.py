@@ -93,6 +93,8 @@ class TorchLoader(PlannedLoader):
         self.memory_format = torch.channels_last if cfg.model.channels_last else torch.contiguous_format
         self.dtype = torch.float16 if cfg.precision == "fp16" else torch.float32  # as DALI emits: half the bytes
         self.workers = dataloader_workers(cfg, env)
+        if self.workers > 0:  # start the forkserver now: its imports overlap the model's build, not the first step
+            worker_context()
         # Constants on the device once: made per batch, each would be a copy from pageable memory that waits.
         d, dev = cfg.data, env.device
         self.pca = (PCA_EIGVAL.to(dev), PCA_EIGVEC.to(dev))
