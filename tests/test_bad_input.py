@@ -16,6 +16,9 @@ from dist_bot.distributed.env import DistEnv
 from dist_bot.engine import RunError, Trainer
 
 TINY = ["model.name=resnet18d", "data.workers=0", "data.batch_size=8", "wandb.mode=disabled", "schedule.epochs=2"]
+# fp32 unless a test's subject is the precision (it overrides it: bf16/fp16 autocast is ~10x slower on a CPU),
+# and 16 px: no check here depends on the image size
+TINY += ["precision=fp32", "data.image_size=16"]
 
 
 def train(capsys, *args: str) -> tuple[int, str]:

@@ -15,6 +15,7 @@ from sync_probe import Recorder, install
 from dist_bot.checkpoint import list_checkpoints
 
 STEPS, LOG_EVERY = 8, 3
+SIZE = 16  # px: the syncs do not depend on it, and bf16/fp16 autocast is ~10x slower than fp32 on a CPU
 
 
 @pytest.fixture(scope="module")
@@ -27,6 +28,8 @@ def teacher(tiny_digits, tmp_path_factory):
             "configs/demo.yaml",
             f"data.path={tiny_digits}",
             "model.name=resnet18a",
+            "precision=fp32",  # the teacher's own training is not the subject (the students' precision is)
+            f"data.image_size={SIZE}",
             "data.workers=1",
             "data.batch_size=8",
             "schedule.epochs=1",
@@ -63,6 +66,7 @@ def test_two_processes_train_with_every_trick_and_never_wait_between_log_steps(
         f"data.path={tiny_digits}",
         f"data.loader={loader_for(precision)}",
         "model.name=resnet18d",
+        f"data.image_size={SIZE}",
         "data.batch_size=4",
         "data.workers=1",
         f"precision={precision}",
