@@ -36,8 +36,9 @@ def bench_runs(mode: str, data: Path) -> list[tuple[str, list[str], list[str]]]:
     if mode == "gpu":
         base = ["model.name=resnet50d", "data.image_size=224", "data.batch_size=256"]
         flags = ["--steps", "10", "--repeats", "5", "--warmup", "10"]
-    else:  # batch 8 over 16 training images: epochs of 2 steps, shorter than a timed block; 16 px, as bf16 and
-        # fp16 are ~10x slower than fp32 on a CPU (CI runs this)
+    else:
+        # batch 8 over 16 training images: epochs of 2 steps, shorter than a timed block; 16 px, as bf16 and fp16
+        # are ~10x slower than fp32 on a CPU (CI runs this)
         base = ["model.name=resnet18d", "model.num_classes=4", "data.image_size=16", "data.batch_size=8"]
         base.append("data.workers=1")
         flags = ["--steps", "3", "--repeats", "2", "--warmup", "1"]

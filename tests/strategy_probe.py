@@ -50,7 +50,7 @@ def poison_one_gradient_element(model) -> None:
     local[(0,) * local.dim()] = float("nan")
 
 
-# the strategies' overrides (tests/test_strategies.py's STRATEGIES)
+# name -> overrides, for the probe and tests/test_strategies.py; DeepSpeed at each ZeRO stage it supports
 STRATEGIES = {
     "ddp": ["strategy=ddp"],
     "fsdp": ["strategy=fsdp"],

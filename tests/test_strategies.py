@@ -8,19 +8,11 @@ import sys
 import pytest
 import torch
 from conftest import REPO, link_subset, run_cmd, torchrun_cmd
+from strategy_probe import STRATEGIES  # name -> overrides; DeepSpeed at each ZeRO stage it supports
 
 from dist_bot.checkpoint import list_checkpoints, load_checkpoint, read_file, read_meta
 from dist_bot.config import UserError
 from dist_bot.models import build_model
-
-# name -> overrides; DeepSpeed at each ZeRO stage it supports
-STRATEGIES = {
-    "ddp": ["strategy=ddp"],
-    "fsdp": ["strategy=fsdp"],
-    "zero0": ["strategy=deepspeed", "dist.zero_stage=0"],
-    "zero1": ["strategy=deepspeed", "dist.zero_stage=1"],
-    "zero2": ["strategy=deepspeed", "dist.zero_stage=2"],
-}
 
 
 def unmet_need(name, fp16=False) -> str | None:
