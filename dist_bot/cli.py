@@ -88,7 +88,10 @@ def exit_now(command: str, message: str) -> None:
     """Print the error and end this process at once (from any thread: this one may be blocked in a collective).
     Its loaders' workers end with it (see dist_bot/signals.py)."""
     sys.stdout.flush()
-    print(f"dist-bot {command}: error: {message}", file=sys.stderr, flush=True)
+    # one write for the whole line: print() writes the text and its newline apart, so the same error from several
+    # processes sharing a stderr could interleave into one line
+    sys.stderr.write(f"dist-bot {command}: error: {message}\n")
+    sys.stderr.flush()
     os._exit(2)
 
 
@@ -397,5 +400,5 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return args.func(args)
     except UserError as e:
-        print(f"dist-bot {args.command}: error: {e}", file=sys.stderr)
+        sys.stderr.write(f"dist-bot {args.command}: error: {e}\n")  # one write: see exit_now
         return 2
