@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import REPO, run_cmd, torchrun_cmd
+from conftest import REPO, link_subset, run_cmd, torchrun_cmd
 
 from dist_bot.checkpoint import list_checkpoints, load_checkpoint, read_file
 
@@ -115,26 +115,26 @@ def loader(request):
 
 
 @pytest.fixture(scope="module")
-def straight_run(digits_dir, tmp_path_factory, loader):
+def resume_digits(digits_dir, tmp_path_factory) -> Path:
+    """61 train digits per class and all 360 val digits: 610 / global batch 64 = 9 full steps and one of 34 per
+    epoch (a short last step, as most epochs have), and the exact evaluation over every val image."""
+    return link_subset(digits_dir, tmp_path_factory.mktemp("resume") / "digits", {"train": 61, "val": 1000})
+
+
+STEPS_PER_EPOCH = 10
+
+
+@pytest.fixture(scope="module")
+def straight_run(resume_digits, tmp_path_factory, loader):
     """2 epochs, fp32, 2 processes, uninterrupted: the reference for the resume tests."""
     out = tmp_path_factory.mktemp("straight")
-    res = run_cmd(
-        torchrun_cmd(
-            2,
-            "train",
-            "configs/demo.yaml",
-            f"data.path={digits_dir}",
-            *RESUME_ARGS,
-            f"data.loader={loader}",
-            f"run.out_dir={out}",
-            "run.name=r",
-        )
-    )
+    res = run_cmd(torchrun_cmd(2, *resume_args(resume_digits, loader, out)))
     assert res.returncode == 0, res.stderr[-3000:]
     return out / "r"
 
 
-RESUME_ARGS = [*TINY_MODEL, "precision=fp32", "schedule.epochs=2", "run.log_every_steps=5", "model.ema_decay=0.9998"]
+# log (and agree on a stop) every 2 steps: a signal then stops the run mid-epoch, not at the end of one
+RESUME_ARGS = [*TINY_MODEL, "precision=fp32", "schedule.epochs=2", "run.log_every_steps=2", "model.ema_decay=0.9998"]
 
 
 def resume_args(data: Path, loader: str, out_dir: Path) -> list[str]:
@@ -150,10 +150,9 @@ def resume_args(data: Path, loader: str, out_dir: Path) -> list[str]:
     ]
 
 
-def test_stop_after_one_epoch_and_resume_equals_straight_run(straight_run, digits_dir, tmp_path, loader):
-    args = resume_args(digits_dir, loader, tmp_path)
-    steps_per_epoch = 23  # 1,437 digits / global batch 64: 22 full steps and one of 29
-    first = run_cmd(torchrun_cmd(2, *args, f"run.stop_after_steps={steps_per_epoch}"))
+def test_stop_after_one_epoch_and_resume_equals_straight_run(straight_run, resume_digits, tmp_path, loader):
+    args = resume_args(resume_digits, loader, tmp_path)
+    first = run_cmd(torchrun_cmd(2, *args, f"run.stop_after_steps={STEPS_PER_EPOCH}"))
     assert first.returncode != 0 and "exiting with status 75" in first.stdout  # torchrun reports the requeue
     stopped = load_checkpoint(list_checkpoints(tmp_path / "r" / "checkpoints")[-1])
     # a stop at the last step of an epoch checkpoints BEFORE the evaluation (Slurm's KillWait is short): the
@@ -161,7 +160,7 @@ def test_stop_after_one_epoch_and_resume_equals_straight_run(straight_run, digit
     assert (stopped["epoch"], stopped["epoch_step"], stopped["global_step"], stopped["pending_eval"]) == (
         1,
         0,
-        23,
+        STEPS_PER_EPOCH,
         True,
     )
     assert not [m for m in read_metrics(tmp_path / "r") if m["split"] == "val"]
@@ -181,8 +180,10 @@ def test_stop_after_one_epoch_and_resume_equals_straight_run(straight_run, digit
         assert got["ema_loss"] == pytest.approx(want["ema_loss"], rel=1e-5)
 
 
-def test_signal_to_one_rank_mid_epoch_checkpoints_all_and_resumes_exactly(straight_run, digits_dir, tmp_path, loader):
-    args = resume_args(digits_dir, loader, tmp_path)
+def test_signal_to_one_rank_mid_epoch_checkpoints_all_and_resumes_exactly(
+    straight_run, resume_digits, tmp_path, loader
+):
+    args = resume_args(resume_digits, loader, tmp_path)
     proc = subprocess.Popen(torchrun_cmd(2, *args), cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     metrics = tmp_path / "r" / "metrics.jsonl"
     deadline = time.time() + 120
@@ -194,7 +195,7 @@ def test_signal_to_one_rank_mid_epoch_checkpoints_all_and_resumes_exactly(straig
     out, err = proc.communicate(timeout=120)
     assert "exiting with status 75" in out, err[-3000:]
     stopped = load_checkpoint(list_checkpoints(tmp_path / "r" / "checkpoints")[-1])
-    assert stopped["epoch"] == 0 and 0 < stopped["epoch_step"] < 23, "expected a mid-epoch checkpoint"
+    assert stopped["epoch"] == 0 and 0 < stopped["epoch_step"] < STEPS_PER_EPOCH, "expected a mid-epoch checkpoint"
 
     resumed = run_cmd(torchrun_cmd(2, *args))
     assert resumed.returncode == 0, resumed.stderr[-3000:]
