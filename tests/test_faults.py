@@ -78,6 +78,7 @@ def copy_run(run: Path, to: Path) -> Path:
 # -- a rank dies ---------------------------------------------------------------------------------------------
 
 
+@pytest.mark.slow
 def test_sigkill_of_one_rank_mid_step_restarts_and_ends_with_the_same_weights(straight, tiny_digits, tmp_path):
     cmd = probe_cmd(2, "none", *train_args(tiny_digits, tmp_path), restarts=1)
     env = os.environ | {"OMP_NUM_THREADS": "1"}
@@ -172,6 +173,7 @@ def test_a_checkpoint_unreadable_on_one_rank_only_is_skipped_by_every_rank(strai
 # -- a full disk while saving --------------------------------------------------------------------------------
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(("strategy", "rank"), [("ddp", 0), ("fsdp", 1)])
 def test_a_full_disk_while_saving_is_an_error_on_every_rank_and_keeps_the_last_checkpoint(
     tiny_digits, tmp_path, strategy, rank
@@ -207,6 +209,7 @@ def test_a_signal_during_start_up_exits_75_and_writes_nothing(tiny_digits, tmp_p
     assert not [m for m in metrics(run) if m["split"] == "train"]
 
 
+@pytest.mark.slow
 def test_fp16_preempted_and_resumed_equals_uninterrupted_with_the_loss_scale(tiny_digits, tmp_path):
     # a small initial scale and a short growth interval: the scale doubles every 2 clean steps until it overflows,
     # halves and grows again, so a GradScaler state lost at the resume (step 9) would show in the trajectory, and
@@ -247,6 +250,7 @@ def test_another_world_size_without_a_global_batch_stops_and_says_how(tiny_digit
     assert [p.name for p in list_checkpoints(tmp_path / "r" / "checkpoints")] == ["step_000000003"]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(("strategy", "before", "after", "global_batch"), [("ddp", 2, 1, 16), ("fsdp", 2, 3, 36)])
 def test_another_world_size_with_a_global_batch_continues_the_same_plan(
     request, tiny_digits, tmp_path, strategy, before, after, global_batch
@@ -276,6 +280,7 @@ def test_another_world_size_with_a_global_batch_continues_the_same_plan(
     assert got == want
 
 
+@pytest.mark.slow
 def test_another_world_size_that_splits_the_last_step_otherwise_stops_and_says_how(tiny_digits, tmp_path):
     # global batch 24 over 100 images: the last step's 4 images feed 2 processes (2 each), not 3
     args = train_args(tiny_digits, tmp_path, "data.global_batch_size=24")
@@ -293,6 +298,7 @@ def test_another_world_size_that_splits_the_last_step_otherwise_stops_and_says_h
 # -- W&B unreachable -----------------------------------------------------------------------------------------
 
 
+@pytest.mark.slow
 def test_w_and_b_unreachable_under_two_processes_trains_offline_with_one_warning(tiny_digits, tmp_path):
     pytest.importorskip("wandb", reason="W&B tracking needs wandb (pip install -e '.[wandb]')")
     import socket

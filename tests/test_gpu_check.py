@@ -19,6 +19,7 @@ def check(out, deadline_s: int) -> tuple[subprocess.CompletedProcess, dict]:
     return res, json.loads((out / "gpu_check.json").read_text())
 
 
+@pytest.mark.slow
 def test_rehearsal_runs_every_part_of_the_matrix(tmp_path):
     pytest.importorskip("nvidia.dali", reason="the matrix's DALI-fed run needs DALI (pip install -e '.[dali]')")
     pytest.importorskip("timm", reason="the matrix compares with timm's model (pip install -e '.[dev]')")

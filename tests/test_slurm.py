@@ -170,6 +170,7 @@ def straight(slurm_env, imagenette_subset, tmp_path_factory) -> dict:
     return {"run_dir": out / "straight", "log": log, "val": final_val(out / "straight")}
 
 
+@pytest.mark.slow
 def test_sbatch_cpu_script_trains_and_evaluates_on_two_nodes(straight):
     assert "2 tasks on node[1-2], master node1" in straight["log"]
     assert straight["val"]["samples"] == 100  # the whole validation subset, counted once over both nodes
@@ -178,6 +179,7 @@ def test_sbatch_cpu_script_trains_and_evaluates_on_two_nodes(straight):
     assert steps == list(range(1, EPOCHS * STEPS_PER_EPOCH + 1))
 
 
+@pytest.mark.slow
 def test_submitit_launcher_on_two_nodes_returns_the_same_result(slurm_env, straight, imagenette_subset, tmp_path):
     done = run(submitit_cmd(tmp_path, imagenette_subset, "launched", "--nodes", "2", "--wait"), slurm_env)
     lines = [json.loads(x) for x in done.stdout.splitlines() if x.startswith("{")]
@@ -187,6 +189,7 @@ def test_submitit_launcher_on_two_nodes_returns_the_same_result(slurm_env, strai
     assert Path(result["run_dir"]) == tmp_path / "launched"
 
 
+@pytest.mark.slow
 def test_sbatch_preempted_mid_epoch_requeues_and_resumes_exactly(slurm_env, straight, imagenette_subset, tmp_path):
     """Slurm's --signal=B:USR1 warning, sent by hand: checkpoint on every rank, requeue, resume."""
     t0 = time.monotonic()
@@ -201,6 +204,7 @@ def test_sbatch_preempted_mid_epoch_requeues_and_resumes_exactly(slurm_env, stra
     report(f"sbatch preempted at step {at}, requeued, done: {time.monotonic() - t0:.1f} s")
 
 
+@pytest.mark.slow
 def test_submitit_preempted_mid_epoch_requeues_and_resumes_exactly(
     slurm_env, straight, imagenette_subset, tmp_path, monkeypatch
 ):

@@ -138,6 +138,7 @@ def differences(ref, got) -> dict:
     }
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("strategy", [s for s in STRATEGIES if s != "ddp"])
 def test_same_training_statistics_and_validation_as_ddp(ten_steps, strategy):
     """channels_last off: every train loss, every BN buffer, and the validation loss and top-1 equal DDP's
@@ -152,6 +153,7 @@ def test_same_training_statistics_and_validation_as_ddp(ten_steps, strategy):
     assert found["params"] <= tolerance and found["ema"] <= tolerance
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("strategy", ["fsdp", "zero2"])
 def test_same_training_within_a_measured_tolerance_at_the_default_memory_format(ten_steps_channels_last, strategy):
     """channels_last on (the default): DDP's channels_last convolutions round differently from the contiguous
@@ -231,6 +233,7 @@ def test_lars_takes_norms_over_whole_parameters_under_every_strategy(tmp_path):
         assert worst <= (0.0 if name == "zero0" else 1e-5), name
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("strategy", STRATEGIES)  # ddp also in tests/test_train.py (stops at an epoch's end)
 def test_resume_equals_the_uninterrupted_run(ten_steps, epoch_of_ten, tmp_path, strategy):
     needs(strategy)
@@ -257,6 +260,7 @@ def test_resume_equals_the_uninterrupted_run(ten_steps, epoch_of_ten, tmp_path, 
     assert max((a[k].double() - b[k].double()).abs().max().item() for k in a if a[k].is_floating_point()) <= 1e-6
 
 
+@pytest.mark.slow
 def test_fsdp_checkpoint_continues_at_another_world_size(digits_dir, tmp_path):
     args = [
         "train",

@@ -59,6 +59,7 @@ def loader_for(precision: str) -> str:
     [("bf16", ["optim.grad_clip_norm=1.0", "loss.mixup_pairing=permute"]), ("fp16", [])],
     ids=["bf16-clip-permute", "fp16"],
 )
+@pytest.mark.slow
 def test_two_processes_train_with_every_trick_and_never_wait_between_log_steps(
     tiny_digits, teacher, tmp_path, precision, extra
 ):

@@ -37,6 +37,7 @@ def max_diff(a: dict, b: dict) -> float:
 # -- the full recipe on real ImageNet images, 2 processes -------------------------------------------
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("loader", ["torch", "dali"])
 def test_two_processes_every_trick_on_imagenette_subset(imagenette_subset, tmp_path, loader):
     if loader == "dali":
@@ -150,6 +151,7 @@ def resume_args(data: Path, loader: str, out_dir: Path) -> list[str]:
     ]
 
 
+@pytest.mark.slow
 def test_stop_after_one_epoch_and_resume_equals_straight_run(straight_run, resume_digits, tmp_path, loader):
     args = resume_args(resume_digits, loader, tmp_path)
     first = run_cmd(torchrun_cmd(2, *args, f"run.stop_after_steps={STEPS_PER_EPOCH}"))
@@ -180,6 +182,7 @@ def test_stop_after_one_epoch_and_resume_equals_straight_run(straight_run, resum
         assert got["ema_loss"] == pytest.approx(want["ema_loss"], rel=1e-5)
 
 
+@pytest.mark.slow
 def test_signal_to_one_rank_mid_epoch_checkpoints_all_and_resumes_exactly(
     straight_run, resume_digits, tmp_path, loader
 ):
@@ -239,6 +242,7 @@ def test_sigterm_to_every_process_exits_75_with_a_resumable_checkpoint(tiny_digi
     assert again["global_step"] == state["global_step"] + 2
 
 
+@pytest.mark.slow
 def test_eval_command_counts_every_validation_image(straight_run):
     cfg = straight_run / "config.yaml"
     res = run_cmd(torchrun_cmd(2, "eval", str(cfg), "--checkpoint", str(straight_run)))  # its newest checkpoint
@@ -250,6 +254,7 @@ def test_eval_command_counts_every_validation_image(straight_run):
     assert result["top1"] == pytest.approx(ref["top1"]) and result["top5"] == pytest.approx(ref["top5"])
 
 
+@pytest.mark.slow
 def test_checkpoint_holds_everything_resume_needs(straight_run):
     path = list_checkpoints(straight_run / "checkpoints")[-1]
     assert sorted(p.name for p in path.iterdir()) == ["ema.pt", "meta.pt", "model.pt", "train_state.pt"]
@@ -265,6 +270,7 @@ def test_checkpoint_holds_everything_resume_needs(straight_run):
     assert momentum and all(torch.isfinite(v["momentum_buffer"]).all() for v in momentum.values())
 
 
+@pytest.mark.slow
 def test_gradient_accumulation_trains_like_more_processes(tiny_digits, tmp_path):
     """1 process x 2 accumulated micro-batches of 8 == 2 processes x 8 (same images, same BN batches)."""
     common = [
@@ -334,6 +340,7 @@ def test_teacher_sees_exactly_the_students_mixed_input(tiny_digits, tmp_path):
     assert all(torch.equal(v, trainer.teacher.state_dict()[k]) for k, v in teacher_weights.items())  # frozen
 
 
+@pytest.mark.slow
 def test_report_of_a_real_run_plots_it_and_tabulates_its_final_metrics(straight_run):
     out = run_cmd([sys.executable, "-m", "dist_bot", "report", str(straight_run)])
     assert out.returncode == 0, out.stderr[-3000:]
@@ -343,6 +350,7 @@ def test_report_of_a_real_run_plots_it_and_tabulates_its_final_metrics(straight_
     assert (straight_run / "report.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
+@pytest.mark.slow
 def test_a_teacher_can_be_named_by_its_run_folder(straight_run):
     from dist_bot.distributed.env import DistEnv
     from dist_bot.engine import load_teacher
