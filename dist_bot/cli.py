@@ -57,18 +57,86 @@ def setup_logging(rank: int) -> None:
     )
 
 
+def cpu_list(cpus) -> str:
+    """{0, 1, 2, 5, 7, 8} -> '0-2,5,7-8', as taskset and Slurm write CPU lists."""
+    runs: list[list[int]] = []
+    for c in sorted(cpus):
+        if runs and c == runs[-1][1] + 1:
+            runs[-1][1] = c
+        else:
+            runs.append([c, c])
+    return ",".join(str(a) if a == b else f"{a}-{b}" for a, b in runs)
+
+
+def set_up_process(cfg, env) -> str:
+    """This process's CPU threads, and the start-up line every process writes to stderr: where it runs and what
+    it may use, so that a job starved of CPUs (srun without -c) shows it in its first lines, not days later."""
+    import socket
+
+    import torch
+
+    from dist_bot.data.sharding import cpus_per_process, dali_py_workers, dataloader_workers, decode_workers
+
+    cpus = cpus_per_process(env)
+    if "OMP_NUM_THREADS" not in os.environ:  # the launcher's choice wins (torchrun sets 1)
+        os.environ["OMP_NUM_THREADS"] = str(cpus)
+        torch.set_num_threads(cpus)
+    fields = {
+        "host": socket.gethostname(),
+        "pid": os.getpid(),
+        "rank": f"{env.rank}/{env.world_size}",
+        "local_rank": f"{env.local_rank}/{env.local_world_size}",
+        "launcher": env.source,
+        "device": str(env.device),
+        "cpus": cpus,
+        "affinity": cpu_list(os.sched_getaffinity(0)),
+        "dali_threads": decode_workers(cfg, env),
+        "dali_py_workers": dali_py_workers(cfg, env),
+        "dataloader_workers": dataloader_workers(cfg, env),
+        "omp_threads": torch.get_num_threads(),
+    }
+    line = "start-up: " + " ".join(f"{k}={v}" for k, v in fields.items())
+    sys.stderr.write(f"[rank {env.rank}] {line}\n")  # one write: lines of several processes do not interleave
+    sys.stderr.flush()
+    return line
+
+
 @contextlib.contextmanager
-def process_group(cfg, command: str):
-    """This process's DistEnv, in the run's process group, left at the end. A fatal error on any process ends
-    them all within seconds, each with that error (see FailureWatch): an error here that another process's
-    failure caused (a collective that lost its peer) is reported as that failure; an error of this process's
-    own is announced, so that the others stop now, not at the process group's timeout."""
+def process_group(cfg, command: str, watch_hangs: bool = False):
+    """This process's DistEnv, in the run's process group, left at the end: the one start-up path of every
+    launcher (torchrun, srun and the sbatch scripts, submitit's TrainJob, a plain process).
+
+    A fatal error on any process ends them all within seconds, each with that error (see FailureWatch): an error
+    here that another process's failure caused (a collective that lost its peer) is reported as that failure;
+    an error of this process's own is announced, so that the others stop now, not at the process group's
+    timeout. With ``watch_hangs`` (training), a hang ends them all too, each writing its stacks to <run>/hang/
+    (see dist_bot/distributed/watchdog.py)."""
+    from pathlib import Path
+
     from dist_bot.distributed.env import FailureWatch, init_distributed, shutdown
+    from dist_bot.distributed.watchdog import HANG_EXIT_CODE, HANG_MARK, HangWatch, dump_stacks, flight_recorder_env
     from dist_bot.engine import Preempted
 
+    hang_dir = Path(cfg.run.out_dir) / str(cfg.run.name) / "hang"
+    if watch_hangs:
+        flight_recorder_env(hang_dir)  # before NCCL's process group is made
     env = init_distributed(cfg.dist.backend, cfg.dist.timeout_min)
     setup_logging(env.rank)
-    watch = FailureWatch(env, on_peer_failure=lambda message: exit_now(command, message))
+    set_up_process(cfg, env)
+
+    def on_message(message: str) -> None:  # another process announced a hang: dump here too, and end
+        if message.startswith(HANG_MARK):
+            dump_stacks(hang_dir, env.rank, f"stopping: {message.removeprefix(HANG_MARK)}")
+            exit_now(command, f"stopping: {message.removeprefix(HANG_MARK)}", HANG_EXIT_CODE)
+
+    def on_hang(why: str) -> None:  # this process saw nothing complete for dist.hang_timeout_min
+        dump_stacks(hang_dir, env.rank, why)
+        message = f"{why}: a hang; every process's stacks are in {hang_dir}"
+        watch.announce_text(HANG_MARK + message)
+        exit_now(command, message, HANG_EXIT_CODE)
+
+    watch = FailureWatch(env, on_peer_failure=lambda message: exit_now(command, message), on_message=on_message)
+    hang = HangWatch(cfg.dist.hang_timeout_min * 60 if watch_hangs else 0, env.rank, on_hang)
     try:
         yield env
     except Preempted:  # all processes stop together, at a checkpoint: nothing failed
@@ -80,11 +148,12 @@ def process_group(cfg, command: str):
         watch.announce(e)
         raise
     finally:
+        hang.close()
         watch.close()
         shutdown()
 
 
-def exit_now(command: str, message: str) -> None:
+def exit_now(command: str, message: str, status: int = 2) -> None:
     """Print the error and end this process at once (from any thread: this one may be blocked in a collective).
     Its loaders' workers end with it (see dist_bot/signals.py)."""
     sys.stdout.flush()
@@ -92,33 +161,47 @@ def exit_now(command: str, message: str) -> None:
     # processes sharing a stderr could interleave into one line
     sys.stderr.write(f"dist-bot {command}: error: {message}\n")
     sys.stderr.flush()
-    os._exit(2)
+    os._exit(status)
 
 
-def cmd_train(args: argparse.Namespace) -> int:
+def train(config: str | None, overrides: list[str], command: str = "train") -> dict:
+    """A training run, started the same way whatever launched the process (`dist-bot train` under torchrun or
+    srun, the sbatch scripts, submitit's TrainJob): the preemption handlers first, the config, the process group
+    (with its failure and hang watches), the Trainer. Returns the run folder, the last step and the final
+    evaluation; raises Preempted when the run stopped at a checkpoint to be requeued, UserError for bad input."""
     from dist_bot.signals import PREEMPTION
 
     # First, before torch is imported: a preemption signal during start-up is then a requeue (status 75, the
     # Trainer acts on it at its first agreement), not a death by signal that no launcher requeues.
     installed = PREEMPTION.install()
     try:
-        from dist_bot.engine import REQUEUE_EXIT_CODE, Preempted, Trainer
+        from dist_bot.engine import Trainer
         from dist_bot.export import export_for_tracking
         from dist_bot.models import parse_name
 
-        cfg = load_config(args.config, args.overrides)
+        cfg = load_config(config, overrides)
         parse_name(cfg.model.name)  # an unknown model is reported now, before any process group or data scan
-        try:
-            with process_group(cfg, args.command) as env:
-                Trainer(cfg, env).fit(export_model=export_for_tracking)
-        except Preempted as stop:
-            if env.is_main:
-                print(f"{stop}; exiting with status {REQUEUE_EXIT_CODE} so the launcher requeues", flush=True)
-            return REQUEUE_EXIT_CODE
-        return 0
+        with process_group(cfg, command, watch_hangs=True) as env:
+            trainer = Trainer(cfg, env)
+            result = trainer.fit(export_model=export_for_tracking)
+            return {"run_dir": str(trainer.run_dir), "global_step": trainer.global_step} | result
     finally:
         if installed:
             PREEMPTION.restore()  # last: after the tracker and the process group are closed
+
+
+def cmd_train(args: argparse.Namespace) -> int:
+    try:
+        train(args.config, args.overrides, args.command)
+    except Exception as stop:
+        from dist_bot.engine import REQUEUE_EXIT_CODE, Preempted  # here: train() imports torch after its handlers
+
+        if not isinstance(stop, Preempted):
+            raise
+        if os.environ.get("RANK", "0") == "0":  # exported by the start-up path for every launcher
+            print(f"{stop}; exiting with status {REQUEUE_EXIT_CODE} so the launcher requeues", flush=True)
+        return REQUEUE_EXIT_CODE
+    return 0
 
 
 def cmd_eval(args: argparse.Namespace) -> int:

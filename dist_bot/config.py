@@ -177,6 +177,11 @@ class DistConfig:
     backend: Literal["auto", "nccl", "gloo"] = "auto"  # auto: NCCL with GPUs, gloo without
     timeout_min: float = param(30.0, range="(0, inf)", resumable=True)  # collective timeout; a hung rank fails the job
     # after this
+    hang_timeout_min: float = param(15.0, range="[0, inf)", resumable=True)  # no step, eval batch or checkpoint
+    # for this long: every process writes its stacks to <run>/hang/ and exits with status 3 (0: off). Above the
+    # slowest of these in the paper's recipe (torch.compile's first step, max-autotune included: minutes; a
+    # ResNet-50 checkpoint on a slow shared file system: about one), below timeout_min: the watchdog reports a
+    # hang, not NCCL's timeout
     zero_stage: int = param(1, range="[0, 3]")  # DeepSpeed ZeRO stage (0, 1 or 2) when strategy=deepspeed
     fsdp_reshard_after_forward: bool = True  # FSDP2: free gathered parameters after forward (ZeRO-3 like)
 
@@ -254,6 +259,12 @@ def check_ranges(cfg: Config) -> None:
             f"{cfg.schedule.epochs}: shorten the warmup or train longer"
         )
     profile_window(cfg.run.profile_steps)
+    if cfg.dist.hang_timeout_min and cfg.dist.hang_timeout_min >= cfg.dist.timeout_min:
+        raise ConfigError(
+            f"dist.hang_timeout_min={cfg.dist.hang_timeout_min} is not below dist.timeout_min={cfg.dist.timeout_min}: "
+            "the collectives' timeout would end a hang before the watchdog reports it; lower the first (0: off) "
+            "or raise the second"
+        )
     if len(cfg.data.mean) != 3 or len(cfg.data.std) != 3:
         raise ConfigError("data.mean and data.std need one value per RGB channel, e.g. data.std=[0.229,0.224,0.225]")
 

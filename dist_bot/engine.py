@@ -36,6 +36,7 @@ from .checkpoint import (
     CheckpointError,
     agree_on_checkpoint,
     check_state_dict,
+    device_rng_state,
     list_checkpoints,
     load_checkpoint,
     read_file,
@@ -52,6 +53,7 @@ from .data import DataError, make_loaders
 from .data.sharding import MicroBatch, Step
 from .distributed import build_strategy
 from .distributed.env import DistEnv, all_reduce_max, any_rank, local_peak_memory_mb
+from .distributed.watchdog import HEARTBEAT
 from .models import build_model
 from .profiling import StepProfiler
 from .provenance import config_header, source_info
@@ -162,6 +164,7 @@ def evaluate(model: torch.nn.Module, loader, env: DistEnv, precision: str) -> di
             loss = F.cross_entropy(logits, labels, reduction="sum")
             sums[:3] += torch.stack([hit[:, 0].sum().double(), hit.any(1).sum().double(), loss.double()])
             sums[3] += labels.numel()
+            HEARTBEAT.beat("an evaluation batch")
     if env.distributed:
         dist.all_reduce(sums)
     c1, c5, loss, n = sums.tolist()
@@ -404,17 +407,21 @@ class Trainer:
             self.ema.load_share(ema_share)
         state = RunState(**{f.name: meta[f.name] for f in dataclasses.fields(RunState) if f.name in meta})
         self.guard.load_state_dict(state.guard)
-        set_rng_state(meta["rng"])
+        set_rng_state(meta["rng"], self.env.device, self.env.rank)
         if self.env.is_main:
             log.info("resumed from %s: epoch %d, step %d", path, state.epoch, state.epoch_step)
         return state
 
     def save(self) -> None:
         self.state.guard = self.guard.state_dict()
+        cuda_by_rank = [device_rng_state(self.env.device)]  # each rank's own GPU (a collective, on every rank)
+        if self.env.distributed:
+            cuda_by_rank = [None] * self.env.world_size
+            dist.all_gather_object(cuda_by_rank, device_rng_state(self.env.device))
         meta = dataclasses.asdict(self.state) | {
             "format": FORMAT_VERSION,
             "layout": self.layout(),
-            "rng": rng_state(),
+            "rng": rng_state(cuda_by_rank),
             "config": to_dict(self.cfg),
             "model_name": self.cfg.model.name,
             "num_classes": self.num_classes,
@@ -431,6 +438,7 @@ class Trainer:
                     write_file({k: v.cpu() for k, v in ema.items()}, folder / "ema.pt")
 
         save_checkpoint(self.run_dir / "checkpoints", self.state.global_step, self.cfg.run.keep_checkpoints, write)
+        HEARTBEAT.beat(f"the checkpoint of step {self.state.global_step}")
 
     # -- one step ---------------------------------------------------------------------------------
     def micro_loss(self, micro: MicroBatch) -> torch.Tensor:
@@ -551,6 +559,7 @@ class Trainer:
             t0 = time.perf_counter()
             with self.profiler.step(st.global_step + 1):  # traced when run.profile_steps holds it
                 interval.loss_sum += self.train_step(step, batches)
+            HEARTBEAT.beat(f"optimizer step {st.global_step}")
             self.log_compile_time(time.perf_counter() - t0)
             interval.samples += sum(len(m) for m in step.micro_batches)
             interval.steps += 1
@@ -679,4 +688,9 @@ class Trainer:
             self.val_loader.close()
             if owns_signal_handlers:  # restored last (the CLI restores those it installed itself)
                 PREEMPTION.restore()
+        if dist.is_initialized():
+            # The ranks end together: rank 0's end-of-run work (the W&B model export and upload, up to minutes)
+            # ends before any rank exits, so srun's --wait does not end rank 0 while it finishes, nor the job FAILED.
+            HEARTBEAT.beat("the end of the run")
+            dist.barrier()
         return result

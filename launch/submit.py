@@ -116,6 +116,21 @@ def _resolved_overrides(spec: RunSpec, group: str | None) -> list[str]:
     return out
 
 
+def exit_2_on_bad_input(kind, error, tb) -> None:
+    """sys.excepthook of a job: bad input (dist_bot's UserError; submitit has recorded it for `job.results()`
+    already) ends the task with the CLI's one line and status 2, as `dist-bot train` would; anything else as
+    Python does."""
+    from dist_bot.config import UserError
+
+    if not isinstance(error, UserError):
+        sys.__excepthook__(kind, error, tb)
+        return
+    sys.stdout.flush()
+    sys.stderr.write(f"dist-bot train: error: {error}\n")
+    sys.stderr.flush()
+    os._exit(2)
+
+
 class TrainJob(submitit.helpers.Checkpointable):
     """One dist_bot run as a submitit job. A requeued job makes the same call and resumes the latest checkpoint.
 
@@ -128,29 +143,16 @@ class TrainJob(submitit.helpers.Checkpointable):
         self.sigterm_wait_s = sigterm_wait_s
 
     def __call__(self, config: str, overrides: list[str]) -> dict:
-        cpus = os.environ.get("SLURM_CPUS_PER_TASK")
-        if cpus and "OMP_NUM_THREADS" not in os.environ:  # as slurm/lib/train_job.sh: one thread per core given
-            os.environ["OMP_NUM_THREADS"] = cpus
-            import torch
-
-            torch.set_num_threads(int(cpus))
-        from dist_bot.cli import setup_logging
-        from dist_bot.distributed.env import init_distributed, shutdown
-        from dist_bot.engine import Preempted, Trainer
+        from dist_bot.cli import train
+        from dist_bot.engine import Preempted
 
         # RANK, WORLD_SIZE, LOCAL_RANK, MASTER_ADDR/PORT from the job; every GPU stays visible, picked by LOCAL_RANK
         submitit.helpers.TorchDistributedEnvironment().export(set_cuda_visible_devices=False)
-        cfg = load_config(config, overrides)
-        env = init_distributed(cfg.dist.backend, cfg.dist.timeout_min)
-        setup_logging(env.rank)
-        try:
-            trainer = Trainer(cfg, env)
-            result = trainer.fit()
-            return {"run_dir": str(trainer.run_dir), "global_step": trainer.global_step} | result
+        sys.excepthook = exit_2_on_bad_input
+        try:  # the CLI's start-up path: process group, failure and hang watches, threads, the start-up line
+            return train(config, overrides)
         except Preempted as stop:
-            return self._after_stop(stop, env.rank)
-        finally:
-            shutdown()
+            return self._after_stop(stop, int(os.environ["RANK"]))
 
     def _after_stop(self, stop, rank: int) -> dict:
         usr = getattr(signal, "SIG" + submitit.JobEnvironment.USR_SIG)
@@ -178,10 +180,11 @@ class TrainJob(submitit.helpers.Checkpointable):
 def make_executor(args: argparse.Namespace, folder: Path) -> submitit.AutoExecutor:
     executor = submitit.AutoExecutor(folder=folder, cluster=args.cluster, slurm_max_num_timeout=args.max_timeouts)
     tasks = args.tasks_per_node or max(args.gpus_per_node, 1)
+    cpus = args.cpus_per_task or (8 if args.gpus_per_node else 1)
     params = {
         "nodes": args.nodes,
         "tasks_per_node": tasks,
-        "cpus_per_task": args.cpus_per_task or (8 if args.gpus_per_node else 1),
+        "cpus_per_task": cpus,
         "timeout_min": args.time_min,
         "name": args.job_name,
     }
@@ -193,6 +196,9 @@ def make_executor(args: argparse.Namespace, folder: Path) -> submitit.AutoExecut
         params |= {
             "slurm_signal_delay_s": args.signal_delay_s,
             "slurm_array_parallelism": args.array_parallelism,
+            # since Slurm 22.05 srun does not inherit sbatch's --cpus-per-task, and submitit's srun line does not
+            # pass it: on a cluster binding tasks to CPUs each task would get one
+            "slurm_srun_args": ["--cpus-per-task", str(cpus)],
         }
         for opt in ("partition", "account", "qos", "constraint"):
             if getattr(args, opt):

@@ -148,6 +148,28 @@ def test_rng_state_round_trips_through_a_checkpoint(tmp_path):
     )
     expected = (torch.rand(3), random.random(), np.random.rand())
     torch.manual_seed(2), random.seed(2), np.random.seed(2)
-    set_rng_state(read_meta(list_checkpoints(tmp_path)[0])["rng"])
+    set_rng_state(read_meta(list_checkpoints(tmp_path)[0])["rng"], torch.device("cpu"), 0)
     got = (torch.rand(3), random.random(), np.random.rand())
     assert torch.equal(expected[0], got[0]) and expected[1:] == got[1:]
+
+
+@pytest.mark.parametrize("layout", ["cuda_by_rank", "rank 0's get_rng_state_all"])
+def test_each_process_restores_its_own_gpus_rng_state_and_no_other(monkeypatch, layout):
+    """A checkpoint of 8 ranks (or, the older layout, of rank 0 seeing 8 GPUs), resumed where each process sees
+    one GPU (srun --gpus-per-task=1): each restores the state saved for it, on its one device; restoring all 8
+    (set_rng_state_all) failed on every rank there. Faked on a CPU: the states are tensors, the calls recorded."""
+    states = [torch.full((16,), i, dtype=torch.uint8) for i in range(8)]
+    state = rng_state(states) if layout == "cuda_by_rank" else rng_state() | {"cuda": states}
+    calls = []
+    monkeypatch.setattr(torch.cuda, "set_rng_state", lambda s, device: calls.append((int(s[0]), device)))
+    monkeypatch.setattr(
+        torch.cuda, "set_rng_state_all", lambda _: pytest.fail("restored the states of GPUs it does not see")
+    )
+    for rank in (0, 5):
+        calls.clear()
+        set_rng_state(state, torch.device("cuda", 0), rank)
+        # the older layout knows only rank 0's view: device 0's state, whatever the rank
+        assert calls == [(rank if layout == "cuda_by_rank" else 0, torch.device("cuda", 0))]
+    calls.clear()
+    set_rng_state(rng_state(states[:2]), torch.device("cuda", 0), 5)  # a rank the checkpoint did not have
+    assert calls == []

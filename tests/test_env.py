@@ -42,3 +42,44 @@ def test_first_host_of_slurm_node_lists():
     assert first_slurm_host("node[3-5,9],gpu01") == "node3"
     assert first_slurm_host("gpu01,gpu02") == "gpu01"
     assert first_slurm_host("localhost") == "localhost"
+
+
+def test_a_slurm_task_with_the_torch_variables_is_still_its_own_slurm_task():
+    """submitit (and dist_bot's own export) set RANK/WORLD_SIZE from Slurm's: such a process is one Slurm task,
+    whose CPUs are its own (cpus_per_process does not divide them); torchrun's processes under srun are not."""
+    submitit = {"RANK": "3", "WORLD_SIZE": "4", "SLURM_PROCID": "3", "SLURM_NTASKS": "4", "LOCAL_RANK": "1"}
+    assert read_launch_env(submitit)["source"] == "slurm"
+    under_torchrun = submitit | {"TORCHELASTIC_RUN_ID": "x"}
+    assert read_launch_env(under_torchrun)["source"] == "torchrun"
+
+
+def test_every_launcher_exports_the_torch_variables_a_plain_process_none():
+    from dist_bot.distributed.env import export_launch_env
+
+    srun = {"SLURM_PROCID": "5", "SLURM_NTASKS": "8", "SLURM_LOCALID": "1", "SLURM_NTASKS_PER_NODE": "4"}
+    srun |= {"SLURM_JOB_ID": "7", "SLURM_JOB_NODELIST": "gpu07"}
+    environ = dict(srun)
+    export_launch_env(read_launch_env(environ), environ)
+    exported = {k: environ[k] for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE")}
+    assert exported == {"RANK": "5", "WORLD_SIZE": "8", "LOCAL_RANK": "1", "LOCAL_WORLD_SIZE": "4"}
+    assert (environ["MASTER_ADDR"], environ["MASTER_PORT"]) == ("gpu07", "20007")
+    again = read_launch_env(environ)  # read again (a second run in this process): the same process
+    assert (again["source"], again["rank"], again["local_world_size"]) == ("slurm", 5, 4)
+    plain: dict[str, str] = {}
+    export_launch_env(read_launch_env(plain), plain)
+    assert plain == {}
+
+
+def test_more_processes_on_a_node_than_gpus_is_an_error_naming_both_numbers():
+    import pytest
+
+    from dist_bot.config import UserError
+    from dist_bot.distributed.env import device_index
+
+    assert device_index(3, 8, 8, {}) == 3
+    assert device_index(3, 4, 1, {"SLURM_GPUS_PER_TASK": "1"}) == 0  # srun bound one GPU to each task
+    with pytest.raises(UserError, match=r"^5 processes on this node, but 4 GPU\(s\) visible") as e:
+        device_index(4, 5, 4, {})
+    assert "\n" not in str(e.value)
+    with pytest.raises(UserError, match="2 processes on this node, but 1 GPU"):
+        device_index(1, 2, 1, {})

@@ -172,3 +172,23 @@ def test_sbatch_scripts_refuse_a_task_count_that_does_not_match_the_gpus():
     cmd = "source slurm/lib/train_job.sh && dist_bot_train configs/demo.yaml"
     out = subprocess.run(["bash", "-c", cmd], cwd=REPO, env=env, capture_output=True, text=True, timeout=30)
     assert out.returncode == 2 and "--gpus-per-node=G --ntasks-per-node=G" in out.stderr
+
+
+@pytest.mark.slow
+def test_several_runs_one_after_another_in_one_torchrun_start_and_finish(tmp_path):
+    """cli.main(["train", ...]) three times in each process of one torchrun (2 processes, gloo): every run forms
+    its process group, trains and ends; each group has key spaces of its own in torchrun's store, which outlives
+    it (a second group reading the first one's rendezvous keys hung once in three tries)."""
+    probe = str(REPO / "tests" / "train_again_probe.py")
+    args = ["train", "configs/demo.yaml", "data.loader=synthetic", "model.name=resnet18d", "precision=fp32"]
+    args += ["schedule.epochs=1", "data.image_size=32", "wandb.mode=disabled", f"run.out_dir={tmp_path}"]
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", probe, "3", "s"]
+    res = run_cmd([*cmd, *args], timeout=300)
+    assert res.returncode == 0, res.stderr[-3000:]
+    assert sorted(line.split(" in ")[0] for line in res.stdout.splitlines() if line.startswith("run ")) == [
+        f"run {i}: status 0" for i in range(3) for _ in range(2)
+    ]
+    for i in range(3):
+        assert [json.loads(x)["split"] for x in (tmp_path / f"s-{i}" / "metrics.jsonl").read_text().splitlines()][
+            -1
+        ] == "val"

@@ -261,3 +261,30 @@ def test_loss_scale_collapse_stops_with_a_clear_error():
     recovered.update(torch.tensor(1.0), taken=torch.tensor(True))  # the run at the minimum spans two checks
     with pytest.raises(LossScaleCollapse):
         recovered.check()
+
+
+def test_the_multi_tensor_guarded_step_undoes_a_skipped_step_in_a_few_kernels():
+    """step_unless on the multi-tensor SGD (FSDP2's form): a skipped step (an inf gradient) leaves every weight and
+    momentum buffer as it was, a kept one changes them; the undo is one where per dtype, not one per tensor."""
+    from dist_bot.recipe.precision import step_unless, zero_momentum
+
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(*[torch.nn.Linear(4, 4) for _ in range(10)])
+    opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9, nesterov=True, weight_decay=1e-4, foreach=True)
+    zero_momentum(opt)
+    for p in model.parameters():
+        p.grad = torch.randn_like(p)
+    step_unless(opt, torch.zeros(()))  # a kept step: the momentum buffers are now nonzero
+    saved = [t.clone() for p in model.parameters() for t in (p, opt.state[p]["momentum_buffer"])]
+    for p in model.parameters():
+        p.grad = torch.randn_like(p)
+    next(model.parameters()).grad[0, 0] = float("inf")
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
+        step_unless(opt, torch.ones(()))
+    now = [t for p in model.parameters() for t in (p, opt.state[p]["momentum_buffer"])]
+    assert all(torch.equal(a, b) for a, b in zip(saved, now, strict=True))
+    wheres = sum(e.count for e in prof.key_averages() if e.key == "aten::where")
+    assert 1 <= wheres <= 2, wheres  # 40 tensors, one dtype
+    step_unless(opt, torch.zeros(()))
+    now = [t for p in model.parameters() for t in (p, opt.state[p]["momentum_buffer"])]
+    assert not any(torch.equal(a, b) for a, b in zip(saved, now, strict=True))

@@ -31,6 +31,7 @@ class DistEnv:
     device: torch.device = torch.device("cpu")  # noqa: RUF009 - immutable, safe as a shared default
     source: str = "single"  # torchrun | slurm | single
     local_world_size: int = 1  # processes on this node (they share its CPUs)
+    generation: int = 0  # which process group of this process (see store_prefix)
 
     @property
     def is_main(self) -> bool:
@@ -70,11 +71,18 @@ def slurm_tasks_on_this_node(env: dict[str, str]) -> int:
 
 def read_launch_env(environ: dict[str, str] | None = None) -> dict[str, str | int]:
     """rank, world_size, local_rank, local_world_size, master_addr, master_port and the launcher, from the
-    environment."""
+    environment. The launcher ("source") is "slurm" for a process that is one Slurm task of its own (srun, or
+    submitit, which exports the torch variables from Slurm's), "torchrun" for a process that torchrun (or
+    anything setting the torch variables) started, "single" for a plain process."""
     env = os.environ if environ is None else environ
-    if "RANK" in env and "WORLD_SIZE" in env:  # torchrun, submitit, or anything setting the torch variables
+    if "RANK" in env and "WORLD_SIZE" in env:  # torchrun, submitit, or dist_bot's own export (init_distributed)
+        own_task = (
+            "TORCHELASTIC_RUN_ID" not in env
+            and env.get("SLURM_PROCID") == env["RANK"]
+            and env.get("SLURM_NTASKS") == env["WORLD_SIZE"]
+        )
         return {
-            "source": "torchrun",
+            "source": "slurm" if own_task else "torchrun",
             "rank": int(env["RANK"]),
             "world_size": int(env["WORLD_SIZE"]),
             "local_rank": int(env.get("LOCAL_RANK", 0)),
@@ -105,45 +113,86 @@ def read_launch_env(environ: dict[str, str] | None = None) -> dict[str, str | in
     }
 
 
+def export_launch_env(launch: dict[str, str | int], environ=None) -> None:
+    """Export the torch variables that libraries read (DeepSpeed asserts LOCAL_RANK, torch's env:// reads RANK,
+    WORLD_SIZE, MASTER_ADDR/PORT), whichever launcher started this process; a plain process exports none, so it
+    stays a plain process when read again."""
+    environ = os.environ if environ is None else environ
+    if launch["source"] == "single":
+        return
+    names = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")
+    for name in names:
+        environ[name] = str(launch[name.lower()])
+
+
+def device_index(local_rank: int, local_world_size: int, device_count: int, environ=None) -> int:
+    """The GPU of this process among those it sees: its local rank when each process sees all the node's GPUs,
+    0 when the launcher gave each its own (srun --gpus-per-task=1: one visible GPU per task). More processes on
+    a node than GPUs is an error now: shared GPUs would fail later in NCCL ("Duplicate GPU"), or run slowly."""
+    environ = os.environ if environ is None else environ
+    if device_count == 1 and local_world_size > 1 and environ.get("SLURM_GPUS_PER_TASK") == "1":
+        return 0
+    if local_world_size > device_count or local_rank >= device_count:
+        raise UserError(
+            f"{local_world_size} processes on this node, but {device_count} GPU(s) visible to each: start one "
+            f"process per GPU (torchrun --nproc-per-node={device_count}, srun --ntasks-per-node={device_count}, "
+            "or srun --gpus-per-task=1)"
+        )
+    return local_rank
+
+
+_GROUPS = [0]  # process groups this process has made: each gets key spaces of its own in a store that outlives it
+
+
 def init_distributed(backend: str = "auto", timeout_min: float = 30.0) -> DistEnv:
     """Join the process group (when there is more than one process) and pick this process's device."""
     launch = read_launch_env()
     rank, world, local = int(launch["rank"]), int(launch["world_size"]), int(launch["local_rank"])
+    local_world = int(launch["local_world_size"])
     if torch.cuda.is_available():
-        device = torch.device("cuda", local % torch.cuda.device_count())
+        device = torch.device("cuda", device_index(local, local_world, torch.cuda.device_count()))
         torch.cuda.set_device(device)
     else:
         device = torch.device("cpu")
+    export_launch_env(launch)
+    generation = _GROUPS[0]
     # A launcher's single process joins a group too (of one): the same NCCL/gloo and DDP code runs as on many.
-    if (world > 1 or launch["source"] == "torchrun") and not dist.is_initialized():
+    if (world > 1 or launch["source"] != "single") and not dist.is_initialized():
         if backend == "auto":
             backend = "nccl" if device.type == "cuda" else "gloo"
-        os.environ.setdefault("MASTER_ADDR", str(launch["master_addr"]))
-        os.environ.setdefault("MASTER_PORT", str(launch["master_port"]))
         timeout = datetime.timedelta(minutes=timeout_min)
+        _GROUPS[0] += 1
         dist.init_process_group(
             backend,
-            store=restart_safe_store(world, timeout),  # None: the usual env:// rendezvous
+            store=restart_safe_store(world, timeout, generation),  # None: the usual env:// rendezvous
             rank=rank,
             world_size=world,
             timeout=timeout,
             device_id=device if device.type == "cuda" else None,
         )
-    return DistEnv(rank, world, local, device, str(launch["source"]), int(launch["local_world_size"]))
+    return DistEnv(rank, world, local, device, str(launch["source"]), local_world, generation)
 
 
-def restart_safe_store(world: int, timeout: datetime.timedelta) -> dist.Store | None:
-    """Under torchrun, the agent's store with a key prefix of its own for each restart of the workers.
+def store_prefix(generation: int) -> str:
+    """The key space of one process group in a store that outlives it: torchrun's store lives through every
+    restart of its workers (TORCHELASTIC_RESTART_COUNT), and through several groups made one after the other in
+    one process (dist_bot.cli.main called twice: a sweep driven from Python)."""
+    return f"dist_bot/attempt_{os.environ.get('TORCHELASTIC_RESTART_COUNT', '0')}/group_{generation}/"
 
-    torchrun (--max-restarts) keeps one store for the whole job, and the keys the failed attempt's processes wrote
-    stay in it: gloo's rendezvous then reads the dead processes' addresses and the restarted group never forms
-    (torch 2.14; a test in tests/test_faults.py restarts a group after a SIGKILL). Elsewhere: None.
+
+def restart_safe_store(world: int, timeout: datetime.timedelta, generation: int = 0) -> dist.Store | None:
+    """Under torchrun, the agent's store with a key prefix of its own for each process group (store_prefix).
+
+    torchrun (--max-restarts) keeps one store for the whole job, and the keys an earlier group's processes wrote
+    stay in it: gloo's rendezvous then reads the earlier processes' addresses and the new group never forms, or
+    hangs (a test in tests/test_faults.py restarts a group after a SIGKILL; one in tests/test_launch.py trains
+    twice in one torchrun). Elsewhere: None.
     """
     env = os.environ
     if env.get("TORCHELASTIC_USE_AGENT_STORE") != "True" or "TORCHELASTIC_RESTART_COUNT" not in env:
         return None
     store = dist.TCPStore(env["MASTER_ADDR"], int(env["MASTER_PORT"]), world, is_master=False, timeout=timeout)
-    return dist.PrefixStore(f"dist_bot/attempt_{env['TORCHELASTIC_RESTART_COUNT']}/", store)
+    return dist.PrefixStore(store_prefix(generation), store)
 
 
 def shutdown() -> None:
@@ -171,15 +220,22 @@ class FailureWatch:
     ACK_WAIT_S = 5.0  # how long a failing process waits for the others to have read its error
     WAIT = datetime.timedelta(hours=1)  # one wait of the watching thread (it waits again after a timeout)
 
-    def __init__(self, env: DistEnv, on_peer_failure: Callable[[str], None], grace_s: float = 10.0):
+    def __init__(
+        self,
+        env: DistEnv,
+        on_peer_failure: Callable[[str], None],
+        grace_s: float = 10.0,
+        on_message: Callable[[str], None] | None = None,
+    ):
         self.env, self.on_peer_failure, self.grace_s = env, on_peer_failure, grace_s
+        self.on_message = on_message  # called first with every message read (a hang's ends this process there)
         self.message: str | None = None
         self.received, self.handled = threading.Event(), threading.Event()
         self.store: dist.Store | None = None
         if not (env.distributed and dist.is_initialized()):
             return
-        # One key space per launch: torchrun's store outlives an elastic restart.
-        self.prefix = f"dist_bot/failure/{os.environ.get('TORCHELASTIC_RESTART_COUNT', '0')}/"
+        # One key space per process group: torchrun's store outlives an elastic restart, and a group.
+        self.prefix = store_prefix(env.generation) + "failure/"
         self.store = self._connect()
         threading.Thread(target=self._watch, name="failure-watch", daemon=True).start()
 
@@ -204,6 +260,8 @@ class FailureWatch:
         except Exception:  # the store is gone
             self.message = "another process failed (its error is in its log)"
         self.received.set()
+        if self.on_message is not None and not self.handled.is_set():
+            self.on_message(self.message)
         if not self.handled.wait(self.grace_s):  # still blocked, in a collective that a dead peer does not end
             self.on_peer_failure(f"stopping: {self.message}")
 
@@ -225,9 +283,15 @@ class FailureWatch:
             return
         first_line = str(error).strip().splitlines()[0] if str(error).strip() else ""
         what = first_line if isinstance(error, UserError) else f"{type(error).__name__}: {first_line}"
+        self.announce_text(f"rank {self.env.rank} failed: {what}")
+
+    def announce_text(self, text: str) -> None:
+        """``text`` to every other process (see announce)."""
+        if self.store is None or self.received.is_set():
+            return
         try:
             store = self._connect()
-            store.set(self.prefix + "error", f"rank {self.env.rank} failed: {what}")
+            store.set(self.prefix + "error", text)
             others = [f"{self.prefix}read/{r}" for r in range(self.env.world_size) if r != self.env.rank]
             store.wait(others, datetime.timedelta(seconds=self.ACK_WAIT_S))
         except Exception:  # a peer that died, or no store: the others still stop, from their collective
@@ -258,12 +322,20 @@ def local_peak_memory_mb(env: DistEnv) -> tuple[float, float]:
 
 
 def average_buffers(module: torch.nn.Module, env: DistEnv) -> None:
-    """Average floating buffers (BN running statistics) over processes, in place; a collective."""
+    """Average floating buffers (BN running statistics) over processes, in place; a collective. Summed in fp32
+    whatever their dtype: fp16 buffers (DeepSpeed's fp16) would overflow the sum of 32 ranks' running_var once a
+    variance exceeds 2,047."""
     if env.distributed:
         for buf in module.buffers():
-            if buf.is_floating_point():
+            if not buf.is_floating_point():
+                continue
+            if buf.dtype in (torch.float32, torch.float64):
                 dist.all_reduce(buf)
                 buf.div_(env.world_size)
+            else:
+                total = buf.float()
+                dist.all_reduce(total)
+                buf.copy_(total.div_(env.world_size))
 
 
 BROADCAST_BUCKET_BYTES = 250 * 2**20  # DDP's default bucket for its buffer broadcast

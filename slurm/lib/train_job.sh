@@ -45,7 +45,11 @@ dist_bot_train() {  # CONFIG [key=value ...]
     cd "$DIST_BOT_HOME"
     MASTER_ADDR=$(scontrol show hostnames "$SLURM_JOB_NODELIST" | head -n 1)
     export MASTER_ADDR MASTER_PORT=${MASTER_PORT:-$((20000 + SLURM_JOB_ID % 20000))}
-    export OMP_NUM_THREADS=${OMP_NUM_THREADS:-${SLURM_CPUS_PER_TASK:-1}}
+    # Since Slurm 22.05 srun does not inherit sbatch's --cpus-per-task: without this, a cluster binding tasks to
+    # CPUs gives each task ONE core (and dist_bot one DALI thread, one worker). SRUN_CPUS_PER_TASK is srun's own
+    # variable for it; each task logs the CPUs it got ("start-up: ... cpus=N affinity=..."), and sets its
+    # threads (OMP_NUM_THREADS, unless set) and data workers from them.
+    [[ -n ${SLURM_CPUS_PER_TASK:-} ]] && export SRUN_CPUS_PER_TASK=${SRUN_CPUS_PER_TASK:-$SLURM_CPUS_PER_TASK}
     echo "dist_bot: $(date +%T) job $SLURM_JOB_ID, restart ${SLURM_RESTART_COUNT:-0}: $SLURM_NTASKS tasks on" \
          "$SLURM_JOB_NODELIST, master $MASTER_ADDR:$MASTER_PORT"
     echo "dist_bot: $PYTHON -m dist_bot ${args[*]}"
@@ -54,7 +58,9 @@ dist_bot_train() {  # CONFIG [key=value ...]
     # In the background, so that the trap runs as soon as the signal comes (bash defers traps during a
     # foreground command); `wait` returns early on a trap, so wait again until srun has really ended.
     # --wait=120: once one task has ended, the others get 2 minutes to end too (after a checkpoint they all
-    # exit 75 within seconds; after a crash the others would block in a collective), then srun ends them.
+    # exit 75 within seconds; a finished run's ranks end together, after rank 0's final export and W&B upload;
+    # after a crash or a hang the others end within seconds, see FailureWatch; one that cannot, e.g. stopped,
+    # is ended by srun).
     # Not --kill-on-bad-exit: it would kill the other ranks as soon as the first exits 75.
     # shellcheck disable=SC2086  # SRUN_ARGS is a list of flags; PYTHON may be a command ("apptainer exec ... python")
     srun --kill-on-bad-exit=0 --wait="${SRUN_WAIT:-120}" ${SRUN_ARGS:-} $PYTHON -u -m dist_bot "${args[@]}" &
@@ -73,6 +79,9 @@ dist_bot_train() {  # CONFIG [key=value ...]
     elif [[ $rc == "$REQUEUE_EXIT_CODE" ]]; then
         echo "dist_bot: stopped with a checkpoint (SIGTERM or run.stop_after_steps); not requeued by this script:" \
              "Slurm requeues a preempted job itself, or submit the same command again to resume"
+    elif [[ $rc == 3 ]]; then  # dist_bot.distributed.watchdog.HANG_EXIT_CODE: never requeued, so never again and again
+        echo "dist_bot: a hang: nothing completed for dist.hang_timeout_min; every task's stacks are in the run" \
+             "folder's hang/ (see the README, 'Before a long cluster run'); not requeued"
     fi
     exit "$rc"
 }
