@@ -13,6 +13,7 @@
     dist-bot data pack SRC DST [--shard-size 1GB]  a folder dataset as tar shards (WebDataset layout) + index
     dist-bot bench data CONFIG [key=value ...]  images/s of each data loader, side by side (JSON lines)
     dist-bot bench train [CONFIG] [key=value ...]  training step vs a bare PyTorch loop (and fed by data.path)
+    dist-bot doctor CONFIG [key=value ...] [--out FILE]  a preflight of every process: CPUs, disk, data, network
     dist-bot report RUN_DIR [RUN_DIR ...]       PNG plots of loss, lr, img/s, top-1; a table for several runs
 
 Bad input (an unknown key, a wrongly typed value, an unknown model, an unreadable image) ends with one line on
@@ -353,6 +354,16 @@ def cmd_bench_train(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_doctor(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from dist_bot.doctor import run_doctor
+
+    cfg = load_config(args.config, args.overrides)
+    with process_group(cfg, args.command) as env:
+        return run_doctor(cfg, env, Path(args.out) if args.out else None)
+
+
 def cmd_report(args: argparse.Namespace) -> int:
     from dist_bot.report import report
 
@@ -445,6 +456,15 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--repeats", type=int, default=3, help="timed blocks per side, alternating (default 3)")
     b.add_argument("--timm", action="store_true", help="also time timm's model of the same name in the bare loop")
     b.set_defaults(func=cmd_bench_train)
+
+    p = sub.add_parser(
+        "doctor",
+        help="a preflight before a long run, started like training (every process): CPUs, disk, data, network, W&B",
+    )
+    p.add_argument("config", help="the recipe the run will use, e.g. configs/resnet50d_bs1024.yaml")
+    p.add_argument("overrides", nargs="*", metavar="key=value", help="the run's overrides, e.g. data.path=/data")
+    p.add_argument("--out", help="JSON report to write (default: doctor.json in the run folder)")
+    p.set_defaults(func=cmd_doctor)
 
     p = sub.add_parser("report", help="PNG plots and a table of one or more runs, from their metrics.jsonl")
     p.add_argument("run_dirs", nargs="+", metavar="RUN_DIR", help="run folders (<run.out_dir>/<run.name>)")

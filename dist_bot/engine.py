@@ -97,10 +97,13 @@ def flat_keys(d: dict, prefix: str = "") -> dict:
     return out
 
 
+BEFORE_A_RUN = {"doctor.json"}  # what may be in a run folder before its run: `dist-bot doctor`'s report
+
+
 def check_run_dir(cfg: Config, run_dir: Path) -> None:
     """Refuse to reuse a folder that holds another run; allow continuing the same run (run.resume=auto)."""
     saved = run_dir / "config.yaml"
-    if not run_dir.exists() or not any(run_dir.iterdir()):
+    if not run_dir.exists() or all(p.name in BEFORE_A_RUN for p in run_dir.iterdir()):
         return
     if not saved.exists():
         raise RunError(f"{run_dir} exists and is not a dist_bot run folder: choose another run.name or run.out_dir")

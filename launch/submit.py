@@ -9,6 +9,8 @@
     python -m launch.submit configs/resnet50d_bs1024.yaml --sweep optim.base_lr_per_256=0.1,0.2 --nodes 1
     # a sweep over recipes (e.g. the ablation ladder): the key `config` replaces CONFIG
     python -m launch.submit configs/resnet50d_bs1024.yaml --sweep config=configs/a.yaml,configs/b.yaml
+    # the preflight on the nodes and CPUs the job will get (its report: doctor.json in the run folder)
+    python -m launch.submit configs/resnet50d_bs1024.yaml data.path=/datasets/imagenet --nodes 4 --doctor --wait
     # no Slurm: the same job as local processes (--gpus-per-node 0 --tasks-per-node 2 for 2 CPU processes)
     python -m launch.submit configs/demo.yaml --cluster local --gpus-per-node 0 --tasks-per-node 2 --wait
 
@@ -177,6 +179,17 @@ class TrainJob(submitit.helpers.Checkpointable):
         raise RuntimeError(f"{stop}, and the job was not requeued: submit the same command again to resume")
 
 
+class DoctorJob:
+    """`dist-bot doctor` as a submitit job: the preflight on the nodes, tasks and CPUs a TrainJob would get, through
+    the same start-up path; its result is the exit status (1: something would make the run fail)."""
+
+    def __call__(self, config: str, overrides: list[str]) -> int:
+        from dist_bot.cli import main
+
+        submitit.helpers.TorchDistributedEnvironment().export(set_cuda_visible_devices=False)
+        return main(["doctor", config, *overrides])
+
+
 def make_executor(args: argparse.Namespace, folder: Path) -> submitit.AutoExecutor:
     executor = submitit.AutoExecutor(folder=folder, cluster=args.cluster, slurm_max_num_timeout=args.max_timeouts)
     tasks = args.tasks_per_node or max(args.gpus_per_node, 1)
@@ -250,6 +263,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--cluster", choices=["slurm", "local"], help="default: slurm when sbatch is on PATH, else local")
     p.add_argument("--wait", action="store_true", help="wait for the jobs and print each result as a JSON line")
     p.add_argument("--dry-run", action="store_true", help="print the runs that would be submitted, submit nothing")
+    p.add_argument(
+        "--doctor",
+        action="store_true",
+        help="submit `dist-bot doctor` (the preflight: CPUs, disk, data, network) with these settings, not training",
+    )
     return p
 
 
@@ -271,7 +289,7 @@ def main(argv: list[str] | None = None) -> int:
     out_dir = Path(load_config(runs[0].config, runs[0].overrides).run.out_dir)
     folder = Path(args.folder) if args.folder else out_dir / "submitit_logs" / "%j"
     executor = make_executor(args, folder)
-    job = TrainJob()
+    job = DoctorJob() if args.doctor else TrainJob()
     with executor.batch():  # one job array on Slurm, however many runs
         jobs = [executor.submit(job, r.config, r.overrides) for r in runs]
     for r, j in zip(runs, jobs, strict=True):
@@ -283,7 +301,10 @@ def main(argv: list[str] | None = None) -> int:
     failed = 0
     for r, j in zip(runs, jobs, strict=True):
         try:
-            print(json.dumps({"job_id": j.job_id, "name": r.name, "state": "done", "result": j.results()[0]}))
+            result = j.results()[0]
+            state = "failed" if args.doctor and result != 0 else "done"  # the doctor's status: 1 when a check failed
+            failed += state == "failed"
+            print(json.dumps({"job_id": j.job_id, "name": r.name, "state": state, "result": result}))
         except Exception as e:  # submitit re-raises the job's error with its traceback; report and go on
             failed += 1
             print(json.dumps({"job_id": j.job_id, "name": r.name, "state": "failed", "error": str(e)[-2000:]}))

@@ -15,6 +15,7 @@
 #   OUT_DIR         runs folder (run.out_dir; default runs/)
 #   MAX_GPU_BATCH   most images per GPU per micro-batch (data.max_batch_size; the recipe says 128)
 #   PYTHON          a python with dist_bot installed (default .venv/bin/python, else python3)
+#   DIST_BOT_COMMAND  doctor: `dist-bot doctor`, the preflight, on this job's nodes and tasks (run it first)
 #   SRUN_ARGS       more srun flags, e.g. a container: "--container-image=./dist_bot.sqsh --container-mounts=/datasets"
 #   WANDB_API_KEY, WANDB_PROJECT, WANDB_MODE, ...  read by W&B itself (no key: offline runs)
 #

@@ -102,3 +102,22 @@ def torchrun_cmd(nproc: int, *args: str, script: str | None = None, restarts: in
 def run_cmd(cmd: list[str], timeout: int = 600) -> subprocess.CompletedProcess:
     env = os.environ | {"OMP_NUM_THREADS": "1", "WANDB_SILENT": "true"}
     return subprocess.run(cmd, capture_output=True, text=True, cwd=REPO, timeout=timeout, env=env)
+
+
+def startup_fields(text: str) -> dict[int, dict[str, str]]:
+    """Each rank's start-up line (dist_bot.cli.set_up_process: host=... pid=... rank=R/W ...) in a launch's
+    output, as {rank: {key: value}}."""
+    found = {}
+    for line in text.splitlines():
+        if "start-up: " in line:
+            fields = dict(kv.split("=", 1) for kv in line.split("start-up: ", 1)[1].split())
+            found[int(fields["rank"].split("/")[0])] = fields
+    return found
+
+
+def alive(pid: int) -> bool:
+    """Whether process ``pid`` exists and has not ended (a zombie has ended)."""
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().split(") ")[1][0] not in "ZX"
+    except (OSError, IndexError):
+        return False

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import REPO, run_cmd, torchrun_cmd
+from conftest import REPO, alive, run_cmd, startup_fields, torchrun_cmd
 
 from dist_bot.checkpoint import CheckpointError, list_checkpoints, load_checkpoint, read_file
 from dist_bot.config import load_config
@@ -339,3 +339,60 @@ def test_preemption_handlers_stay_until_everything_is_closed_then_are_restored(t
     assert main([*train_args(tiny_digits, tmp_path, "schedule.epochs=1"), "data.loader=torch"]) == 0
     assert seen == [True]
     assert {s: signal.getsignal(s) for s in before} == before and not PREEMPTION.installed
+
+
+# -- a hang -----------------------------------------------------------------------------------------------------
+
+
+def wait_for_steps(run: Path, steps: int, proc: subprocess.Popen, timeout_s: float = 240) -> None:
+    """Until ``run``'s metrics.jsonl holds ``steps`` training records (the run is mid-epoch and stepping)."""
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        assert proc.poll() is None, "the run ended before it was stopped"
+        lines = (run / "metrics.jsonl").read_text().splitlines() if (run / "metrics.jsonl").exists() else []
+        if sum(json.loads(x)["split"] == "train" for x in lines if x.endswith("}")) >= steps:
+            return
+        time.sleep(0.2)
+    pytest.fail(f"{run} did not log {steps} steps in {timeout_s} s")
+
+
+def check_hang_report(hang: Path, ranks: list[int]) -> dict[int, str]:
+    """The stack file of each rank in ``ranks``: it says why, and shows where the training thread waited."""
+    stacks = {r: (hang / f"rank{r}.txt").read_text() for r in ranks}
+    for text in stacks.values():
+        assert "nothing completed for" in text, text[:2000]
+        assert "Thread" in text and "engine.py" in text, text[:3000]
+    return stacks
+
+
+HANG_MIN = 0.5  # the watchdog's timeout in these tests: above a loaded CI machine's slowest start-up step
+
+
+@pytest.mark.slow
+def test_a_stopped_rank_is_a_hang_every_other_rank_dumps_its_stacks_and_the_job_ends(tiny_digits, tmp_path):
+    """SIGSTOP of rank 1 mid-epoch under torchrun (2 processes): rank 0 sees no step complete for
+    dist.hang_timeout_min, writes its stacks to <run>/hang/rank0.txt and stderr, and exits with status 3;
+    torchrun then ends the stopped rank. Nothing waits for the collectives' 30-minute timeout."""
+    run, err = tmp_path / "r", tmp_path / "stderr.txt"
+    args = train_args(tiny_digits, tmp_path, "schedule.epochs=100", f"dist.hang_timeout_min={HANG_MIN}")
+    env = os.environ | {"OMP_NUM_THREADS": "1", "WANDB_MODE": "disabled"}
+    with open(err, "w") as stderr:
+        proc = subprocess.Popen(torchrun_cmd(2, *args), cwd=REPO, stdout=subprocess.DEVNULL, stderr=stderr, env=env)
+    try:
+        wait_for_steps(run, 3, proc)
+        victim = int(startup_fields(err.read_text())[1]["pid"])
+        os.kill(victim, signal.SIGSTOP)
+        stopped = time.monotonic()
+        status = proc.wait(timeout=HANG_MIN * 60 + 120)
+        ended = time.monotonic() - stopped
+    finally:
+        proc.kill()
+    text = err.read_text()
+    stacks = check_hang_report(run / "hang", [0])
+    dumped = (run / "hang" / "rank0.txt").stat().st_mtime - (time.time() - (time.monotonic() - stopped))
+    print(f"stopped rank 1: rank 0 dumped its stacks {dumped:.1f} s later, the job ended after {ended:.1f} s")
+    assert status != 0 and ("exitcode  : 3" in text or "exitcode: 3" in text), text[-3000:]
+    assert "a hang; every process's stacks are in" in text and "Thread" in text  # on stderr too
+    assert not alive(victim)
+    assert ended < HANG_MIN * 60 + 60, ended
+    assert "rank 0: nothing completed for" in stacks[0]

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import subprocess
 import sys
 import tempfile
@@ -19,7 +20,7 @@ import time
 from pathlib import Path
 
 import pytest
-from conftest import REPO
+from conftest import REPO, alive, startup_fields
 
 from dist_bot.checkpoint import list_checkpoints, read_meta
 
@@ -114,10 +115,25 @@ def final_val(run_dir: Path) -> dict:
     return {k: val[k] for k in ("epoch", "step", "top1", "top5", "loss", "samples")}
 
 
-def sbatch_cpu(env: dict, data: Path, out: Path, name: str, *flags: str) -> subprocess.CompletedProcess:
-    job_env = env | {"DATA": str(data), "OUT_DIR": str(out), "RUN_NAME": name}
-    cmd = ["sbatch", "--parsable", f"--output={out}/%x-%j.out", *flags, "slurm/cpu_imagenette_2nodes.sh", *SMALL]
-    return run(cmd, job_env)
+def sbatch_cpu(
+    env: dict, data: Path, out: Path, name: str, *flags: str, overrides: tuple[str, ...] = (), **job_env: str
+) -> subprocess.CompletedProcess:
+    """The CPU script on 2 nodes x 1 task of 2 CPUs (each node's both: task/affinity binds them), unless
+    ``flags`` say otherwise."""
+    job_env = env | {"DATA": str(data), "OUT_DIR": str(out), "RUN_NAME": name} | job_env
+    script = ["slurm/cpu_imagenette_2nodes.sh", *SMALL, *overrides]
+    return run(["sbatch", "--parsable", f"--output={out}/%x-%j.out", "--cpus-per-task=2", *flags, *script], job_env)
+
+
+def assert_cpus(log: str, expected: dict[int, tuple[str, int]], launcher: str = "slurm") -> dict[int, dict]:
+    """Each rank's start-up line: the launcher, its CPUs (affinity as Slurm bound it) and what follows from them."""
+    fields = startup_fields(log)
+    assert sorted(fields) == sorted(expected), log[-3000:]
+    for rank, (affinity, cpus) in expected.items():
+        f = fields[rank]
+        assert (f["launcher"], f["affinity"], int(f["cpus"])) == (launcher, affinity, cpus), f
+        assert int(f["omp_threads"]) == cpus, f  # (the loaders' workers: data.workers=1 in these jobs)
+    return fields
 
 
 def submitit_cmd(out: Path, data: Path, name: str, *extra: str) -> list[str]:
@@ -139,6 +155,8 @@ def submitit_cmd(out: Path, data: Path, name: str, *extra: str) -> list[str]:
         "1",
         "--time",
         "20",
+        "--cpus-per-task",
+        "2",
         *extra,
     ]
 
@@ -172,7 +190,11 @@ def straight(slurm_env, imagenette_subset, tmp_path_factory) -> dict:
 
 @pytest.mark.slow
 def test_sbatch_cpu_script_trains_and_evaluates_on_two_nodes(straight):
+    """...and each task gets the CPUs the job asked for (sbatch --cpus-per-task=2), bound by Slurm: srun does not
+    inherit --cpus-per-task (Slurm >= 22.05), so without the script's SRUN_CPUS_PER_TASK each would get one."""
     assert "2 tasks on node[1-2], master node1" in straight["log"]
+    fields = assert_cpus(straight["log"], {0: ("0-1", 2), 1: ("0-1", 2)})
+    assert [fields[r]["local_rank"] for r in (0, 1)] == ["0/1", "0/1"]
     assert straight["val"]["samples"] == 100  # the whole validation subset, counted once over both nodes
     assert straight["val"]["step"] == EPOCHS * STEPS_PER_EPOCH
     steps = [m["step"] for m in read_metrics(straight["run_dir"]) if m["split"] == "train"]
@@ -187,6 +209,9 @@ def test_submitit_launcher_on_two_nodes_returns_the_same_result(slurm_env, strai
     result = lines[-1]["result"]
     assert {k: result[k] for k in straight["val"]} == straight["val"]  # same world size and seed: same run
     assert Path(result["run_dir"]) == tmp_path / "launched"
+    # submitit's srun line passes no CPU count of its own: launch.submit adds it (--cpus-per-task 2 here)
+    logs = "\n".join(p.read_text() for p in sorted((tmp_path / "submitit_logs").glob("*/*_log.err")))
+    assert_cpus(logs, {0: ("0-1", 2), 1: ("0-1", 2)})
 
 
 @pytest.mark.slow
@@ -248,3 +273,84 @@ def test_sweep_runs_as_a_job_array(slurm_env, imagenette_subset, tmp_path):
     assert sorted(lrs) == ["sweep-base_lr_per_256=0.25", "sweep-base_lr_per_256=1.0"]
     peak = {k: max(v) for k, v in lrs.items()}
     assert peak["sweep-base_lr_per_256=1.0"] == pytest.approx(4 * peak["sweep-base_lr_per_256=0.25"])
+
+
+@pytest.mark.slow
+def test_deepspeed_through_the_sbatch_script_on_two_tasks_of_one_cpu_each(slurm_env, imagenette_subset, tmp_path):
+    """strategy=deepspeed under srun: DeepSpeed asserts LOCAL_RANK, which srun does not set; the start-up path
+    exports it (and RANK, WORLD_SIZE, ...) for every launcher. 1 node x 2 tasks x 1 CPU: Slurm binds each task
+    to a CPU of its own."""
+    done = sbatch_cpu(
+        slurm_env,
+        imagenette_subset,
+        tmp_path,
+        "zero",
+        "--wait",
+        "--nodes=1",
+        "--ntasks-per-node=2",
+        "--cpus-per-task=1",
+        overrides=("strategy=deepspeed", "dist.zero_stage=1", "schedule.epochs=1"),
+    )
+    log = "\n".join(p.read_text() for p in tmp_path.glob("*.out"))
+    assert done.returncode == 0, f"{done.stderr}\n{log[-3000:]}"
+    fields = assert_cpus(log, {0: ("0", 1), 1: ("1", 1)})
+    assert [fields[r]["local_rank"] for r in (0, 1)] == ["0/2", "1/2"]
+    assert "over gloo" in log and "deepspeed" in log
+    assert final_val(tmp_path / "zero")["samples"] == 100
+
+
+@pytest.mark.slow
+def test_a_stopped_task_under_the_sbatch_script_is_a_hang_that_ends_the_job(slurm_env, imagenette_subset, tmp_path):
+    """SIGSTOP of rank 1 (node2) mid-epoch: rank 0 writes its stacks to the run's hang/ folder and exits 3 within
+    dist.hang_timeout_min and seconds; srun ends the stopped task after its --wait (30 s here); the job FAILS
+    with status 3 and the script does not requeue it."""
+    hang_min = 0.5
+    job = sbatch_cpu(
+        slurm_env,
+        imagenette_subset,
+        tmp_path,
+        "hung",
+        overrides=("schedule.epochs=50", f"dist.hang_timeout_min={hang_min}"),
+        SRUN_WAIT="30",
+    ).stdout.strip()
+    wait_for_step(tmp_path / "hung" / "metrics.jsonl", 3)
+    log_file = next(tmp_path.glob("*.out"))
+    victim = int(startup_fields(log_file.read_text())[1]["pid"])
+    os.kill(victim, signal.SIGSTOP)
+    stopped = time.monotonic()
+    info = wait_job(job, slurm_env, timeout=hang_min * 60 + 150)
+    ended = time.monotonic() - stopped
+    log = log_file.read_text()
+    stacks = (tmp_path / "hung" / "hang" / "rank0.txt").read_text()
+    dumped = (tmp_path / "hung" / "hang" / "rank0.txt").stat().st_mtime - (time.time() - ended)
+    report(f"sbatch, rank 1 stopped: rank 0's stacks after {dumped:.1f} s, the job ended after {ended:.1f} s")
+    assert info["JobState"] == "FAILED" and info["ExitCode"].startswith("3:"), (info, log[-3000:])
+    assert "rank 0: nothing completed for" in stacks and "engine.py" in stacks, stacks[:3000]
+    assert "a hang; every process's stacks are in" in log and "not requeued" in log, log[-3000:]
+    assert info["Restarts"] == "0" and not alive(victim)
+
+
+@pytest.mark.slow
+def test_a_corrupt_jpeg_under_submitit_ends_every_rank_within_seconds_with_status_2(
+    slurm_env, imagenette_subset, tmp_path
+):
+    """Rank 1's first image is truncated: rank 1 fails at its first step; rank 0, waiting for it in the gradient
+    all-reduce, stops too (the failure watch of the CLI's start-up path, which TrainJob now runs): both tasks
+    end with status 2 and the error's line, seconds after it, not at the collectives' 30-minute timeout."""
+    from test_fatal_errors import with_bad_first_image
+
+    data = with_bad_first_image(imagenette_subset, tmp_path / "data", rank=1, world_size=2)
+    t0 = time.monotonic()
+    done = run(submitit_cmd(tmp_path, data, "bad", "--nodes", "2", "--wait"), slurm_env)
+    took = time.monotonic() - t0
+    lines = [json.loads(x) for x in done.stdout.splitlines() if x.startswith("{")]
+    assert done.returncode == 1 and lines[-1]["state"] == "failed", done.stdout + done.stderr[-3000:]
+    folder = next((tmp_path / "submitit_logs").iterdir())
+    errs = {t: (folder / f"{folder.name}_{t}_log.err").read_text() for t in (0, 1)}
+    errors = {t: [x for x in text.splitlines() if x.startswith("dist-bot train: error: ")] for t, text in errs.items()}
+    assert len(errors[1]) == 1 and "stopping" not in errors[1][0], errs[1][-3000:]  # rank 1's own error
+    assert len(errors[0]) == 1 and "stopping: rank 1 failed" in errors[0][0], errs[0][-3000:]  # as rank 1's
+    job = job_info(folder.name, slurm_env)
+    assert job["JobState"] == "FAILED" and job["ExitCode"].startswith("2:"), job
+    report(f"submitit, a corrupt JPEG on rank 1: both tasks ended with status 2, the job took {took:.1f} s")
+    assert took < 240, took  # start-up and the first step included; the collectives' timeout is 30 minutes

@@ -6,8 +6,8 @@
 # dist_bot's "checkpointed, requeue me" status 75 into 1). Rank, world size and local rank come from
 # SLURM_PROCID, SLURM_NTASKS and SLURM_LOCALID (dist_bot/distributed/env.py); the first node is the master.
 #
-# Environment (all optional): DATA, OUT_DIR, RUN_NAME, MAX_GPU_BATCH, PYTHON, SRUN_ARGS, DIST_BOT_HOME; see
-# the sbatch scripts. The requeued job is the same job id, so the default RUN_NAME, and with it the run
+# Environment (all optional): DATA, OUT_DIR, RUN_NAME, MAX_GPU_BATCH, PYTHON, SRUN_ARGS, DIST_BOT_HOME,
+# DIST_BOT_COMMAND (doctor: the preflight instead of training); see the sbatch scripts. The requeued job is the same job id, so the default RUN_NAME, and with it the run
 # folder, the checkpoint and the W&B run, are the same: the run resumes where it stopped.
 
 set -euo pipefail
@@ -31,7 +31,8 @@ dist_bot_train() {  # CONFIG [key=value ...]
     shift
     local job=$SLURM_JOB_ID
     [[ -n ${SLURM_ARRAY_JOB_ID:-} ]] && job=${SLURM_ARRAY_JOB_ID}_${SLURM_ARRAY_TASK_ID}
-    local args=(train "$config" "run.name=${RUN_NAME:-${SLURM_JOB_NAME}-${job}}")
+    # DIST_BOT_COMMAND=doctor: the preflight on the very nodes, tasks and CPUs of this job, into the run folder
+    local args=("${DIST_BOT_COMMAND:-train}" "$config" "run.name=${RUN_NAME:-${SLURM_JOB_NAME}-${job}}")
     [[ -n ${DATA:-} ]] && args+=("data.path=$DATA")
     [[ -n ${OUT_DIR:-} ]] && args+=("run.out_dir=$OUT_DIR")
     [[ -n ${MAX_GPU_BATCH:-} ]] && args+=("data.max_batch_size=$MAX_GPU_BATCH")

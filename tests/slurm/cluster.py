@@ -6,6 +6,9 @@ munged, slurmctld and two slurmd (node1, node2: Debian's build has MULTIPLE_SLUR
 state, log, socket and pid file under DIR. The slurmds run in a private mount namespace whose /etc/hosts maps
 node1/node2 to 127.0.0.1, so a job's MASTER_ADDR=node1 resolves. There is no accounting daemon (slurmdbd
 needs a MySQL server): `tests/slurm/bin/sacct` stands in for the one sacct call submitit makes.
+Tasks are bound to CPUs as production clusters bind them (TaskPlugin=task/affinity: each task's affinity is the
+CPUs it was given; it runs in this container, task/cgroup was not tried), so a launcher that gives a task too few
+CPUs shows here. Both nodes have this machine's CPUs (at least 2).
 MinJobAge=4 keeps finished jobs visible for a few seconds only: `sbatch --wait` then polls every 2 s (with
 Slurm's default of 300 s it sleeps 2, 8, then 32 s between polls, which cost a test up to half a minute).
 """
@@ -59,7 +62,7 @@ SlurmdPidFile={d}/slurmd-%n.pid
 SlurmctldLogFile={d}/slurmctld.log
 SlurmdLogFile={d}/slurmd-%n.log
 ProctrackType=proctrack/linuxproc
-TaskPlugin=task/none
+TaskPlugin=task/affinity
 SelectType=select/cons_tres
 SelectTypeParameters=CR_Core
 SchedulerType=sched/backfill
