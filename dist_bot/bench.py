@@ -13,7 +13,7 @@ from collections.abc import Callable, Iterator
 import numpy as np
 import torch
 
-from .config import Config
+from .config import Config, UserError
 from .data import make_loaders
 from .data.synthetic import SyntheticLoader
 from .distributed.env import DistEnv, local_peak_memory_mb
@@ -143,17 +143,35 @@ def versions(device: torch.device) -> dict:
     }
 
 
-def endless_steps(trainer: Trainer, loader) -> Iterator[None]:
-    """Trainer steps over ``loader``'s epochs, one per ``next()``, for as long as the bench asks."""
+def endless_steps(trainer: Trainer, loader, waited: list[float] | None = None) -> Iterator[None]:
+    """Trainer steps over ``loader``'s epochs, one per ``next()``, for as long as the bench asks; the seconds the
+    training thread waited for the loader's batches are added to ``waited[0]``."""
     epoch = 0
     while True:
         loader.set_epoch(epoch)
         batches = iter(loader)
+        if waited is not None:
+            batches = timed(batches, waited)
         for step in loader.steps:
             trainer.train_step(step, batches)
             yield
         next(batches, None)  # let the loader's epoch end
         epoch += 1
+
+
+def timed(batches: Iterator, waited: list[float]) -> Iterator:
+    while True:
+        t = time.perf_counter()
+        try:
+            batch = next(batches)
+        except StopIteration:
+            return
+        waited[0] += time.perf_counter() - t
+        yield batch
+
+
+LAUNCHERS = {"single": "process", "torchrun": "torchrun", "slurm": "slurm"}  # DistEnv.source -> the record's name
+SIDES = ("synthetic", "data", "bare", "timm")
 
 
 def _bare_loop(cfg: Config, env: DistEnv, model: torch.nn.Module | None = None) -> Callable[[], None]:
@@ -249,53 +267,80 @@ class BlockTimer:
         return start.elapsed_time(end) / 1000, torch.cuda.max_memory_allocated(self.device) / 2**20
 
 
-def bench_train(cfg: Config, env: DistEnv, steps: int = 20, warmup: int = 5, repeats: int = 3, timm: bool = False):
+def bench_train(
+    cfg: Config,
+    env: DistEnv,
+    steps: int = 20,
+    warmup: int = 5,
+    repeats: int = 3,
+    timm: bool = False,
+    sides: tuple[str, ...] | None = None,
+):
     """Images/s of dist_bot's whole training step against a bare PyTorch loop doing the same work, side by side.
 
-    Sides, each timed in ``repeats`` blocks of ``steps`` optimizer steps (one device wait per block; the step
-    time is the median over blocks of block time / steps), alternating so that a noisy neighbour hurts all
-    alike, after ``warmup`` untimed steps each (torch.compile, cuDNN's autotuning):
-      dist_bot        the Trainer's own step (lr schedule, recipe losses, strategy, loss-scale guard) on one
-                      synthetic batch, in a throw-away run folder;
-      dist_bot+LOADER the same Trainer fed by the real loader (data.loader=dali|torch with data.path), epoch
-                      after epoch: what data loading costs is the ratio of the two;
-      bare            `_bare_loop`; timm (with ``timm=True``): the bare loop with timm's model of that name.
-    Yields one JSON-able record per side, then one with the ratios.
+    Sides (``sides`` picks some; by default all that apply), each timed in ``repeats`` blocks of ``steps``
+    optimizer steps (one device wait per block; the step time is the median over blocks of block time / steps),
+    alternating so that a noisy neighbour hurts all alike, after ``warmup`` untimed steps each (torch.compile,
+    cuDNN's autotuning):
+      synthetic  dist_bot: the Trainer's own step (lr schedule, recipe losses, strategy, loss-scale guard) on one
+                 synthetic batch, in a throw-away run folder;
+      data       dist_bot+LOADER: the same Trainer fed by the real loader (data.loader=dali|torch with data.path),
+                 epoch after epoch, after at least twice the loader's prefetch depth of untimed steps, so that
+                 batches made ahead cannot hide a slow loader; ``data_s``: the step's wait for its batches. Timed
+                 alone (sides=("data",)), no other side's blocks give the loader time to refill its queue;
+      bare       `_bare_loop`; timm (with ``timm=True``): the bare loop with timm's model of that name.
+    Yields one JSON-able record per side (each naming its launcher, strategy, compile mode and loader), then one
+    with the ratios of the sides that ran.
     """
     cfg.wandb.mode = "disabled"
     if cfg.data.loader != "synthetic" and not cfg.data.path:
         cfg.data.loader = "synthetic"  # nothing to read: the synthetic side alone
+    wanted = set(sides or SIDES)
+    if unknown := wanted - set(SIDES):
+        raise UserError(f"bench train --sides: unknown {sorted(unknown)}; choose from {', '.join(SIDES)}")
     tmp = tempfile.TemporaryDirectory(prefix="dist_bot_bench_")
     cfg.run.out_dir, cfg.run.name, cfg.run.resume = tmp.name, "bench", "never"
     trainer = Trainer(cfg, env)
     trainer.strategy.model.train()
-    synthetic = SyntheticLoader(cfg, env, True, trainer.num_classes)
-    sides: dict[str, Callable[[], None]] = {}
-    feeds = {"dist_bot": endless_steps(trainer, synthetic)}
+    runs: dict[str, Callable[[], None]] = {}
+    loaders: dict[str, str] = {}  # side -> the loader feeding it
+    warm = dict.fromkeys(SIDES, warmup)
     loader = type(trainer.train_loader).__name__.removesuffix("Loader").lower()  # torch | dali | synthetic
-    if loader != "synthetic":
-        feeds[f"dist_bot+{loader}"] = endless_steps(trainer, trainer.train_loader)
-    for side, feed in feeds.items():
-        sides[side] = functools.partial(next, feed)
-    sides["bare"] = _bare_loop(cfg, env)
+    waited = [0.0]
+    if "synthetic" in wanted:
+        synthetic = SyntheticLoader(cfg, env, True, trainer.num_classes)
+        runs["dist_bot"], loaders["dist_bot"] = functools.partial(next, endless_steps(trainer, synthetic)), "synthetic"
+    if "data" in wanted and loader != "synthetic":
+        side = f"dist_bot+{loader}"
+        runs[side] = functools.partial(next, endless_steps(trainer, trainer.train_loader, waited))
+        loaders[side] = loader
+        warm[side] = max(warmup, 2 * trainer.train_loader.prefetch_batches)
+    if "bare" in wanted:
+        runs["bare"], loaders["bare"] = _bare_loop(cfg, env), "synthetic"
     skipped = {}
-    if timm:
+    if timm and "timm" in wanted:
         found = timm_model(cfg)
         if isinstance(found, str):
             skipped["timm"] = found
         else:
-            sides["timm"] = _bare_loop(cfg, env, found)
+            runs["timm"], loaders["timm"] = _bare_loop(cfg, env, found), "synthetic"
+    if not runs:
+        raise UserError(f"bench train --sides {','.join(sorted(wanted))}: none of them applies to this config")
 
     timer = BlockTimer(env.device)
-    times: dict[str, list[float]] = {side: [] for side in sides}
-    peak = dict.fromkeys(sides, 0.0)
-    for run in sides.values():
-        timer(run, warmup)
+    times: dict[str, list[float]] = {side: [] for side in runs}
+    data_s: list[float] = []
+    peak = dict.fromkeys(runs, 0.0)
+    for side, run in runs.items():
+        timer(run, warm.get(side, warmup))
     for _ in range(repeats):
-        for side, run in sides.items():
+        for side, run in runs.items():
+            waited[0] = 0.0
             seconds, mem = timer(run, steps)
             times[side].append(seconds / steps)
             peak[side] = max(peak[side], mem)
+            if side.startswith("dist_bot+"):
+                data_s.append(waited[0] / steps)
     trainer.tracker.close()
     trainer.train_loader.close()
     trainer.val_loader.close()
@@ -308,6 +353,7 @@ def bench_train(cfg: Config, env: DistEnv, steps: int = 20, warmup: int = 5, rep
         "image_size": cfg.data.image_size,
         "global_batch": batch,
         "processes": env.world_size,
+        "launcher": LAUNCHERS[env.source],
         "precision": cfg.precision,
         "channels_last": m.channels_last,
         "compile": m.compile,
@@ -321,13 +367,19 @@ def bench_train(cfg: Config, env: DistEnv, steps: int = 20, warmup: int = 5, rep
         rate[side] = batch / med
         mem = {"max_gpu_mem_mb": round(peak[side], 1)} if env.device.type == "cuda" else {}
         mem["max_rss_mb"] = round(local_peak_memory_mb(env)[0], 1)
-        rec = {"bench": "train", "impl": side, "img_per_s": rate[side], "step_s": med, "steps": len(t) * steps}
+        rec = {"bench": "train", "impl": side, "loader": loaders[side], "img_per_s": rate[side], "step_s": med}
+        rec |= {"steps": len(t) * steps, "warmup_steps": warm.get(side, warmup)}
+        if side.startswith("dist_bot+"):
+            rec["data_s"] = statistics.median(data_s)
         yield rec | {"block_step_s": [round(x, 5) for x in t]} | mem | common
     for side, why in skipped.items():
-        yield {"bench": "train", "impl": side, "skipped": why} | common
-    ratios = {"ratio": rate["dist_bot"] / rate["bare"], "overhead_pct": 100 * (rate["bare"] / rate["dist_bot"] - 1)}
-    if loader != "synthetic":
+        yield {"bench": "train", "impl": side, "loader": "synthetic", "skipped": why} | common
+    ratios = {}
+    if "dist_bot" in rate and "bare" in rate:
+        ratios = {"ratio": rate["dist_bot"] / rate["bare"], "overhead_pct": 100 * (rate["bare"] / rate["dist_bot"] - 1)}
+    if f"dist_bot+{loader}" in rate and "dist_bot" in rate:
         ratios["data_over_synthetic"] = rate[f"dist_bot+{loader}"] / rate["dist_bot"]
-    if "timm" in rate:
+    if "timm" in rate and "dist_bot" in rate:
         ratios["dist_bot_over_timm"] = rate["dist_bot"] / rate["timm"]
-    yield {"bench": "train"} | ratios | common
+    if ratios:
+        yield {"bench": "train", "loader": None} | ratios | common

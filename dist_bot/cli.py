@@ -286,7 +286,9 @@ def cmd_data_fake(args: argparse.Namespace) -> int:
     from dist_bot.datasets import write_fake_jpegs
 
     width, _, height = args.size.partition("x")
-    counts = write_fake_jpegs(args.out_dir, args.images, int(width), int(height), args.classes)
+    counts = write_fake_jpegs(
+        args.out_dir, args.images, int(width), int(height), args.classes, imagenet_sizes=args.imagenet_sizes
+    )
     print(json.dumps({"dataset": "fake", "path": args.out_dir, **counts}))
     return 0
 
@@ -348,7 +350,8 @@ def cmd_bench_train(args: argparse.Namespace) -> int:
         config, overrides = None, [config, *overrides]
     cfg = load_config(config, overrides)
     with process_group(cfg, args.command) as env:
-        for record in bench_train(cfg, env, args.steps, args.warmup, args.repeats, args.timm):
+        sides = tuple(args.sides.split(",")) if args.sides else None
+        for record in bench_train(cfg, env, args.steps, args.warmup, args.repeats, args.timm, sides):
             if env.is_main:
                 print(json.dumps(record), flush=True)
     return 0
@@ -418,6 +421,12 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--images", type=int, default=2000, help="images in all (default 2000, 10%% of them in val/)")
     d.add_argument("--size", default="500x375", help="WIDTHxHEIGHT in pixels (default 500x375, ImageNet's typical)")
     d.add_argument("--classes", type=int, default=10, help="class folders (default 10)")
+    d.add_argument(
+        "--imagenet-sizes",
+        action="store_true",
+        help="ImageNet's spread instead of one size: most sides 300-500 px, ~3%% 1,000-2,500 px, ~2%% grayscale, "
+        "a few CMYK",
+    )
     d.set_defaults(func=cmd_data_fake)
     d = dsub.add_parser("check", help="scan train/ and val/: counts, unreadable files, empty classes, leakage")
     d.add_argument("dir", help="dataset folder holding train/ and val/, or a pack (dist-bot data pack)")
@@ -455,6 +464,11 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--warmup", type=int, default=5, help="untimed steps per side before the first block (default 5)")
     b.add_argument("--repeats", type=int, default=3, help="timed blocks per side, alternating (default 3)")
     b.add_argument("--timm", action="store_true", help="also time timm's model of the same name in the bare loop")
+    b.add_argument(
+        "--sides",
+        help="comma-separated sides to time: synthetic, data (the loader of data.loader), bare, timm (default: all "
+        "that apply); time data alone to keep other sides from giving its loader time to refill",
+    )
     b.set_defaults(func=cmd_bench_train)
 
     p = sub.add_parser(

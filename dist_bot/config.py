@@ -98,6 +98,8 @@ class DataConfig:
     workers: int | None = param(None, range="[0, inf)", resumable=True)  # decoding workers per process (torch:
     # DataLoader processes; DALI: CPU threads); None: the CPUs this process may use (affinity, SLURM_CPUS_PER_TASK)
     # shared among the node's processes (torch: one fewer, left to the training thread)
+    dali_hw_decoder_load: float | None = param(None, range="[0, 1]", resumable=True)  # DALI "mixed": the share of
+    # images for the GPU's hardware JPEG decoder (A100, H100); None: DALI's default (0.65)
     dali_py_workers: int | None = param(None, range="[0, inf)", resumable=True)  # DALI: Python processes that read
     # files and draw each image's augmentation ahead of the training thread; None: a quarter of this process's CPUs
     # (1-8); 0: in the training thread

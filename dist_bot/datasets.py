@@ -37,21 +37,54 @@ def write_digits(out_dir: str | Path, size: int = 32, val_every: int = 5) -> dic
     return counts
 
 
-def _fake_image(path: str, width: int, height: int, seed: int) -> int:
-    """A smooth random picture with grain: about 70 KB as a JPEG at 500 x 375 (ImageNet's average file is ~110 KB)."""
+def _fake_image(path: str, width: int, height: int, seed: int, mode: str = "RGB") -> int:
+    """A smooth random picture with grain: about 70 KB as a JPEG at 500 x 375 (ImageNet's average file is ~110 KB).
+    ``mode`` L (grayscale) or CMYK, as ImageNet holds a few of each. Dropped from the page cache once written,
+    so that a benchmark's first epoch reads it from the disk, as a training run's does."""
     rng = np.random.default_rng(seed)
     coarse = Image.fromarray(rng.integers(0, 256, (6, 8, 3), dtype=np.uint8)).resize((width, height), Image.BICUBIC)
     pixels = np.asarray(coarse, dtype=np.int16) + rng.normal(0, 12, (height, width, 3)).astype(np.int16)
-    Image.fromarray(np.clip(pixels, 0, 255).astype(np.uint8)).save(path, quality=90)
+    Image.fromarray(np.clip(pixels, 0, 255).astype(np.uint8)).convert(mode).save(path, quality=90)
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+        os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+    finally:
+        os.close(fd)
     return os.path.getsize(path)
 
 
+def imagenet_like_size(seed: int) -> tuple[int, int, str]:
+    """(width, height, mode) of fake image ``seed``, spread as ImageNet's train set is: most sides 300-500 px
+    (the typical 500 x 375 or 375 x 500), a tail of 1,000-2,500 px (about 3 %), a few grayscale (about 2 %) and
+    CMYK (a few in a thousand) files."""
+    rng = np.random.default_rng([seed, 7])
+    u = rng.random()
+    if u < 0.03:
+        long = int(rng.integers(1000, 2500))
+    elif u < 0.15:
+        long = int(rng.integers(500, 1000))
+    else:
+        long = int(rng.integers(300, 501))
+    short = int(long * rng.uniform(0.6, 0.9))
+    width, height = (long, short) if rng.random() < 0.75 else (short, long)  # most are landscape
+    m = rng.random()
+    return width, height, "L" if m < 0.02 else "CMYK" if m < 0.025 else "RGB"
+
+
 def write_fake_jpegs(
-    out_dir: str | Path, images: int = 2000, width: int = 500, height: int = 375, classes: int = 10, val_share=0.1
+    out_dir: str | Path,
+    images: int = 2000,
+    width: int = 500,
+    height: int = 375,
+    classes: int = 10,
+    val_share=0.1,
+    imagenet_sizes: bool = False,
 ) -> dict[str, int]:
-    """``images`` random JPEGs of ImageNet's typical size (500 x 375), in ``classes`` class folders with
-    ``val_share`` of each class in val/: real files to decode for loader and training benchmarks. Written in
-    parallel; refuses a non-empty folder."""
+    """``images`` random JPEGs of ImageNet's typical size (500 x 375), or with ``imagenet_sizes`` of its spread
+    of sizes and modes (imagenet_like_size), in ``classes`` class folders with ``val_share`` of each class in
+    val/: real files to decode for loader and training benchmarks. Written in parallel; refuses a non-empty
+    folder."""
     out = Path(out_dir)
     if out.exists() and any(out.iterdir()):
         raise UserError(f"{out} is not empty: choose a new folder for the fake JPEGs")
@@ -62,8 +95,12 @@ def write_fake_jpegs(
             split = "val" if i < max(1, round(per_class * val_share)) else "train"
             folder = out / split / f"class{c:03d}"
             folder.mkdir(parents=True, exist_ok=True)
-            jobs.append((str(folder / f"{i:05d}.jpg"), width, height, c * per_class + i))
+            seed = c * per_class + i
+            w, h, mode = imagenet_like_size(seed) if imagenet_sizes else (width, height, "RGB")
+            jobs.append((str(folder / f"{i:05d}.jpg"), w, h, seed, mode))
     with concurrent.futures.ProcessPoolExecutor(min(len(jobs), os.cpu_count() or 1)) as pool:
         sizes = list(pool.map(_fake_image, *zip(*jobs, strict=True), chunksize=16))
     counts = {split: sum(1 for j in jobs if f"/{split}/" in j[0]) for split in ("train", "val")}
-    return counts | {"mean_kb": round(sum(sizes) / len(sizes) / 1024, 1)}
+    modes = {m: sum(j[4] == m for j in jobs) for m in ("RGB", "L", "CMYK")}
+    longest = max(max(j[1], j[2]) for j in jobs)
+    return counts | {"mean_kb": round(sum(sizes) / len(sizes) / 1024, 1), "modes": modes, "longest_side": longest}

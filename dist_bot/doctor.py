@@ -71,7 +71,8 @@ def host_info(env: DistEnv) -> dict:
     cuda = env.device.type == "cuda"
     props = torch.cuda.get_device_properties(env.device) if cuda else None
     return {
-        "host": socket.gethostname(),
+        # Slurm's name of the node (several slurmds may share a host, as on CI's test cluster), else the host's
+        "host": os.environ.get("SLURMD_NODENAME") or socket.gethostname(),
         "rank": env.rank,
         "local_rank": env.local_rank,
         "launcher": env.source,

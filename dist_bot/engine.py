@@ -97,7 +97,9 @@ def flat_keys(d: dict, prefix: str = "") -> dict:
     return out
 
 
-BEFORE_A_RUN = {"doctor.json"}  # what may be in a run folder before its run: `dist-bot doctor`'s report
+# what may be in a run folder before its run: `dist-bot doctor`'s report, the hang watchdog's folder (made at start
+# on GPUs, for NCCL's flight recorder)
+BEFORE_A_RUN = {"doctor.json", "hang"}
 
 
 def check_run_dir(cfg: Config, run_dir: Path) -> None:

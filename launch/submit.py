@@ -27,6 +27,7 @@ Configs are loaded and checked here, before anything is queued: a typo fails now
 from __future__ import annotations
 
 import argparse
+import atexit
 import itertools
 import json
 import logging
@@ -118,19 +119,20 @@ def _resolved_overrides(spec: RunSpec, group: str | None) -> list[str]:
     return out
 
 
-def exit_2_on_bad_input(kind, error, tb) -> None:
-    """sys.excepthook of a job: bad input (dist_bot's UserError; submitit has recorded it for `job.results()`
-    already) ends the task with the CLI's one line and status 2, as `dist-bot train` would; anything else as
-    Python does."""
-    from dist_bot.config import UserError
-
-    if not isinstance(error, UserError):
-        sys.__excepthook__(kind, error, tb)
-        return
+def exit_2_after(error: BaseException) -> None:
+    """Bad input (dist_bot's UserError) in a job: the CLI's one line now, and status 2 for the task once submitit
+    has recorded the error for `job.results()` (it re-raises it; Python would exit with 1). An exit handler, not
+    sys.excepthook, which W&B replaces."""
     sys.stdout.flush()
     sys.stderr.write(f"dist-bot train: error: {error}\n")
     sys.stderr.flush()
-    os._exit(2)
+
+    def exit_2() -> None:
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(2)
+
+    atexit.register(exit_2)
 
 
 class TrainJob(submitit.helpers.Checkpointable):
@@ -150,11 +152,13 @@ class TrainJob(submitit.helpers.Checkpointable):
 
         # RANK, WORLD_SIZE, LOCAL_RANK, MASTER_ADDR/PORT from the job; every GPU stays visible, picked by LOCAL_RANK
         submitit.helpers.TorchDistributedEnvironment().export(set_cuda_visible_devices=False)
-        sys.excepthook = exit_2_on_bad_input
         try:  # the CLI's start-up path: process group, failure and hang watches, threads, the start-up line
             return train(config, overrides)
         except Preempted as stop:
             return self._after_stop(stop, int(os.environ["RANK"]))
+        except UserError as e:
+            exit_2_after(e)
+            raise
 
     def _after_stop(self, stop, rank: int) -> dict:
         usr = getattr(signal, "SIG" + submitit.JobEnvironment.USR_SIG)

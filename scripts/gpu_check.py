@@ -20,8 +20,16 @@ RESERVE_S = 15  # kept back from every part for the summary
 MARKS = {
     "bf16_eager_img_per_s": (3000.0, "dist_bot's step, bf16, eager, synthetic data"),
     "best_img_per_s": (3600.0, "dist_bot's fastest setting on synthetic data"),
-    "dist_bot_over_bare": (0.97, "the lowest ratio to the bare PyTorch loop over all runs"),
-    "dali_over_synthetic": (0.95, "DALI-fed over synthetic, same run"),
+    "dist_bot_over_bare": (0.97, "the lowest ratio to the bare PyTorch loop over all runs (process and torchrun)"),
+    "dali_over_synthetic": (0.95, "DALI-fed (a run of its own) over synthetic, bf16, eager"),
+    "dali_over_synthetic_compiled": (0.95, "DALI-fed (a run of its own) over synthetic, bf16, compiled"),
+}
+# a loader-fed run -> the synthetic run it is compared with (same precision and compile mode)
+FED = {
+    "bf16-eager-dali": "bf16-eager",
+    "bf16-compiled-dali": "bf16-compiled",
+    "fp16-eager-torch": "fp16-eager",
+    "fp16-compiled-torch": "fp16-compiled",
 }
 
 
@@ -31,8 +39,10 @@ def importable(module: str) -> str | None:
     return None if res.returncode == 0 else (res.stderr.strip().splitlines() or ["import failed"])[-1]
 
 
-def bench_runs(mode: str, data: Path) -> list[tuple[str, list[str], list[str]]]:
-    """(name, overrides, flags) of the bench matrix; the rehearsal's tiny model and images keep its shape."""
+def bench_runs(mode: str, data: Path) -> list[tuple[str, str, list[str], list[str]]]:
+    """(name, launcher, overrides, flags) of the bench matrix, most needed first (the deadline cuts the last).
+    Every loader-fed case runs alone (--sides data), eager and compiled; DDP is timed under torchrun (one
+    process, NCCL) beside the plain process. The rehearsal's tiny model and images keep the matrix's shape."""
     if mode == "gpu":
         base = ["model.name=resnet50d", "data.image_size=224", "data.batch_size=256"]
         flags = ["--steps", "10", "--repeats", "5", "--warmup", "10"]
@@ -43,14 +53,40 @@ def bench_runs(mode: str, data: Path) -> list[tuple[str, list[str], list[str]]]:
         base.append("data.workers=1")
         flags = ["--steps", "3", "--repeats", "2", "--warmup", "1"]
     base.append("model.channels_last=true")
+    compiled = ["model.compile=true"]
+    fed = [f"data.path={data}"]
+    synthetic, alone = [*flags, "--sides", "synthetic,bare"], [*flags, "--sides", "data"]
+    with_timm = [*flags, "--sides", "synthetic,bare,timm", "--timm"]
+    bf16, fp16 = [*base, "precision=bf16"], [*base, "precision=fp16"]
+    bf16_dali, fp16_torch = [*bf16, "data.loader=dali", *fed], [*fp16, "data.loader=torch", *fed]
+    bf16, fp16 = [*bf16, "data.loader=synthetic"], [*fp16, "data.loader=synthetic"]
     dali = importable("nvidia.dali") is None
-    first = ["data.loader=dali", f"data.path={data}"] if dali else ["data.loader=synthetic"]
-    return [
-        ("bf16-eager" + ("-dali" if dali else ""), [*base, "precision=bf16", *first], [*flags, "--timm"]),
-        ("bf16-compiled", [*base, "precision=bf16", "model.compile=true"], flags),
-        ("fp16-eager-torch", [*base, "precision=fp16", "data.loader=torch", f"data.path={data}"], flags),
-        ("fp16-compiled", [*base, "precision=fp16", "model.compile=true"], flags),
+    runs = [
+        ("bf16-eager", "process", bf16, with_timm),
+        ("bf16-compiled", "process", [*bf16, *compiled], synthetic),
+        *([("bf16-compiled-dali", "process", [*bf16_dali, *compiled], alone)] if dali else []),
+        ("bf16-eager-ddp", "torchrun", bf16, synthetic),
+        ("bf16-compiled-ddp", "torchrun", [*bf16, *compiled], synthetic),
+        *([("bf16-eager-dali", "process", bf16_dali, alone)] if dali else []),
+        ("fp16-eager", "process", fp16, synthetic),
+        ("fp16-eager-torch", "process", fp16_torch, alone),
+        ("fp16-compiled", "process", [*fp16, *compiled], synthetic),
+        ("fp16-compiled-torch", "process", [*fp16_torch, *compiled], alone),
     ]
+    return runs
+
+
+def bench_data_args(mode: str, data: Path) -> list[str]:
+    """`dist-bot bench data`: the loaders alone on this device. DALI "mixed" with the hardware JPEG decoder off
+    (0), at DALI's default share (0.65) and at 0.9; the DataLoader."""
+    if mode == "gpu":
+        size = ["data.image_size=224", "data.batch_size=256", "--batches", "20", "--repeats", "3"]
+    else:
+        size = ["data.image_size=16", "data.batch_size=8", "data.workers=1", "--batches", "3", "--repeats", "1"]
+    variants = ["torch"]
+    if importable("nvidia.dali") is None:
+        variants = ["dali@data.dali_hw_decoder_load=0", "dali", "dali@data.dali_hw_decoder_load=0.9", "torch"]
+    return ["configs/demo.yaml", f"data.path={data}", *size, "--loaders", ",".join(variants)]
 
 
 class Parts:
@@ -114,31 +150,46 @@ def run(out: Path, mode: str, seconds_left: float) -> None:
             {"part": "tests", "status": status, "seconds": res.seconds, "cases": cases}
             | ({"why": f"failed: {', '.join(failed) or res.stderr[-300:]}"} if status == "failed" else {})
         )
-    # 2. images to decode
+    # 2. images to decode: ImageNet's spread of sizes and modes, out of the page cache
     data = out / "data"
     size = ["--images", "2000"] if mode == "gpu" else ["--images", "20", "--size", "48x40", "--classes", "4"]
-    res = parts.run("data", [py, "-m", "dist_bot", "data", "fake", str(data), *size], cap_s=90)
+    res = parts.run("data", [py, "-m", "dist_bot", "data", "fake", str(data), "--imagenet-sizes", *size], cap_s=120)
     if res is not None:
         ok = res.returncode == 0
         parts.record(
             {"part": "data", "status": "ok" if ok else "failed", "seconds": res.seconds}
             | ({"dataset": json.loads(res.stdout)} if ok else {"why": res.stderr[-500:]})
         )
-    if not (data / "train").is_dir():
+    have_data = (data / "train").is_dir()
+    if not have_data:
         parts.record({"part": "data-fed runs", "status": "not measured", "why": "no images were made"})
-    # 3. the bench matrix
+    # 3. the bench matrix, and the loaders alone
     why = importable("nvidia.dali")
     if why:
         parts.record({"part": "dali", "status": "not measured", "why": f"DALI does not import: {why}"})
-    for name, overrides, flags in bench_runs(mode, data):
-        if any(o.startswith("data.path") for o in overrides) and not (data / "train").is_dir():
+    torchrun = [py, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=1", "-m", "dist_bot"]
+    for i, (name, launcher, overrides, flags) in enumerate(bench_runs(mode, data)):
+        if any(o.startswith("data.path") for o in overrides) and not have_data:
             continue
-        res = parts.run(f"bench-{name}", [py, "-m", "dist_bot", "bench", "train", *overrides, *flags], cap_s=300)
-        if res is None:
-            continue
+        start = torchrun if launcher == "torchrun" else [py, "-m", "dist_bot"]
+        res = parts.run(f"bench-{name}", [*start, "bench", "train", *overrides, *flags], cap_s=300)
+        if res is not None:
+            records = [json.loads(x) for x in res.stdout.splitlines() if x.startswith("{")]
+            ok = res.returncode == 0 and records
+            entry = {"part": f"bench-{name}", "status": "ok" if ok else "failed", "seconds": res.seconds}
+            parts.record(entry | ({"records": records} if ok else {"why": res.stderr[-800:]}))
+        if i == 2 and have_data:  # after the runs the marks need most: the loaders alone
+            bench_data(parts, py, mode, data)
+    if have_data and not any(json.loads(x)["part"] == "bench-data" for x in parts.log.read_text().splitlines()):
+        bench_data(parts, py, mode, data)
+
+
+def bench_data(parts: Parts, py: str, mode: str, data: Path) -> None:
+    res = parts.run("bench-data", [py, "-m", "dist_bot", "bench", "data", *bench_data_args(mode, data)], cap_s=180)
+    if res is not None:
         records = [json.loads(x) for x in res.stdout.splitlines() if x.startswith("{")]
         ok = res.returncode == 0 and records
-        entry = {"part": f"bench-{name}", "status": "ok" if ok else "failed", "seconds": res.seconds}
+        entry = {"part": "bench-data", "status": "ok" if ok else "failed", "seconds": res.seconds}
         parts.record(entry | ({"records": records} if ok else {"why": res.stderr[-800:]}))
 
 
@@ -183,16 +234,22 @@ def summarize(out: Path, mode: str, elapsed_s: float) -> dict:
     for entry in parts.values():
         if entry["status"] == "started":  # the check was killed while this part ran
             entry.update(status="not measured", why="the check ended while this part ran")
-    table, ratios, sides_skipped = [], {}, {}
+    table, ratios, sides_skipped, loaders = [], {}, {}, []
     for name, entry in parts.items():
         for r in entry.get("records", []):
-            if "impl" in r and "img_per_s" in r:
+            if r.get("bench") == "data":
+                loaders.append({k: r.get(k) for k in ("variant", "img_per_s", "main_thread_ms", "device", "workers")})
+            elif "impl" in r and "img_per_s" in r:
                 table.append(
                     {
                         "run": name.removeprefix("bench-"),
                         "impl": r["impl"],
+                        "launcher": r["launcher"],
+                        "loader": r["loader"],
+                        "compile_mode": r["compile_mode"],
                         "img_per_s": round(r["img_per_s"], 1),
                         "step_s": round(r["step_s"], 4),
+                        "data_s": round(r["data_s"], 4) if "data_s" in r else None,
                         "max_gpu_mem_mb": r.get("max_gpu_mem_mb"),
                     }
                 )
@@ -200,15 +257,20 @@ def summarize(out: Path, mode: str, elapsed_s: float) -> dict:
                 sides_skipped[f"{name} {r['impl']}"] = {"status": "not measured", "why": r["skipped"]}
             elif "ratio" in r:
                 ratios[name.removeprefix("bench-")] = {
-                    k: round(v, 4) for k, v in r.items() if k in ("ratio", "data_over_synthetic", "dist_bot_over_timm")
+                    k: round(v, 4) for k, v in r.items() if k in ("ratio", "dist_bot_over_timm")
                 }
     parts |= sides_skipped
     synthetic = {t["run"]: t["img_per_s"] for t in table if t["impl"] == "dist_bot"}
+    for fed, base in FED.items():  # each loader-fed run against the synthetic run of the same settings
+        got = next((t["img_per_s"] for t in table if t["run"] == fed and t["impl"].startswith("dist_bot+")), None)
+        if got is not None and base in synthetic:
+            ratios.setdefault(fed, {})["data_over_synthetic"] = round(got / synthetic[base], 4)
     values = {
-        "bf16_eager_img_per_s": next((v for k, v in synthetic.items() if k.startswith("bf16-eager")), None),
+        "bf16_eager_img_per_s": synthetic.get("bf16-eager"),
         "best_img_per_s": max(synthetic.values(), default=None),
-        "dist_bot_over_bare": min((r["ratio"] for r in ratios.values()), default=None),
-        "dali_over_synthetic": next((r.get("data_over_synthetic") for k, r in ratios.items() if "dali" in k), None),
+        "dist_bot_over_bare": min((r["ratio"] for r in ratios.values() if "ratio" in r), default=None),
+        "dali_over_synthetic": ratios.get("bf16-eager-dali", {}).get("data_over_synthetic"),
+        "dali_over_synthetic_compiled": ratios.get("bf16-compiled-dali", {}).get("data_over_synthetic"),
     }
     judged = mode == "gpu"
     marks = {}
@@ -239,10 +301,11 @@ def summarize(out: Path, mode: str, elapsed_s: float) -> dict:
         "marks": marks,
         "table": table,
         "ratios": ratios,
+        "loaders": loaders,
         "parts": parts,
     }
     (out / "gpu_check.json").write_text(json.dumps(summary, indent=1))
-    brief = {k: summary[k] for k in ("check", "passed", "failed", "not_measured", "marks", "ratios")}
+    brief = {k: summary[k] for k in ("check", "passed", "failed", "not_measured", "marks", "ratios", "loaders")}
     print(json.dumps(brief | {"table": table}, indent=1))
     return summary
 

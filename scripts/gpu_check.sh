@@ -1,14 +1,20 @@
 #!/usr/bin/env bash
 # Does dist_bot train at GPU speed on this host? A check for any CUDA host, in at most 8 minutes:
 #   1. the tests marked `gpu` (tests/test_gpu.py: init_distributed with NCCL and the Trainer under DDP on CUDA,
-#      fp16 loss scaling with fused SGD, a checkpoint round trip, the step free of host-device syncs under
-#      CUDA's sync debug mode, DALI "mixed" decoding);
-#   2. `dist-bot bench train` for resnet50d, 224 px, batch 256, channels_last: bf16 and fp16, eager and
-#      compiled, each against a bare PyTorch loop; fed by ~2,000 JPEGs of ImageNet's size (made here with
-#      PIL) through DALI "mixed" (when DALI imports) and the torch DataLoader; timm's resnet50d (when timm
-#      imports) in the same bare loop;
-#   3. OUT/gpu_check.json: every part's result, or why it was not measured; the pass marks (bf16 eager
-#      >= 3,000 img/s, best >= 3,600, dist_bot / bare loop >= 0.97, DALI-fed / synthetic >= 0.95).
+#      fp16 loss scaling with fused SGD, checkpoint round trips under DDP, FSDP2 and ZeRO-1 fp16, a resume of
+#      a checkpoint whose RNG came from more GPUs, the step free of host-device syncs under CUDA's sync debug
+#      mode, DALI "mixed" decoding);
+#   2. ~2,000 fake JPEGs with ImageNet's spread of sizes (most 300-500 px a side, a tail to 2,500 px, a few
+#      grayscale and CMYK), dropped from the page cache once written;
+#   3. `dist-bot bench train` for resnet50d, 224 px, batch 256, channels_last: bf16 and fp16, eager and
+#      compiled, dist_bot's step against a bare PyTorch loop (and timm's resnet50d), in a plain process and
+#      under torchrun (DDP, NCCL); every loader-fed case (DALI "mixed" for bf16, the DataLoader for fp16) in a
+#      run of its own, eager and compiled, warmed up over twice the loader's prefetch depth, with its data_s;
+#      `dist-bot bench data`: the loaders alone (DALI with the hardware decoder off, at its default share, at
+#      0.9; the DataLoader);
+#   4. OUT/gpu_check.json: every part's result, or why it was not measured; each bench record names its
+#      launcher, strategy, compile_mode and loader; the pass marks (bf16 eager >= 3,000 img/s, best >= 3,600,
+#      dist_bot / bare loop >= 0.97, DALI-fed / synthetic >= 0.95 eager and compiled).
 #
 #   bash scripts/gpu_check.sh [--rehearse] [OUT]     # OUT defaults to ./gpu_check
 #
@@ -29,6 +35,8 @@ PY=${PYTHON:-python3}
 START=$SECONDS
 DEADLINE_S=${GPU_CHECK_DEADLINE_S:-480}
 export PYTHONUNBUFFERED=1 WANDB_MODE=disabled
+# one compile cache for every run: a run compiling what an earlier one compiled reads it from there
+export TORCHINDUCTOR_CACHE_DIR=${TORCHINDUCTOR_CACHE_DIR:-$OUT/inductor_cache}
 
 finish() {
     # The summary from whatever parts finished; if even Python cannot run it, a minimal JSON saying why.

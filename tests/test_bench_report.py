@@ -39,6 +39,23 @@ def test_bench_train_prints_both_sides_and_their_ratio():
     assert ratio["ratio"] == pytest.approx(dist_bot["img_per_s"] / bare["img_per_s"])
     assert ratio["overhead_pct"] == pytest.approx(100 * (bare["img_per_s"] / dist_bot["img_per_s"] - 1))
     assert ratio["model"] == "resnet18d" and ratio["precision"] == "bf16" and ratio["channels_last"] is True
+    for r in (dist_bot, bare):
+        assert (r["launcher"], r["strategy"], r["compile_mode"], r["loader"]) == ("process", "ddp", None, "synthetic")
+
+
+def test_bench_train_times_a_loader_side_alone_after_twice_its_prefetch_depth(tiny_digits):
+    """--sides data: the loader-fed Trainer in a run of its own (no other side's blocks let the loader refill),
+    warmed up over at least twice the batches the loader makes ahead, with the step's wait for data."""
+    args = ["bench", "train", "model.name=resnet18d", "data.image_size=32", "data.batch_size=4", "precision=fp32"]
+    args += [f"data.path={tiny_digits}", "data.loader=torch", "data.workers=2", "--steps=3", "--warmup=1"]
+    out = run_cmd([sys.executable, "-m", "dist_bot", *args, "--repeats=2", "--sides=data"])
+    assert out.returncode == 0, out.stderr[-3000:]
+    (fed,) = (json.loads(x) for x in out.stdout.splitlines())  # one side, and no ratio without a second
+    assert (fed["impl"], fed["loader"], fed["launcher"]) == ("dist_bot+torch", "torch", "process")
+    assert fed["warmup_steps"] >= 2 * 4 * 2  # 2 workers x prefetch factor 4, twice
+    assert 0 <= fed["data_s"] <= fed["step_s"]
+    bad = run_cmd([sys.executable, "-m", "dist_bot", *args, "--sides=loader"])
+    assert bad.returncode == 2 and "unknown ['loader']" in bad.stderr
 
 
 def write_run(folder, name, epochs, steps_per_epoch, top1s, duplicate_step=None, ema_top1s=None):

@@ -214,3 +214,43 @@ def test_sync_bn_with_nccl_in_one_process():
         assert torch.isfinite(loss) and model.fc.weight.grad is not None
     finally:
         dist.destroy_process_group()
+
+
+@pytest.mark.parametrize(
+    "strategy",
+    [["strategy=fsdp"], pytest.param(["strategy=deepspeed", "dist.zero_stage=1"], id="zero1")],
+    ids=["fsdp", "zero1"],
+)
+def test_sharded_strategies_train_fp16_and_round_trip_a_checkpoint_at_world_size_one(tmp_path, strategy):
+    """FSDP2 and DeepSpeed ZeRO-1 on CUDA (torchrun, one process, NCCL), fp16 with dynamic loss scaling: a run
+    stopped for requeue resumes from its checkpoint and finishes, with loss scales logged throughout."""
+    if "strategy=deepspeed" in strategy:
+        pytest.importorskip("deepspeed", reason="ZeRO needs DeepSpeed (pip install -e '.[deepspeed]')")
+    common = ["train", "configs/demo.yaml", *SMALL, "precision=fp16", *strategy, "schedule.epochs=2"]
+    common += ["run.log_every_steps=4", f"run.out_dir={tmp_path}", "run.name=sharded"]
+    first = run_cmd(torchrun_cmd(1, *common, "run.stop_after_steps=4"))
+    assert "exiting with status 75" in first.stdout, first.stderr[-3000:]
+    second = run_cmd(torchrun_cmd(1, *common))
+    assert second.returncode == 0 and "resumed from" in second.stderr, second.stderr[-3000:]
+    lines = [json.loads(x) for x in (tmp_path / "sharded" / "metrics.jsonl").read_text().splitlines()]
+    train = [x for x in lines if x["split"] == "train"]
+    assert train and all(x["loss_scale"] > 0 and x["loss"] == x["loss"] for x in train)
+    assert [x["samples"] for x in lines if x["split"] == "val"] == [64, 64]
+
+
+def test_a_checkpoint_whose_rng_state_came_from_more_gpus_resumes_here(tmp_path):
+    """A checkpoint written where rank 0 saw 8 GPUs (the older layout: its get_rng_state_all() under "cuda"),
+    resumed where this process sees fewer: it restores its own GPU's state and trains on."""
+    from dist_bot.checkpoint import read_meta, write_file
+
+    common = ["train", "configs/demo.yaml", *SMALL, "schedule.epochs=2", "run.log_every_steps=4"]
+    common += [f"run.out_dir={tmp_path}", "run.name=rng"]
+    first = run_cmd(torchrun_cmd(1, *common, "run.stop_after_steps=4"))
+    assert "exiting with status 75" in first.stdout, first.stderr[-3000:]
+    ckpt = list_checkpoints(tmp_path / "rng" / "checkpoints")[-1]
+    meta = read_meta(ckpt)
+    own = torch.cuda.get_rng_state(0)
+    meta["rng"] = {k: v for k, v in meta["rng"].items() if k != "cuda_by_rank"} | {"cuda": [own] * 8}
+    write_file(meta, ckpt / "meta.pt")
+    second = run_cmd(torchrun_cmd(1, *common))
+    assert second.returncode == 0 and "resumed from" in second.stderr, second.stderr[-3000:]

@@ -303,7 +303,7 @@ def test_deepspeed_through_the_sbatch_script_on_two_tasks_of_one_cpu_each(slurm_
 def test_a_stopped_task_under_the_sbatch_script_is_a_hang_that_ends_the_job(slurm_env, imagenette_subset, tmp_path):
     """SIGSTOP of rank 1 (node2) mid-epoch: rank 0 writes its stacks to the run's hang/ folder and exits 3 within
     dist.hang_timeout_min and seconds; srun ends the stopped task after its --wait (30 s here); the job FAILS
-    with status 3 and the script does not requeue it."""
+    and is not requeued."""
     hang_min = 0.5
     job = sbatch_cpu(
         slurm_env,
@@ -324,9 +324,10 @@ def test_a_stopped_task_under_the_sbatch_script_is_a_hang_that_ends_the_job(slur
     stacks = (tmp_path / "hung" / "hang" / "rank0.txt").read_text()
     dumped = (tmp_path / "hung" / "hang" / "rank0.txt").stat().st_mtime - (time.time() - ended)
     report(f"sbatch, rank 1 stopped: rank 0's stacks after {dumped:.1f} s, the job ended after {ended:.1f} s")
-    assert info["JobState"] == "FAILED" and info["ExitCode"].startswith("3:"), (info, log[-3000:])
+    # srun reports the worst of its tasks: rank 0's status 3, or the stopped task's SIGKILL (137) from srun
+    assert info["JobState"] == "FAILED" and info["ExitCode"].split(":")[0] in ("3", "137"), (info, log[-3000:])
     assert "rank 0: nothing completed for" in stacks and "engine.py" in stacks, stacks[:3000]
-    assert "a hang; every process's stacks are in" in log and "not requeued" in log, log[-3000:]
+    assert "a hang; every process's stacks are in" in log and "task 0: Exited with exit code 3" in log, log[-3000:]
     assert info["Restarts"] == "0" and not alive(victim)
 
 
@@ -345,12 +346,30 @@ def test_a_corrupt_jpeg_under_submitit_ends_every_rank_within_seconds_with_statu
     took = time.monotonic() - t0
     lines = [json.loads(x) for x in done.stdout.splitlines() if x.startswith("{")]
     assert done.returncode == 1 and lines[-1]["state"] == "failed", done.stdout + done.stderr[-3000:]
-    folder = next((tmp_path / "submitit_logs").iterdir())
+    folder = next(p for p in (tmp_path / "submitit_logs").iterdir() if p.is_dir())  # the job's, %j
     errs = {t: (folder / f"{folder.name}_{t}_log.err").read_text() for t in (0, 1)}
     errors = {t: [x for x in text.splitlines() if x.startswith("dist-bot train: error: ")] for t, text in errs.items()}
     assert len(errors[1]) == 1 and "stopping" not in errors[1][0], errs[1][-3000:]  # rank 1's own error
     assert len(errors[0]) == 1 and "stopping: rank 1 failed" in errors[0][0], errs[0][-3000:]  # as rank 1's
-    job = job_info(folder.name, slurm_env)
+    job = wait_job(folder.name, slurm_env, timeout=60)
     assert job["JobState"] == "FAILED" and job["ExitCode"].startswith("2:"), job
     report(f"submitit, a corrupt JPEG on rank 1: both tasks ended with status 2, the job took {took:.1f} s")
     assert took < 240, took  # start-up and the first step included; the collectives' timeout is 30 minutes
+
+
+@pytest.mark.slow
+def test_doctor_through_the_sbatch_script_on_two_nodes(slurm_env, imagenette_subset, tmp_path):
+    """DIST_BOT_COMMAND=doctor: the preflight on the job's 2 nodes x 1 task (2 CPUs each), through the same
+    script and start-up path as training: each process's record, with the all-reduce across nodes."""
+    from test_doctor import check_report
+
+    done = sbatch_cpu(slurm_env, imagenette_subset, tmp_path, "pre", "--wait", DIST_BOT_COMMAND="doctor")
+    log = "\n".join(p.read_text() for p in tmp_path.glob("*.out"))
+    assert done.returncode == 0, f"{done.stderr}\n{log[-3000:]}"
+    doc = json.loads((tmp_path / "pre" / "doctor.json").read_text())
+    check_report(doc, 2)
+    assert all("nodes" in p["busbw_gb_s"] and "node" not in p["busbw_gb_s"] for p in doc["processes"])
+    assert [p["cpus"] for p in doc["processes"]] == [2, 2]
+    assert "all-reduce busbw across nodes" in log and "doctor: " in log
+    report_table = log[log.index("status  check") : log.index("doctor: ")]
+    report(f"doctor on 2 nodes:\n{report_table}")

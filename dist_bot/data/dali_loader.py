@@ -59,6 +59,18 @@ def _pipelines(cfg, device_id, max_batch: int, num_threads: int, py_workers: int
     out_dtype = types.FLOAT16 if cfg.precision == "fp16" else types.FLOAT
     layout = "HWC" if cfg.model.channels_last else "CHW"  # HWC batches are NHWC = channels_last in torch
     mean, std = [255 * m for m in d.mean], [255 * s for s in d.std]
+    # nvJPEG's buffers preallocated for ImageNet's largest image, as NVIDIA's ResNet-50 example sets them: a
+    # large image then does not reallocate (and stall) the decoder mid-run
+    decoder = {}
+    if gpu:
+        decoder = {
+            "device_memory_padding": 211025920,
+            "host_memory_padding": 140544512,
+            "preallocate_width_hint": 5980,
+            "preallocate_height_hint": 6430,
+        }
+        if d.dali_hw_decoder_load is not None:
+            decoder["hw_decoder_load"] = d.dali_hw_decoder_load
 
     # Python workers are spawned, never forked: CUDA is initialised before the pipeline on GPU hosts, and a
     # fork while gloo or OpenMP threads hold locks can deadlock the child.
@@ -84,7 +96,7 @@ def _pipelines(cfg, device_id, max_batch: int, num_threads: int, py_workers: int
         )
         x = dict(zip(feeder.fields, nodes, strict=True))
         images = fn.decoders.image_slice(
-            x["jpeg"], x["anchor"], x["shape"], device=decode_device, output_type=types.RGB, axis_names="WH"
+            x["jpeg"], x["anchor"], x["shape"], device=decode_device, output_type=types.RGB, axis_names="WH", **decoder
         )
         images = fn.resize(images, size=[d.image_size, d.image_size], antialias=True, device=op_device)
         if "twist" in x:
@@ -97,7 +109,7 @@ def _pipelines(cfg, device_id, max_batch: int, num_threads: int, py_workers: int
         return images, labels, x["ok"]  # ok stays on the CPU: it is counted there, without waiting for the GPU
 
     def val_images(jpeg):
-        images = fn.decoders.image(jpeg, device=decode_device, output_type=types.RGB)
+        images = fn.decoders.image(jpeg, device=decode_device, output_type=types.RGB, **decoder)
         images = fn.resize(
             images, resize_shorter=round(d.image_size / d.val_resize_ratio), antialias=True, device=op_device
         )
@@ -151,6 +163,8 @@ class DaliLoader(PlannedLoader):
             self.device_id = dev.index if dev.index is not None else torch.cuda.current_device()
         self.workers = max(1, decode_workers(cfg, env))  # DALI's CPU threads
         self.py_workers = dali_py_workers(cfg, env) if train else 0
+        # batches made ahead of the training thread: the pipeline's queue, and the Python workers' one more each
+        self.prefetch_batches = PIPELINE_PREFETCH + (self.py_workers + 1 if self.py_workers else 0)
         self._val_pipe = None
         self._feed: _Feed | None = None
         self._files: FileList | None = None  # the training split, compact, for the feeder

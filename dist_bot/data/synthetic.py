@@ -38,6 +38,7 @@ class SyntheticLoader:
         self._plan = (tuple(tuple(range(self.batch)) for _ in range(accum)), size, n_steps)
         self.set_epoch(0)
         self.bad_images = 0
+        self.prefetch_batches = 0  # one batch, made once
 
     @property
     def num_samples(self) -> int:

@@ -23,6 +23,8 @@ from .transforms import PCA_EIGVAL, PCA_EIGVEC, normalize, pca_lighting
 
 log = logging.getLogger(__name__)
 
+PREFETCH_FACTOR = 4  # batches each DataLoader worker keeps ready
+
 
 class ImageDataset(torch.utils.data.Dataset):
     """(uint8 CHW image, label, ok, lighting noise) for a key (index, sample_seed); ``ok`` is 0 for a skipped
@@ -93,6 +95,7 @@ class TorchLoader(PlannedLoader):
         self.memory_format = torch.channels_last if cfg.model.channels_last else torch.contiguous_format
         self.dtype = torch.float16 if cfg.precision == "fp16" else torch.float32  # as DALI emits: half the bytes
         self.workers = dataloader_workers(cfg, env)
+        self.prefetch_batches = PREFETCH_FACTOR * self.workers  # batches made ahead of the training thread
         if self.workers > 0:  # start the forkserver now: its imports overlap the model's build, not the first step
             worker_context()
         # Constants on the device once: made per batch, each would be a copy from pageable memory that waits.
@@ -131,7 +134,7 @@ class TorchLoader(PlannedLoader):
             # Workers start from a clean forkserver, not by forking this process: a fork while gloo/NCCL or
             # OpenMP threads hold locks deadlocks the child now and then (seen here in evaluation).
             multiprocessing_context=worker_context() if self.workers > 0 else None,
-            prefetch_factor=4 if self.workers > 0 else None,
+            prefetch_factor=PREFETCH_FACTOR if self.workers > 0 else None,
             collate_fn=collate,
             worker_init_fn=functools.partial(init_worker, os.getpid()) if self.workers > 0 else None,
         )

@@ -6,7 +6,7 @@ record of the last collectives. So every process of a run keeps a heartbeat, bea
 optimizer step, an evaluation batch, a checkpoint write: ``HEARTBEAT.beat``), and a thread watches it: when
 nothing has completed for ``dist.hang_timeout_min``, it writes every thread's Python stack (faulthandler) to
 <run>/hang/rank<R>.txt and stderr (on NCCL also torch's flight recorder of the last collectives,
-nccl_trace_rank<R>.pkl), announces the hang through the launcher's store (FailureWatch), and ends its process
+<run>/hang/nccl/rank<R>, read by `torchfrtrace <run>/hang/nccl --prefix rank`), announces the hang through the launcher's store (FailureWatch), and ends its process
 with HANG_EXIT_CODE. A process that reads the announcement dumps its own stacks and ends the same way; one that
 cannot (stopped, or dead) is ended by its launcher when the others have exited (torchrun at once; srun after its
 --wait). HANG_EXIT_CODE is not the requeue status (75), so a hung job ends rather than being requeued again and
@@ -23,6 +23,7 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
+import torch
 import torch.distributed as dist
 
 HANG_EXIT_CODE = 3
@@ -33,10 +34,13 @@ def flight_recorder_env(folder: Path, environ=None) -> None:
     """Turn on torch's NCCL flight recorder (the last collectives of each process) before the process group is
     made, writing to ``folder`` on NCCL's own timeout too; a user's own settings win."""
     environ = os.environ if environ is None else environ
+    if not torch.cuda.is_available():
+        return
+    (folder / "nccl").mkdir(parents=True, exist_ok=True)  # torch writes its dumps there, it does not make it
     environ.setdefault("TORCH_FR_BUFFER_SIZE", "2000")  # collectives kept (torch's name since 2.7)
     environ.setdefault("TORCH_NCCL_TRACE_BUFFER_SIZE", environ["TORCH_FR_BUFFER_SIZE"])  # its name before
     environ.setdefault("TORCH_NCCL_DUMP_ON_TIMEOUT", "1")
-    environ.setdefault("TORCH_FR_DUMP_TEMP_FILE", str(folder / "nccl_trace_rank"))
+    environ.setdefault("TORCH_FR_DUMP_TEMP_FILE", str(folder / "nccl" / "rank"))  # + the rank
     environ.setdefault("TORCH_NCCL_DEBUG_INFO_TEMP_FILE", environ["TORCH_FR_DUMP_TEMP_FILE"])
 
 
@@ -55,7 +59,8 @@ def dump_stacks(folder: Path, rank: int, why: str) -> Path:
         try:  # a private API (torch >= 2.3), so a failure is a line in the stack file, not an error
             from torch._C._distributed_c10d import _dump_nccl_trace
 
-            (folder / f"nccl_trace_rank{rank}.pkl").write_bytes(_dump_nccl_trace())
+            (folder / "nccl").mkdir(exist_ok=True)
+            (folder / "nccl" / f"rank{rank}").write_bytes(_dump_nccl_trace())  # torch's own name for a dump
         except Exception as e:
             with open(path, "a") as f:
                 f.write(f"\nno NCCL flight recorder dump: {type(e).__name__}: {e}\n")
