@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import functools
+import itertools
 import statistics
 import tempfile
 import time
@@ -60,8 +61,7 @@ def bench_data(cfg: Config, loaders: list[str], batches: int = 20, repeats: int 
     thread_ms: dict[str, list[float]] = {spec: [] for spec in loaders}
     for rep in range(repeats):
         for spec, loader in built.items():
-            loader.set_epoch(rep)
-            it = iter(loader)
+            it = over_epochs(loader, rep * 1000)  # a small dataset's epoch may be shorter than a run
             for _ in range(warmup):
                 next(it)
             n, t0, cpu0 = 0, time.perf_counter(), time.thread_time()
@@ -108,6 +108,13 @@ def bench_data(cfg: Config, loaders: list[str], batches: int = 20, repeats: int 
             "dali": dali_version,
             "ratio_to_" + loaders[-1]: statistics.median(r) / statistics.median(rates[loaders[-1]]),
         }
+
+
+def over_epochs(loader, first_epoch: int) -> Iterator:
+    """The loader's batches, epoch after epoch from ``first_epoch``."""
+    for epoch in itertools.count(first_epoch):
+        loader.set_epoch(epoch)
+        yield from loader
 
 
 def data_files(loader) -> dict:

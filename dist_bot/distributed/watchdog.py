@@ -6,11 +6,11 @@ record of the last collectives. So every process of a run keeps a heartbeat, bea
 optimizer step, an evaluation batch, a checkpoint write: ``HEARTBEAT.beat``), and a thread watches it: when
 nothing has completed for ``dist.hang_timeout_min``, it writes every thread's Python stack (faulthandler) to
 <run>/hang/rank<R>.txt and stderr (on NCCL also torch's flight recorder of the last collectives,
-<run>/hang/nccl/rank<R>, read by `torchfrtrace <run>/hang/nccl --prefix rank`), announces the hang through the launcher's store (FailureWatch), and ends its process
-with HANG_EXIT_CODE. A process that reads the announcement dumps its own stacks and ends the same way; one that
-cannot (stopped, or dead) is ended by its launcher when the others have exited (torchrun at once; srun after its
---wait). HANG_EXIT_CODE is not the requeue status (75), so a hung job ends rather than being requeued again and
-again.
+<run>/hang/nccl/rank<R>, read by `torchfrtrace <run>/hang/nccl --prefix rank`), announces the hang through the
+launcher's store (FailureWatch), and ends its process with HANG_EXIT_CODE. A process that reads the
+announcement dumps its own stacks and ends the same way; one that cannot (stopped, or dead) is ended by its
+launcher when the others have exited (torchrun at once; srun after its --wait). HANG_EXIT_CODE is not the
+requeue status (75), so a hung job ends rather than being requeued again and again.
 """
 
 from __future__ import annotations
