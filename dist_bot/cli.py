@@ -70,8 +70,9 @@ def cpu_list(cpus) -> str:
 
 
 def set_up_process(cfg, env) -> str:
-    """This process's CPU threads, and the start-up line every process writes to stderr: where it runs and what
-    it may use, so that a job starved of CPUs (srun without -c) shows it in its first lines, not days later."""
+    """This process's CPU threads, and the start-up line every process of a launched job writes to stderr (a plain
+    process logs it): where it runs and what it may use, so that a job starved of CPUs (srun without -c) shows it
+    in its first lines, not days later."""
     import socket
 
     import torch
@@ -97,8 +98,11 @@ def set_up_process(cfg, env) -> str:
         "omp_threads": torch.get_num_threads(),
     }
     line = "start-up: " + " ".join(f"{k}={v}" for k, v in fields.items())
-    sys.stderr.write(f"[rank {env.rank}] {line}\n")  # one write: lines of several processes do not interleave
-    sys.stderr.flush()
+    if env.source == "single":  # a plain process: a log line (its stderr holds one line for bad input, no more)
+        logging.getLogger("dist_bot.cli").info(line)
+    else:  # one write: the lines of several processes sharing a log do not interleave
+        sys.stderr.write(f"[rank {env.rank}] {line}\n")
+        sys.stderr.flush()
     return line
 
 

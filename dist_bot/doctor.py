@@ -65,7 +65,8 @@ def gpu_driver() -> str | None:
 
 
 def host_info(env: DistEnv) -> dict:
-    from . import __version__
+    from dist_bot import __version__
+
     from .data.sharding import cpus_per_process
 
     cuda = env.device.type == "cuda"

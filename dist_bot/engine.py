@@ -662,6 +662,7 @@ class Trainer:
                 type(self.train_loader).__name__.removesuffix("Loader").lower(),
             )
         result = {}
+        HEARTBEAT.beat("the run's start (data, model and strategy built)")
         if st.epoch >= epochs and not st.pending_eval and env.is_main:
             log.info("run %s is complete (%d epochs): nothing to do", self.run_dir, epochs)
         try:

@@ -16,7 +16,7 @@ LAYERS: list[set[str]] = [
     {"models", "data", "recipe", "datasets", "checkpoint"},  # checkpoint: file format and atomic writes
     {"distributed"},
     {"tracking", "profiling", "engine"},
-    {"bench", "report", "export", "predict"},  # commands' own modules
+    {"bench", "report", "export", "predict", "doctor"},  # commands' own modules
     {"cli", "__main__"},
 ]
 

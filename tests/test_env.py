@@ -83,3 +83,22 @@ def test_more_processes_on_a_node_than_gpus_is_an_error_naming_both_numbers():
     assert "\n" not in str(e.value)
     with pytest.raises(UserError, match="2 processes on this node, but 1 GPU"):
         device_index(1, 2, 1, {})
+
+
+def test_fp16_bn_statistics_are_averaged_in_fp32(monkeypatch):
+    """32 ranks' running_var of 2,048 sum to 65,536, past fp16's largest value (65,504): averaged in fp32, the
+    mean stays 2,048 (DeepSpeed's fp16 keeps BN buffers in fp16). The all-reduce is faked: a sum of 32 equals."""
+    import torch
+    import torch.distributed as dist
+
+    from dist_bot.distributed.env import DistEnv, average_buffers
+
+    sums = []
+    monkeypatch.setattr(dist, "all_reduce", lambda t: sums.append(t.dtype) or t.mul_(32))
+    bn = torch.nn.BatchNorm2d(4).half()
+    bn.running_var.fill_(2048.0)
+    bn.running_mean.fill_(-3.0)
+    average_buffers(bn, DistEnv(rank=0, world_size=32))
+    assert bn.running_var.dtype == torch.float16 and torch.equal(bn.running_var, torch.full((4,), 2048.0).half())
+    assert torch.equal(bn.running_mean, torch.full((4,), -3.0).half())
+    assert sums == [torch.float32, torch.float32]  # the floating buffers, summed in fp32 (num_batches_tracked: no)

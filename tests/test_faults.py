@@ -373,9 +373,11 @@ def test_a_stopped_rank_is_a_hang_every_other_rank_dumps_its_stacks_and_the_job_
     """SIGSTOP of rank 1 mid-epoch under torchrun (2 processes): rank 0 sees no step complete for
     dist.hang_timeout_min, writes its stacks to <run>/hang/rank0.txt and stderr, and exits with status 3;
     torchrun then ends the stopped rank. Nothing waits for the collectives' 30-minute timeout."""
-    run, err = tmp_path / "r", tmp_path / "stderr.txt"
+    from test_fatal_errors import MARKER, processes_of
+
+    run, err, mark = tmp_path / "r", tmp_path / "stderr.txt", f"hang-{os.getpid()}-{time.time()}"
     args = train_args(tiny_digits, tmp_path, "schedule.epochs=100", f"dist.hang_timeout_min={HANG_MIN}")
-    env = os.environ | {"OMP_NUM_THREADS": "1", "WANDB_MODE": "disabled"}
+    env = os.environ | {"OMP_NUM_THREADS": "1", "WANDB_MODE": "disabled", MARKER: mark}
     with open(err, "w") as stderr:
         proc = subprocess.Popen(torchrun_cmd(2, *args), cwd=REPO, stdout=subprocess.DEVNULL, stderr=stderr, env=env)
     try:
@@ -396,3 +398,8 @@ def test_a_stopped_rank_is_a_hang_every_other_rank_dumps_its_stacks_and_the_job_
     assert not alive(victim)
     assert ended < HANG_MIN * 60 + 60, ended
     assert "rank 0: nothing completed for" in stacks[0]
+    deadline = time.monotonic() + 10  # nothing of the run left behind: loader workers end with their trainer
+    while (left := [p for p in processes_of(mark) if alive(p)]) and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert not left, left
+    print(stacks[0][-2500:])

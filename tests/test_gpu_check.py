@@ -79,5 +79,4 @@ def test_the_summary_names_what_the_deadline_cut_off(tmp_path):
     cut = {k: v for k, v in summary["not_measured"].items() if not k.startswith("mark ")}
     assert "bench-fp16-compiled-torch" in cut, cut  # the last of the matrix
     assert all("deadline" in why or "DALI" in why for why in cut.values()), cut
-    assert any(m["value"] is None for m in summary["marks"].values())
     assert "summary:" in res.stdout

@@ -276,10 +276,13 @@ def test_sweep_runs_as_a_job_array(slurm_env, imagenette_subset, tmp_path):
 
 
 @pytest.mark.slow
-def test_deepspeed_through_the_sbatch_script_on_two_tasks_of_one_cpu_each(slurm_env, imagenette_subset, tmp_path):
+def test_deepspeed_through_the_sbatch_script_on_two_tasks_of_one_cpu_each_and_a_long_end(
+    slurm_env, imagenette_subset, tmp_path
+):
     """strategy=deepspeed under srun: DeepSpeed asserts LOCAL_RANK, which srun does not set; the start-up path
     exports it (and RANK, WORLD_SIZE, ...) for every launcher. 1 node x 2 tasks x 1 CPU: Slurm binds each task
-    to a CPU of its own."""
+    to a CPU of its own. And rank 0's end-of-run work takes 20 s (tests/slurm/slow_end) with srun --wait=5:
+    the ranks end together, so the finished run is COMPLETED (rank 1 exiting first, srun would end rank 0)."""
     done = sbatch_cpu(
         slurm_env,
         imagenette_subset,
@@ -290,9 +293,14 @@ def test_deepspeed_through_the_sbatch_script_on_two_tasks_of_one_cpu_each(slurm_
         "--ntasks-per-node=2",
         "--cpus-per-task=1",
         overrides=("strategy=deepspeed", "dist.zero_stage=1", "schedule.epochs=1"),
+        SRUN_WAIT="5",
+        DIST_BOT_SLOW_END_S="20",
+        PYTHONPATH=str(REPO / "tests" / "slurm" / "slow_end"),
     )
     log = "\n".join(p.read_text() for p in tmp_path.glob("*.out"))
     assert done.returncode == 0, f"{done.stderr}\n{log[-3000:]}"
+    job = wait_job(done.stdout.strip(), slurm_env, timeout=60)
+    assert job["JobState"] == "COMPLETED" and job["ExitCode"] == "0:0", job
     fields = assert_cpus(log, {0: ("0", 1), 1: ("1", 1)})
     assert [fields[r]["local_rank"] for r in (0, 1)] == ["0/2", "1/2"]
     assert "over gloo" in log and "deepspeed" in log
