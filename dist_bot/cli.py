@@ -116,6 +116,7 @@ def process_group(cfg, command: str, watch_hangs: bool = False):
     an error of this process's own is announced, so that the others stop now, not at the process group's
     timeout. With ``watch_hangs`` (training), a hang ends them all too, each writing its stacks to <run>/hang/
     (see dist_bot/distributed/watchdog.py)."""
+    import threading
     from pathlib import Path
 
     from dist_bot.distributed.env import FailureWatch, init_distributed, shutdown
@@ -129,12 +130,15 @@ def process_group(cfg, command: str, watch_hangs: bool = False):
     setup_logging(env.rank)
     set_up_process(cfg, env)
 
+    hung_here = threading.Event()  # this process announced the hang: its own announcement, read back, is not news
+
     def on_message(message: str) -> None:  # another process announced a hang: dump here too, and end
-        if message.startswith(HANG_MARK):
+        if message.startswith(HANG_MARK) and not hung_here.is_set():
             dump_stacks(hang_dir, env.rank, f"stopping: {message.removeprefix(HANG_MARK)}")
             exit_now(command, f"stopping: {message.removeprefix(HANG_MARK)}", HANG_EXIT_CODE)
 
     def on_hang(why: str) -> None:  # this process saw nothing complete for dist.hang_timeout_min
+        hung_here.set()
         dump_stacks(hang_dir, env.rank, why)
         message = f"{why}: a hang; every process's stacks are in {hang_dir}"
         watch.announce_text(HANG_MARK + message)
