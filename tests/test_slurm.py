@@ -64,7 +64,10 @@ def slurm_env(pytestconfig):
         cluster.down(folder)
         raise
     report(f"2-node test cluster up in {time.monotonic() - t0:.2f} s ({folder})")
-    yield os.environ | client | {"WANDB_SILENT": "true"}
+    # without the runner's OMP_NUM_THREADS (a library imported by an earlier test may set it): the jobs' own
+    # thread counts, from the CPUs each task got, are under test
+    runner = {k: v for k, v in os.environ.items() if k != "OMP_NUM_THREADS"}
+    yield runner | client | {"WANDB_SILENT": "true"}
     cluster.down(folder, remove=True)
 
 
