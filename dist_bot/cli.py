@@ -80,7 +80,10 @@ def set_up_process(cfg, env) -> str:
     from dist_bot.data.sharding import cpus_per_process, dali_py_workers, dataloader_workers, decode_workers
 
     cpus = cpus_per_process(env)
-    if "OMP_NUM_THREADS" not in os.environ:  # the launcher's choice wins (torchrun sets 1)
+    # A launched process's threads follow the CPUs it was given (the launcher's OMP_NUM_THREADS wins: torchrun sets
+    # 1). A plain process keeps torch's default, its affinity, and its environment: dist_bot.cli.main called
+    # from Python must not change the caller's environment, which later child processes would inherit.
+    if env.source != "single" and "OMP_NUM_THREADS" not in os.environ:
         os.environ["OMP_NUM_THREADS"] = str(cpus)
         torch.set_num_threads(cpus)
     fields = {

@@ -135,3 +135,19 @@ def test_overrides_may_follow_options_and_anything_else_unknown_is_refused(capsy
     assert "unrecognized arguments: --nonsense" in capsys.readouterr().err
     with pytest.raises(SystemExit):
         parse_args(["models", "a.b=1"])  # a command without overrides takes none
+
+
+def test_training_from_python_leaves_the_callers_environment_as_it_was(tiny_digits, tmp_path, monkeypatch):
+    """cli.main(["train", ...]) in a plain process sets no OMP_NUM_THREADS (nor anything else) in os.environ:
+    a test runner's later subprocesses would inherit it (one such leak made two resume runs differ)."""
+    import os
+
+    from dist_bot.cli import main
+
+    monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+    before = dict(os.environ)
+    args = ["train", "configs/demo.yaml", f"data.path={tiny_digits}", "model.name=resnet18d", "precision=fp32"]
+    args += ["schedule.epochs=1", "data.loader=torch", "data.workers=0", "wandb.mode=disabled"]
+    assert main([*args, f"run.out_dir={tmp_path}"]) == 0
+    changed = {k for k in before.keys() | os.environ.keys() if before.get(k) != os.environ.get(k)}
+    assert changed <= {"TORCHINDUCTOR_CACHE_DIR"}, changed  # torch's own, set when its compiler is imported
