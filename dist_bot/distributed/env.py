@@ -13,7 +13,6 @@ import re
 import resource
 import subprocess
 import threading
-import time
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -218,7 +217,11 @@ class FailureWatch:
     ``on_peer_failure`` (which prints the message and exits at once: its loaders' workers end with it)."""
 
     ACK_WAIT_S = 5.0  # how long a failing process waits for the others to have read its error
-    WAIT = datetime.timedelta(hours=1)  # one wait of the watching thread (it waits again after a timeout)
+    # How often the watching thread checks the store for a failure. A check, not a blocking wait: close() then ends
+    # the thread before the interpreter ends (a thread blocked in the store's C++ wait at exit, its store's host
+    # gone, aborted the process: "terminate called without an active exception"), and a timed-out wait would log
+    # a warning each time. One small request per second per process to rank 0's store.
+    POLL_S = 1.0
 
     def __init__(
         self,
@@ -237,7 +240,9 @@ class FailureWatch:
         # One key space per process group: torchrun's store outlives an elastic restart, and a group.
         self.prefix = store_prefix(env.generation) + "failure/"
         self.store = self._connect()
-        threading.Thread(target=self._watch, name="failure-watch", daemon=True).start()
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._watch, name="failure-watch", daemon=True)
+        self._thread.start()
 
     def _connect(self) -> dist.Store:
         host, port = os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"])
@@ -246,14 +251,14 @@ class FailureWatch:
 
     def _watch(self) -> None:
         key = self.prefix + "error"
-        while True:
-            t = time.monotonic()
+        while not self._stop.wait(self.POLL_S):
             try:
-                self.store.wait([key], self.WAIT)
-                break
+                if self.store.check([key]):
+                    break
             except Exception:
-                if time.monotonic() - t < self.WAIT.total_seconds() / 2:
-                    return  # not a timeout: the store is gone, so is the run (its host, rank 0 under srun, ended)
+                return  # the store is gone, so is the run (its host, rank 0 under srun, ended)
+        else:
+            return  # closed
         try:
             self.message = self.store.get(key).decode()
             self.store.set(f"{self.prefix}read/{self.env.rank}", "1")
@@ -273,8 +278,13 @@ class FailureWatch:
         return PeerFailed(f"stopping: {self.message}")
 
     def close(self) -> None:
-        """The run has ended here, one way or another: a failure announced from now on ends nothing."""
+        """The run has ended here, one way or another: a failure announced from now on ends nothing, and the
+        watching thread ends (within POLL_S) before the process does."""
         self.handled.set()
+        if self.store is not None:
+            self._stop.set()
+            if self._thread is not threading.current_thread():
+                self._thread.join(timeout=10 * self.POLL_S)
 
     def announce(self, error: BaseException) -> None:
         """Tell the other processes that this one failed with ``error``; wait (briefly) until they have read it,
