@@ -290,6 +290,11 @@ def row(check: str, where: str, value, status: str, threshold: str = "", fix: st
     return {"check": check, "where": where, "value": value, "threshold": threshold, "status": status, "fix": fix}
 
 
+def checked(check: str, where: str, value, ok: bool, threshold: str, fix: str, bad: str = "warn") -> dict:
+    """A row judged against its threshold: ok, or ``bad`` with the fix."""
+    return row(check, where, value, "ok" if ok else bad, threshold, "" if ok else fix)
+
+
 def judge(cfg: Config, records: list[dict]) -> list[dict]:
     """One row per check and process (or node), each with a status: ok, info, warn (slow) or fail (fatal)."""
     rows = []
@@ -316,35 +321,20 @@ def judge(cfg: Config, records: list[dict]) -> list[dict]:
         )
         cpus_ok = not gpu or r["cpus"] >= MIN_CPUS_PER_GPU
         threshold = f">= {MIN_CPUS_PER_GPU} per GPU" if gpu else ""
-        rows.append(
-            row("CPUs per process", where, r["cpus"], "ok" if cpus_ok else "warn", threshold, "" if cpus_ok else fix)
-        )
+        rows.append(checked("CPUs per process", where, r["cpus"], cpus_ok, threshold, fix))
         if "disk_error" in r:
             rows.append(row("run.out_dir", r["host"], r["disk_error"], "fail", "writable", "make run.out_dir writable"))
         elif "free_gb" in r:
             need = r["checkpoint_gb"] * (cfg.run.keep_checkpoints + 1)
             ok = r["free_gb"] >= need
-            rows.append(
-                row(
-                    "free space of run.out_dir",
-                    r["host"],
-                    f"{r['free_gb']} GB",
-                    "ok" if ok else "fail",
-                    f">= {need:.2f} GB ({cfg.run.keep_checkpoints} + 1 checkpoints)",
-                    "" if ok else "free space, or point run.out_dir elsewhere",
-                )
-            )
+            threshold = f">= {need:.2f} GB ({cfg.run.keep_checkpoints} + 1 checkpoints)"
+            fix = "free space, or point run.out_dir elsewhere"
+            value = f"{r['free_gb']} GB"
+            rows.append(checked("free space of run.out_dir", r["host"], value, ok, threshold, fix, bad="fail"))
             ok = r["write_mb_s"] >= MIN_WRITE_MB_S
-            rows.append(
-                row(
-                    "write speed of run.out_dir",
-                    r["host"],
-                    f"{r['write_mb_s']} MB/s",
-                    "ok" if ok else "warn",
-                    f">= {MIN_WRITE_MB_S:.0f} MB/s",
-                    "" if ok else "checkpoints will stall training: a faster file system for run.out_dir",
-                )
-            )
+            fix = "checkpoints will stall training: a faster file system for run.out_dir"
+            value, threshold = f"{r['write_mb_s']} MB/s", f">= {MIN_WRITE_MB_S:.0f} MB/s"
+            rows.append(checked("write speed of run.out_dir", r["host"], value, ok, threshold, fix))
         if "data_error" in r:
             fix = "check data.path (dist-bot data check DIR names unreadable files)"
             rows.append(row("data path", where, r["data_error"], "fail", "reads", fix))
@@ -356,16 +346,9 @@ def judge(cfg: Config, records: list[dict]) -> list[dict]:
                 "a slow data path: more CPUs per process (data.workers), data.loader=dali, a pack of the data on a "
                 "faster file system (dist-bot data pack)"
             )
-            rows.append(
-                row(
-                    f"data loader ({r['loader']})",
-                    where,
-                    f"{r['decode_img_per_s']} img/s",
-                    "ok" if ok else "warn",
-                    f">= {need:.0f} img/s ({DATA_MARGIN}x the step's {r['step_img_per_s']})",
-                    "" if ok else fix,
-                )
-            )
+            value = f"{r['decode_img_per_s']} img/s"
+            threshold = f">= {need:.0f} img/s ({DATA_MARGIN}x the step's {r['step_img_per_s']})"
+            rows.append(checked(f"data loader ({r['loader']})", where, value, ok, threshold, fix))
         for scope, sizes in r["busbw_gb_s"].items():
             best = max(sizes.values())
             label = "all-reduce busbw inside the node" if scope == "node" else "all-reduce busbw across nodes"
@@ -373,16 +356,7 @@ def judge(cfg: Config, records: list[dict]) -> list[dict]:
             if gpu:
                 ok = best >= MIN_BUSBW_GB_S[scope]
                 fix = "a slow link: check NCCL_IB_HCA / NCCL_SOCKET_IFNAME, and NCCL_DEBUG=INFO for the transport"
-                rows.append(
-                    row(
-                        label,
-                        where,
-                        value,
-                        "ok" if ok else "warn",
-                        f">= {MIN_BUSBW_GB_S[scope]} GB/s",
-                        "" if ok else fix,
-                    )
-                )
+                rows.append(checked(label, where, value, ok, f">= {MIN_BUSBW_GB_S[scope]} GB/s", fix))
             else:
                 rows.append(row(label, where, value, "info", "(gloo on CPUs: no threshold)"))
         if "wandb" in r:
@@ -392,7 +366,7 @@ def judge(cfg: Config, records: list[dict]) -> list[dict]:
                 if "no API key" in r["wandb"]
                 else "check the network or WANDB_BASE_URL"
             )
-            rows.append(row("W&B", where, r["wandb"], "ok" if ok else "warn", "", "" if ok else fix))
+            rows.append(checked("W&B", where, r["wandb"], ok, "", fix))
     return rows
 
 
