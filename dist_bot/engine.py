@@ -564,7 +564,7 @@ class Trainer:
             t0 = time.perf_counter()
             with self.profiler.step(st.global_step + 1):  # traced when run.profile_steps holds it
                 interval.loss_sum += self.train_step(step, batches)
-            HEARTBEAT.beat(f"optimizer step {st.global_step}")
+            HEARTBEAT.beat("optimizer step", st.global_step)
             self.log_compile_time(time.perf_counter() - t0)
             interval.samples += sum(len(m) for m in step.micro_batches)
             interval.steps += 1

@@ -71,10 +71,15 @@ class Heartbeat:
     """When work last completed in this process, and what it was; one per process, like the signal handlers."""
 
     def __init__(self) -> None:
-        self.last, self.what = time.monotonic(), "start-up"
+        self.last, self._what, self._step = time.monotonic(), "start-up", None
 
-    def beat(self, what: str) -> None:
-        self.last, self.what = time.monotonic(), what  # two stores: cheap enough for every step
+    def beat(self, what: str, step: int | None = None) -> None:
+        """Called in the training step: stores only, no formatting (``what`` is read when a hang is reported)."""
+        self.last, self._what, self._step = time.monotonic(), what, step
+
+    @property
+    def what(self) -> str:
+        return self._what if self._step is None else f"{self._what} {self._step}"
 
     def idle_s(self) -> float:
         return time.monotonic() - self.last
