@@ -14,11 +14,12 @@ from collections.abc import Callable, Iterator
 import numpy as np
 import torch
 
-from .config import Config, UserError
+from .config import Config
 from .data import make_loaders
 from .data.synthetic import SyntheticLoader
 from .distributed.env import DistEnv, local_peak_memory_mb
 from .engine import Trainer
+from .errors import UserError
 from .models import build_model
 from .recipe.precision import DTYPES, make_grad_scaler, make_sgd
 

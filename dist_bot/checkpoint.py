@@ -37,19 +37,11 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-from .config import UserError
+from .errors import CheckpointError, CheckpointWriteError, UserError
 
 log = logging.getLogger(__name__)
 FORMAT_VERSION = 2
 _NAME = re.compile(r"step_(\d+)$")
-
-
-class CheckpointError(UserError, RuntimeError):
-    """A checkpoint that cannot be read or is not dist_bot's."""
-
-
-class CheckpointWriteError(UserError, RuntimeError):
-    """Writing a checkpoint failed on some process; the previous checkpoint is kept."""
 
 
 def _is_main() -> bool:

@@ -31,7 +31,8 @@ import os
 import sys
 
 from dist_bot import __version__
-from dist_bot.config import ConfigError, UserError, explain, load_config, to_yaml
+from dist_bot.config import explain, load_config, to_yaml
+from dist_bot.errors import ConfigError, UserError
 
 
 def cmd_models(args: argparse.Namespace) -> int:

@@ -30,19 +30,12 @@ from typing import Any, Literal, Union
 
 import yaml
 
+from .errors import ConfigError
+
 Precision = Literal["fp32", "fp16", "bf16"]
 Strategy = Literal["ddp", "fsdp", "deepspeed"]
 WandbMode = Literal["auto", "online", "offline", "disabled"]
 CompileMode = Literal["default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs"]
-
-
-class UserError(Exception):
-    """Bad input or a run that cannot go on: the message names the problem and the fix. The CLI prints it as
-    one line without a traceback; every such error in dist_bot derives from this class."""
-
-
-class ConfigError(UserError, ValueError):
-    """A recipe or override that does not fit the schema; the message says which key and how to fix it."""
 
 
 def param(default: Any, *, range: str | None = None, resumable: bool = False) -> Any:

@@ -9,7 +9,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from .config import UserError
+from .errors import UserError
 
 
 def write_digits(out_dir: str | Path, size: int = 32, val_every: int = 5) -> dict[str, int]:

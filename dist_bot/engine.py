@@ -48,12 +48,13 @@ from .checkpoint import (
     set_rng_state,
     write_file,
 )
-from .config import Config, UserError, from_dict, profile_window, resumable_keys, to_dict, to_yaml
-from .data import DataError, make_loaders
+from .config import Config, from_dict, profile_window, resumable_keys, to_dict, to_yaml
+from .data import make_loaders
 from .data.sharding import MicroBatch, Step
 from .distributed import build_strategy
 from .distributed.env import DistEnv, all_reduce_max, any_rank, local_peak_memory_mb
 from .distributed.watchdog import HEARTBEAT
+from .errors import DataError, RunError, UserError
 from .models import build_model
 from .profiling import StepProfiler
 from .provenance import config_header, source_info
@@ -70,10 +71,6 @@ from .tracking import Progress, Tracker, updated_summary
 log = logging.getLogger(__name__)
 
 REQUEUE_EXIT_CODE = 75  # EX_TEMPFAIL: "try again later"; the sbatch script and launchers requeue on it
-
-
-class RunError(UserError, RuntimeError):
-    """A run that cannot start or go on; the message says why and what to do."""
 
 
 class Preempted(Exception):

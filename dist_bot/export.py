@@ -25,7 +25,7 @@ import torch
 from dist_bot import __version__
 
 from .checkpoint import class_names, read_meta, read_weights, resolve_checkpoint
-from .config import UserError
+from .errors import ExportError
 from .models import build_model
 from .models.interop import timm_name, to_timm, torchvision_name
 
@@ -34,10 +34,6 @@ SUFFIXES = {"timm": (".safetensors",), "torchvision": (".pth", ".pt"), "onnx": (
 ONNX_OPSET = 20  # the torch.export-based exporter's own default in torch 2.14: no version conversion pass
 NEEDS = {"timm": ("safetensors",), "onnx": ("onnx", "onnxscript", "onnxruntime")}
 CHECK_ATOL = 1e-4  # an export's logits vs dist_bot's model, float32 on CPU (observed: ~1e-6)
-
-
-class ExportError(UserError, ValueError):
-    """An export that cannot be made as asked (format, model, file name); the message names what works."""
 
 
 def export_info(path: Path, meta: dict, ema: bool) -> dict:

@@ -19,10 +19,10 @@ from pathlib import Path
 
 import torch
 
-from .checkpoint import CheckpointError, read_meta, read_weights, resolve_checkpoint
-from .config import UserError
-from .data.folder import BadImageError, read_rgb
+from .checkpoint import read_meta, read_weights, resolve_checkpoint
+from .data.folder import read_rgb
 from .data.transforms import eval_transform, normalize
+from .errors import BadImageError, CheckpointError, UserError
 from .export import export_info, onnx_session
 from .models import build_model
 from .models.interop import from_timm

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import yaml
 
-from .config import UserError
+from .errors import UserError
 
 
 @dataclass

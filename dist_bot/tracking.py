@@ -43,7 +43,7 @@ import urllib.error
 import urllib.request
 from pathlib import Path
 
-from .config import UserError
+from .errors import UserError
 
 log = logging.getLogger(__name__)
 

@@ -42,7 +42,8 @@ from pathlib import Path
 
 import submitit
 
-from dist_bot.config import UserError, find_recipe, load_config
+from dist_bot.config import find_recipe, load_config
+from dist_bot.errors import UserError
 
 log = logging.getLogger("launch.submit")
 

@@ -62,12 +62,13 @@ def unreadable(step: int, on_rank: int) -> None:
     if rank() != on_rank:
         return
     from dist_bot import checkpoint
+    from dist_bot.errors import CheckpointError
 
     real_verify = checkpoint.verify_file
 
     def verify(path):
         if f"step_{step:09d}" in str(path):
-            raise checkpoint.CheckpointError(f"checkpoint file {path} is unreadable (OSError: Input/output error)")
+            raise CheckpointError(f"checkpoint file {path} is unreadable (OSError: Input/output error)")
         return real_verify(path)
 
     checkpoint.verify_file = verify

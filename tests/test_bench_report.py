@@ -6,7 +6,7 @@ import sys
 import pytest
 from conftest import run_cmd
 
-from dist_bot.config import UserError
+from dist_bot.errors import UserError
 from dist_bot.report import fractional_epochs, load_run, report
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"

@@ -12,7 +12,7 @@ PACKAGE = REPO / "dist_bot"
 
 # Lowest first. A module may import from its own layer or any layer below it, never above.
 LAYERS: list[set[str]] = [
-    {"config", "signals", "provenance"},
+    {"errors", "config", "signals", "provenance"},
     {"models", "data", "recipe", "datasets", "checkpoint"},  # checkpoint: file format and atomic writes
     {"distributed"},
     {"tracking", "profiling", "engine"},

@@ -9,7 +9,8 @@ import pytest
 import yaml
 
 from dist_bot import config as config_module
-from dist_bot.config import Config, ConfigError, all_keys, from_dict, load_config, to_yaml
+from dist_bot.config import Config, all_keys, from_dict, load_config, to_yaml
+from dist_bot.errors import ConfigError
 
 REPO = Path(__file__).resolve().parents[1]
 RECIPES = sorted((REPO / "configs").glob("**/*.yaml"))

@@ -8,7 +8,7 @@ import pytest
 from PIL import Image
 
 from dist_bot.data.check import check_dataset
-from dist_bot.data.folder import DataError
+from dist_bot.errors import DataError
 
 _rng = random.Random(0)
 

@@ -136,7 +136,7 @@ def test_grayscale_cmyk_and_png_decode_and_a_corrupt_file_is_named(tmp_path):
     needs("dali")
     from PIL import Image
 
-    from dist_bot.data import BadImageError
+    from dist_bot.errors import BadImageError
 
     for split in ("train", "val"):
         for c, (mode, ext) in enumerate([("L", "jpg"), ("CMYK", "jpg"), ("RGB", "png"), ("RGB", "jpg")]):

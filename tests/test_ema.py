@@ -10,7 +10,8 @@ from timm.utils.model_ema import ModelEmaV3
 from torch import nn
 
 from dist_bot.checkpoint import list_checkpoints, read_model
-from dist_bot.config import ConfigError, load_config
+from dist_bot.config import load_config
+from dist_bot.errors import ConfigError
 from dist_bot.recipe.ema import ModelEma, balanced_owners, ema_decay
 
 
@@ -142,7 +143,8 @@ def test_ema_settings_cannot_change_on_resume_and_runs_from_before_them_still_re
     import yaml
 
     from dist_bot.config import to_yaml
-    from dist_bot.engine import RunError, check_run_dir
+    from dist_bot.engine import check_run_dir
+    from dist_bot.errors import RunError
 
     cfg = load_config(None, [])
     old = yaml.safe_load(to_yaml(cfg))

@@ -73,8 +73,8 @@ def test_every_launcher_exports_the_torch_variables_a_plain_process_none():
 def test_more_processes_on_a_node_than_gpus_is_an_error_naming_both_numbers():
     import pytest
 
-    from dist_bot.config import UserError
     from dist_bot.distributed.env import device_index
+    from dist_bot.errors import UserError
 
     assert device_index(3, 8, 8, {}) == 3
     assert device_index(3, 4, 1, {"SLURM_GPUS_PER_TASK": "1"}) == 0  # srun bound one GPU to each task

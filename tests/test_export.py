@@ -20,7 +20,8 @@ from dist_bot.checkpoint import (
 )
 from dist_bot.cli import main
 from dist_bot.config import Config, to_dict
-from dist_bot.export import ExportError, export_checkpoint
+from dist_bot.errors import ExportError
+from dist_bot.export import export_checkpoint
 from dist_bot.models import build_model
 from dist_bot.predict import load_predictor, predict_files
 

@@ -18,10 +18,11 @@ import pytest
 import torch
 from conftest import REPO, alive, run_cmd, startup_fields, torchrun_cmd
 
-from dist_bot.checkpoint import CheckpointError, list_checkpoints, load_checkpoint, read_file
+from dist_bot.checkpoint import list_checkpoints, load_checkpoint, read_file
 from dist_bot.config import load_config
 from dist_bot.distributed.env import DistEnv
 from dist_bot.engine import Trainer
+from dist_bot.errors import CheckpointError
 
 PROBE = str(REPO / "tests" / "fault_probe.py")
 # the global batch is fixed, so a run may resume at any number of processes (here also a single in-process one)

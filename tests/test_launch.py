@@ -10,8 +10,9 @@ import sys
 import pytest
 from conftest import REPO, run_cmd
 
-from dist_bot.config import UserError, load_config
+from dist_bot.config import load_config
 from dist_bot.engine import Preempted, split_global_batch
+from dist_bot.errors import UserError
 
 sys.path.insert(0, str(REPO))
 from launch.submit import TrainJob, _minutes, parse_sweeps, plan_runs

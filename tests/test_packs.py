@@ -12,11 +12,12 @@ from conftest import pack_of
 
 import dist_bot.data.pack as pack
 from dist_bot.config import load_config
-from dist_bot.data import DataError, make_loaders
+from dist_bot.data import make_loaders
 from dist_bot.data.check import check_dataset
 from dist_bot.data.folder import scan_dataset
 from dist_bot.data.shards import open_dataset, open_pack
 from dist_bot.distributed.env import DistEnv
+from dist_bot.errors import DataError
 
 
 def copy_dataset(src: Path, out: Path) -> Path:

@@ -11,7 +11,8 @@ from conftest import run_cmd, torchrun_cmd
 
 from dist_bot.checkpoint import list_checkpoints, load_checkpoint
 from dist_bot.cli import main
-from dist_bot.config import ConfigError, load_config
+from dist_bot.config import load_config
+from dist_bot.errors import ConfigError
 
 # fp32 (bf16 is emulated, so slow, on many CPUs); 100 tiny digits at batch 16: 7 steps an epoch
 TINY = [

@@ -7,15 +7,16 @@ import pytest
 import torch
 from torch import nn
 
-from dist_bot.config import ConfigError, load_config
+from dist_bot.config import load_config
 from dist_bot.distributed.ddp import DDPStrategy
 from dist_bot.distributed.env import DistEnv
+from dist_bot.errors import ConfigError, LossScaleCollapse
 from dist_bot.models import build_model
 from dist_bot.recipe.losses import distillation_loss, smooth_targets, soft_cross_entropy
 from dist_bot.recipe.lr import LRSchedule, build_schedule, scaled_lr
 from dist_bot.recipe.mixup import mix_pairs, mixup
 from dist_bot.recipe.param_groups import param_groups
-from dist_bot.recipe.precision import LossScaleCollapse, LossScaleGuard
+from dist_bot.recipe.precision import LossScaleGuard
 
 # -- learning rate --------------------------------------------------------------------------------
 

@@ -11,7 +11,7 @@ from conftest import REPO, link_subset, run_cmd, torchrun_cmd
 from strategy_probe import STRATEGIES  # name -> overrides; DeepSpeed at each ZeRO stage it supports
 
 from dist_bot.checkpoint import list_checkpoints, load_checkpoint, read_file, read_meta
-from dist_bot.config import UserError
+from dist_bot.errors import UserError
 from dist_bot.models import build_model
 
 

@@ -20,7 +20,8 @@ import dist_bot
 from dist_bot import engine
 from dist_bot.checkpoint import list_checkpoints, load_checkpoint
 from dist_bot.cli import main
-from dist_bot.config import UserError, load_config
+from dist_bot.config import load_config
+from dist_bot.errors import UserError
 from dist_bot.provenance import source_info
 from dist_bot.tracking import PROBE_TIMEOUT_S, Tracker, resolve_wandb_mode, updated_summary
 

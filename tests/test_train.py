@@ -296,7 +296,8 @@ def test_gradient_accumulation_trains_like_more_processes(tiny_digits, tmp_path)
 def test_teacher_sees_exactly_the_students_mixed_input(tiny_digits, tmp_path):
     from dist_bot.config import load_config
     from dist_bot.distributed.env import DistEnv
-    from dist_bot.engine import Preempted, RunError, Trainer, load_teacher
+    from dist_bot.engine import Preempted, Trainer, load_teacher
+    from dist_bot.errors import RunError
 
     common = [
         f"data.path={tiny_digits}",

@@ -13,7 +13,7 @@ decoding, or DALI's CPU-only mode), ``synthetic`` (random tensors made once on t
 
 from __future__ import annotations
 
-from .folder import BadImageError, DataError
+from ..errors import BadImageError, DataError
 from .shards import open_dataset
 
 

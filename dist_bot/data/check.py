@@ -26,7 +26,8 @@ from pathlib import Path
 
 from PIL import Image, UnidentifiedImageError
 
-from .folder import IMAGE_EXTENSIONS, DataError
+from ..errors import DataError
+from .folder import IMAGE_EXTENSIONS
 from .shards import is_pack, open_pack
 
 SPLITS = ("train", "val")

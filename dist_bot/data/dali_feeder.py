@@ -19,8 +19,9 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from ..errors import BadImageError
 from .augment import lighting_rgb, sample_resized_crop, sample_seed
-from .folder import BadImageError, ImageList, SampleReader, image_size_of
+from .folder import ImageList, SampleReader, image_size_of
 from .sharding import EpochStream
 
 # name -> DALI type of each per-sample field the feeder computes, in the order of its outputs

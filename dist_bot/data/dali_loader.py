@@ -30,9 +30,10 @@ from typing import Any
 
 import torch
 
+from ..errors import BadImageError
 from ..signals import helpers_shielded
 from .dali_feeder import FIELDS, FileList, TrainFeeder, ValFeeder, read_image, unreadable_from
-from .folder import BadImageError, ImageList, load_rgb
+from .folder import ImageList, load_rgb
 from .sharding import MIN_PER_MICRO_BATCH, PlannedLoader, dali_py_workers, decode_workers
 
 log = logging.getLogger(__name__)

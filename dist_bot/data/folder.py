@@ -16,17 +16,9 @@ from typing import Protocol
 
 from PIL import Image, UnidentifiedImageError
 
-from ..config import UserError
+from ..errors import BadImageError, DataError
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff", ".ppm", ".pgm")
-
-
-class DataError(UserError, ValueError):
-    """The data folder is missing, empty, or laid out wrongly; the message names the path and the fix."""
-
-
-class BadImageError(UserError, RuntimeError):
-    """An image file that cannot be decoded (named in the message)."""
 
 
 def read_rgb(path: str, data: bytes | None = None) -> Image.Image:

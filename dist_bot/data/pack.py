@@ -23,8 +23,9 @@ from pathlib import Path
 
 import numpy as np
 
+from ..errors import BadImageError, DataError
 from .check import check_bytes
-from .folder import BadImageError, DataError, ImageList, scan_dataset
+from .folder import ImageList, scan_dataset
 from .shards import FORMAT_VERSION, INDEX_DTYPE, PACK_FILE
 
 PROGRESS = ".pack-progress"

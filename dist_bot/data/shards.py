@@ -25,7 +25,8 @@ from pathlib import Path
 
 import numpy as np
 
-from .folder import DataError, ImageList, scan_dataset
+from ..errors import DataError
+from .folder import ImageList, scan_dataset
 
 FORMAT_VERSION = 1
 PACK_FILE = "pack.json"

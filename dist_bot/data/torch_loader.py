@@ -15,9 +15,10 @@ import os
 
 import torch
 
+from ..errors import BadImageError
 from ..signals import end_with_trainer, helpers_shielded
 from .augment import sample_seed
-from .folder import BadImageError, ImageList, load_rgb
+from .folder import ImageList, load_rgb
 from .sharding import EpochStream, PlannedLoader, dataloader_workers, shard_eval
 from .transforms import PCA_EIGVAL, PCA_EIGVEC, normalize, pca_lighting
 

@@ -10,7 +10,7 @@ from typing import Any, Protocol
 import torch
 from torch import nn
 
-from ..config import UserError
+from ..errors import UserError
 from .env import DistEnv, init_distributed, shutdown
 
 

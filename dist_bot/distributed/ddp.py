@@ -9,7 +9,8 @@ import torch.distributed as dist
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
-from ..checkpoint import CheckpointError, check_optimizer_state, check_state_dict, read_file, read_model, write_file
+from ..checkpoint import check_optimizer_state, check_state_dict, read_file, read_model, write_file
+from ..errors import CheckpointError
 from ..recipe.precision import ScaledOptimizer
 from .env import DistEnv, average_buffers
 

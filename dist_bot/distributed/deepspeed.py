@@ -27,8 +27,8 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from ..checkpoint import CheckpointError, check_state_dict, read_model, verify_file, write_file
-from ..config import UserError
+from ..checkpoint import check_state_dict, read_model, verify_file, write_file
+from ..errors import CheckpointError, UserError
 from ..recipe.ema import balanced_owners
 from ..recipe.lars import LARS, FlatPartition
 from ..recipe.precision import zero_momentum

@@ -19,7 +19,7 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 
-from ..config import UserError
+from ..errors import PeerFailed, UserError
 
 
 @dataclass(frozen=True)
@@ -198,10 +198,6 @@ def shutdown() -> None:
     """Leave the process group cleanly (an exit-time abort can turn a good run's exit status into 1)."""
     if dist.is_initialized():
         dist.destroy_process_group()
-
-
-class PeerFailed(UserError, RuntimeError):
-    """Another process of the run failed: this one stops too (its error names that process and its error)."""
 
 
 class FailureWatch:

@@ -28,8 +28,8 @@ from torch.distributed.device_mesh import init_device_mesh
 from torch.distributed.fsdp import fully_shard
 from torch.utils._pytree import tree_map
 
-from ..checkpoint import CheckpointError, check_state_dict, read_file, read_model, write_file
-from ..config import UserError
+from ..checkpoint import check_state_dict, read_file, read_model, write_file
+from ..errors import CheckpointError, UserError
 from ..models.resnet import BasicBlock, Bottleneck
 from ..recipe.precision import ScaledOptimizer
 from .env import DistEnv, average_buffers, broadcast_buffers

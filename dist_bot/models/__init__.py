@@ -6,7 +6,7 @@ import difflib
 
 from torch import nn
 
-from ..config import ConfigError
+from ..errors import ConfigError
 from .resnet import VARIANTS, BasicBlock, Bottleneck, ResNet
 
 # depth -> (block, blocks per stage), as in He et al. 2016, Table 1.

@@ -10,7 +10,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
-from ..config import ConfigError
+from ..errors import ConfigError
 
 
 def scaled_lr(base_lr_per_256: float, global_batch: int, ref_batch: int = 256) -> float:

@@ -25,13 +25,9 @@ from torch import nn
 from torch._utils import _flatten_dense_tensors, _unflatten_dense_tensors
 from torch.distributed.tensor import DTensor
 
-from ..config import UserError
+from ..errors import LossScaleCollapse
 
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
-
-
-class LossScaleCollapse(UserError, RuntimeError):
-    """fp16 loss scale stuck at its minimum: the run would only skip steps or train on garbage."""
 
 
 def autocast(precision: str, device: torch.device):
