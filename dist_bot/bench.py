@@ -18,10 +18,11 @@ from .config import Config
 from .data import make_loaders
 from .data.synthetic import SyntheticLoader
 from .distributed.env import DistEnv, local_peak_memory_mb
+from .distributed.strategy import DTYPES, make_grad_scaler
 from .engine import Trainer
 from .errors import UserError
 from .models import build_model
-from .recipe.precision import DTYPES, make_grad_scaler, make_sgd
+from .recipe.sgd import make_sgd
 
 
 def bench_data(cfg: Config, loaders: list[str], batches: int = 20, repeats: int = 3, warmup: int = 3):

@@ -168,8 +168,8 @@ def data_info(cfg: Config, env: DistEnv, files: int, batches: int) -> dict:
 def step_info(cfg: Config, env: DistEnv, num_classes: int, steps: int = 5) -> dict:
     """Images per second one training step of the recipe consumes on this device (eager, synthetic data, no
     communication): what the data path must keep up with."""
+    from .distributed.strategy import autocast
     from .models import build_model
-    from .recipe.precision import autocast
 
     model = build_model(cfg.model.name, num_classes).to(env.device)
     fmt = torch.channels_last if cfg.model.channels_last else torch.contiguous_format

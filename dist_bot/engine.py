@@ -53,6 +53,7 @@ from .data import make_loaders
 from .data.sharding import MicroBatch, Step
 from .distributed import build_strategy
 from .distributed.env import DistEnv, all_reduce_max, any_rank, local_peak_memory_mb
+from .distributed.strategy import LossScaleGuard, autocast
 from .distributed.watchdog import HEARTBEAT
 from .errors import DataError, RunError, UserError
 from .models import build_model
@@ -64,7 +65,7 @@ from .recipe.losses import distillation_loss, smooth_targets, soft_cross_entropy
 from .recipe.lr import build_schedule
 from .recipe.mixup import mixup
 from .recipe.param_groups import param_groups
-from .recipe.precision import LossScaleGuard, autocast, make_sgd
+from .recipe.sgd import make_sgd
 from .signals import PREEMPTION
 from .tracking import Progress, Tracker, updated_summary
 

@@ -30,7 +30,7 @@ from dist_bot.models import build_model
 from dist_bot.recipe.ema import ModelEma
 from dist_bot.recipe.lars import make_lars
 from dist_bot.recipe.param_groups import param_groups
-from dist_bot.recipe.precision import make_sgd
+from dist_bot.recipe.sgd import make_sgd
 
 CASES = {
     "fp16-overflow": (["precision=fp16", "loss_scale.init_scale=1024"], ["inf-loss", None]),

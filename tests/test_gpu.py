@@ -62,7 +62,7 @@ def test_fp16_loss_scaling_skips_an_overflow_with_fused_sgd_on_the_gpu():
     from dist_bot.config import load_config
     from dist_bot.distributed.ddp import DDPStrategy
     from dist_bot.distributed.env import DistEnv
-    from dist_bot.recipe.precision import make_sgd
+    from dist_bot.recipe.sgd import make_sgd
 
     cfg = load_config(None, ["precision=fp16", "loss_scale.init_scale=1024"])
     dev = torch.device("cuda", 0)

@@ -9,10 +9,11 @@ from torch import nn
 from dist_bot.config import load_config
 from dist_bot.distributed.ddp import DDPStrategy
 from dist_bot.distributed.env import DistEnv
+from dist_bot.distributed.strategy import step_unless
 from dist_bot.models import build_model
 from dist_bot.recipe.lars import LARS, FlatPartition, make_lars, trust_ratio
 from dist_bot.recipe.param_groups import param_groups
-from dist_bot.recipe.precision import make_sgd, step_unless
+from dist_bot.recipe.sgd import make_sgd
 
 
 def test_one_step_is_the_formula_written_by_hand():

@@ -10,13 +10,13 @@ from torch import nn
 from dist_bot.config import load_config
 from dist_bot.distributed.ddp import DDPStrategy
 from dist_bot.distributed.env import DistEnv
+from dist_bot.distributed.strategy import LossScaleGuard
 from dist_bot.errors import ConfigError, LossScaleCollapse
 from dist_bot.models import build_model
 from dist_bot.recipe.losses import distillation_loss, smooth_targets, soft_cross_entropy
 from dist_bot.recipe.lr import LRSchedule, build_schedule, scaled_lr
 from dist_bot.recipe.mixup import mix_pairs, mixup
 from dist_bot.recipe.param_groups import param_groups
-from dist_bot.recipe.precision import LossScaleGuard
 
 # -- learning rate --------------------------------------------------------------------------------
 
@@ -267,7 +267,7 @@ def test_loss_scale_collapse_stops_with_a_clear_error():
 def test_the_multi_tensor_guarded_step_undoes_a_skipped_step_in_a_few_kernels():
     """step_unless on the multi-tensor SGD (FSDP2's form): a skipped step (an inf gradient) leaves every weight and
     momentum buffer as it was, a kept one changes them; the undo is one where per dtype, not one per tensor."""
-    from dist_bot.recipe.precision import step_unless, zero_momentum
+    from dist_bot.distributed.strategy import step_unless, zero_momentum
 
     torch.manual_seed(0)
     model = torch.nn.Sequential(*[torch.nn.Linear(4, 4) for _ in range(10)])

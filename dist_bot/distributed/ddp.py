@@ -11,8 +11,8 @@ from torch.nn.parallel import DistributedDataParallel
 
 from ..checkpoint import check_optimizer_state, check_state_dict, read_file, read_model, write_file
 from ..errors import CheckpointError
-from ..recipe.precision import ScaledOptimizer
 from .env import DistEnv, average_buffers
+from .strategy import ScaledOptimizer
 
 
 class DDPStrategy(ScaledOptimizer):

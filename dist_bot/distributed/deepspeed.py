@@ -31,8 +31,8 @@ from ..checkpoint import check_state_dict, read_model, verify_file, write_file
 from ..errors import CheckpointError, UserError
 from ..recipe.ema import balanced_owners
 from ..recipe.lars import LARS, FlatPartition
-from ..recipe.precision import zero_momentum
 from .env import DistEnv, average_buffers, broadcast_buffers
+from .strategy import zero_momentum
 
 
 def deepspeed_config(cfg, world_size: int) -> dict:

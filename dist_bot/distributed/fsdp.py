@@ -31,8 +31,8 @@ from torch.utils._pytree import tree_map
 from ..checkpoint import check_state_dict, read_file, read_model, write_file
 from ..errors import CheckpointError, UserError
 from ..models.resnet import BasicBlock, Bottleneck
-from ..recipe.precision import ScaledOptimizer
 from .env import DistEnv, average_buffers, broadcast_buffers
+from .strategy import ScaledOptimizer
 
 
 class FSDPStrategy(ScaledOptimizer):

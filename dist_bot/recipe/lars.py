@@ -35,7 +35,7 @@ import torch
 import torch.distributed as dist
 from torch.distributed.tensor import DTensor
 
-from .precision import fusable
+from .sgd import fusable
 
 
 @dataclass

@@ -1,4 +1,6 @@
-"""Low-precision training (3.2): fp16 with fp32 master weights and dynamic loss scaling, bf16, or fp32.
+"""What the engine needs from DDP, FSDP2 or DeepSpeed (the Strategy protocol), and the optimizer step they share.
+
+Low-precision training (3.2): fp16 with fp32 master weights and dynamic loss scaling, bf16, or fp32.
 
 fp16: the model keeps fp32 weights, autocast runs matmuls/convs in fp16, and the loss is multiplied by a
 scale S before backward so small gradients do not flush to zero. An overflow (inf/NaN gradient) skips the
@@ -19,13 +21,84 @@ counters are device tensors, read once per log interval.
 from __future__ import annotations
 
 import contextlib
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any, Protocol
 
 import torch
 from torch import nn
 from torch._utils import _flatten_dense_tensors, _unflatten_dense_tensors
 from torch.distributed.tensor import DTensor
 
-from ..errors import LossScaleCollapse
+from ..errors import LossScaleCollapse, UserError
+from .env import DistEnv
+
+
+class Strategy(Protocol):
+    """What the engine needs from DDP, FSDP2 or DeepSpeed; it knows nothing else about them."""
+
+    model: nn.Module  # the wrapped model, for the training forward pass
+
+    def backward(self, loss: torch.Tensor) -> None:
+        """Backward of ``loss`` (scaled under fp16)."""
+
+    def step(self) -> torch.Tensor:
+        """Unscale, clip, optimizer step, update the loss scale. Returns a 0-dim bool tensor, False when the step
+        was skipped (an inf/NaN gradient, fp16 overflow or not: no weight changes, on any rank); on the device
+        where the strategy can decide there, so nothing waits for it."""
+
+    def no_sync(self) -> contextlib.AbstractContextManager:
+        """Accumulate gradients locally for a micro-batch that is not the last of its step."""
+
+    def set_lr(self, lr: float) -> None: ...
+
+    @property
+    def loss_scale(self) -> float:
+        """Current fp16 loss scale (1.0 when not scaling); reading it waits for the device."""
+
+    @property
+    def loss_scale_async(self) -> torch.Tensor | float:
+        """The same without waiting: a 0-dim device tensor (or a float where the strategy keeps it on the host)."""
+
+    def eval_model(self, sync_buffers: bool = True) -> nn.Module:
+        """The plain module with full weights and BN statistics averaged over processes (unless ``sync_buffers`` is
+        False: they already are), for evaluation (no collectives in its forward). A collective: every process
+        calls it."""
+
+    def ema_source(self) -> tuple[nn.Module, dict[str, int]]:
+        """For the weights' EMA (recipe/ema.py): the module whose state_dict is model.pt's (under FSDP2 its
+        parameters are DTensor shards), and the rank that averages each parameter named here; a parameter not
+        named is averaged on every rank (its replica, or its local shard)."""
+
+    def save(self, folder: Path) -> None:
+        """Collective: write model.pt (full weights, one file) and the training state into ``folder``."""
+
+    def read(self, folder: Path) -> Any:
+        """Collective: this process's part of a checkpoint (model, optimizer, loss scaler), read completely and
+        checked, NOT applied; raises CheckpointError when a file is missing, damaged or does not fit."""
+
+    def apply(self, state: Any) -> None:
+        """Restore what ``read`` returned (on every process, after all of them read theirs)."""
+
+
+def build_strategy(
+    name: str, model: nn.Module, make_optimizer: Callable[[nn.Module], torch.optim.Optimizer], env: DistEnv, cfg
+) -> Strategy:
+    """Wrap ``model`` for ``name`` and build its optimizer (after sharding, for the strategies that shard)."""
+    if name == "ddp":
+        from .ddp import DDPStrategy
+
+        return DDPStrategy(model, make_optimizer, env, cfg)
+    if name == "fsdp":
+        from .fsdp import FSDPStrategy
+
+        return FSDPStrategy(model, make_optimizer, env, cfg)
+    if name == "deepspeed":
+        from .deepspeed import DeepSpeedStrategy
+
+        return DeepSpeedStrategy(model, make_optimizer, env, cfg)
+    raise UserError(f"unknown strategy={name!r}: use ddp, fsdp or deepspeed")
+
 
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 
@@ -47,20 +120,6 @@ def make_grad_scaler(precision: str, device: torch.device, cfg) -> torch.amp.Gra
         growth_interval=cfg.growth_interval,
         enabled=precision == "fp16",
     )
-
-
-def make_sgd(groups: list[dict], momentum: float, nesterov: bool) -> torch.optim.SGD:
-    """SGD with (Nesterov) momentum, fused where torch has the kernel (CUDA, CPU): one kernel per parameter group
-    instead of one per tensor, and it takes GradScaler's scale and overflow flag as device tensors, so a step
-    never waits for the GPU. Elsewhere the multi-tensor (foreach) form."""
-    return torch.optim.SGD(groups, lr=0.0, momentum=momentum, nesterov=nesterov, fused=fusable(groups))
-
-
-def fusable(groups: list[dict]) -> bool | None:
-    """True where torch has the fused SGD kernel for every parameter (plain tensors on CUDA or CPU, not FSDP2's
-    DTensors); None (torch's choice: the multi-tensor form) elsewhere."""
-    params = [p for g in groups for p in g["params"]]
-    return all(type(p) is nn.Parameter and p.device.type in ("cuda", "cpu") for p in params) or None
 
 
 def zero_momentum(optimizer: torch.optim.Optimizer) -> None:
