@@ -8,7 +8,7 @@
 #   docker run --gpus all --ipc=host -v /datasets:/datasets dist_bot:latest \
 #       torchrun --nproc_per_node=8 -m dist_bot train configs/resnet50d_bs1024.yaml data.path=/datasets/imagenet
 #
-# Under Slurm (pyxis/enroot or apptainer): README, section "Containers". Not built in CI (no Docker engine
+# Under Slurm (pyxis/enroot or apptainer): docs/cluster.md, section "Containers". Not built in CI (no Docker engine
 # there): check changes by reading.
 ARG BASE=nvcr.io/nvidia/pytorch:25.10-py3
 FROM ${BASE}

@@ -116,7 +116,7 @@ def test_a_short_run_keeps_timms_ema_and_evaluates_it_each_epoch(tiny_digits, tm
 
 def test_the_ema_never_changes_training(tiny_digits, tmp_path):
     """A run with an EMA ends with exactly the raw weights and raw val metrics of the same run without one: the
-    EMA only reads the weights, so one run measures both (the README's Imagenette EMA row relies on this)."""
+    EMA only reads the weights, so one run measures both (docs/results.md's Imagenette EMA row relies on this)."""
     from dist_bot.distributed.env import DistEnv
     from dist_bot.engine import Trainer
 

@@ -2,7 +2,7 @@
 
 Runs are tiny (100 digits, resnet18d, 2 processes x 8 images, fp32 unless said) so that the whole matrix is a
 few minutes; tests/fault_probe.py injects the faults that cannot be made from outside (a full disk, a read error
-on one node, a signal at a chosen moment of start-up). The README's reliability section lists the same cases.
+on one node, a signal at a chosen moment of start-up). docs/reliability.md lists the same cases.
 """
 
 import itertools

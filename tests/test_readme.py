@@ -1,8 +1,10 @@
-"""Every command in README.md's ```bash blocks that runs dist_bot is one it accepts: the CLI (or launch.submit's)
-parser takes it, the recipe it names exists and loads with its overrides, and the scripts it names exist.
+"""Every command in the ```bash blocks of README.md and of the docs/*.md pages that runs dist_bot is one it accepts:
+the CLI (or launch.submit's) parser takes it, the recipe it names exists and loads with its overrides, and the
+scripts it names exist. Commands no test can check (docker, enroot, apptainer, pip, ...) are listed in
+docs/development.md, "Commands run by hand", with the date they were last run by hand.
 
 Checked statically: nothing trains here (the demo, the tests and the GPU check run in their own tests and in CI).
-A command with a placeholder runs with the value of PLACEHOLDERS; add one there when the README gains a new one.
+A command with a placeholder runs with the value of PLACEHOLDERS; add one there when a page gains a new one.
 """
 
 import re
@@ -17,6 +19,12 @@ from launch import submit
 
 REPO = Path(__file__).resolve().parents[1]
 README = REPO / "README.md"
+DOCS = REPO / "docs"
+# The pages whose commands are checked: README.md and every docs page (docs/*.head.md are parts of a generated
+# page, docs/configuration.md, and checked there).
+PAGES = [README, *sorted(p for p in DOCS.glob("*.md") if not p.name.endswith(".head.md"))]
+BY_HAND = DOCS / "development.md"
+BY_HAND_HEADING = "## Commands run by hand"
 
 # README placeholder -> what the check uses in its place ("" drops it). Longest first when one contains another.
 PLACEHOLDERS = {
@@ -29,15 +37,21 @@ PLACEHOLDERS = {
 }
 
 
-def readme_commands() -> list[str]:
-    """The command lines of the ```bash blocks: continuation lines joined, comments and blank lines dropped."""
+def page_commands(page: Path) -> list[str]:
+    """The command lines of a page's ```bash blocks (also those indented in a list item): continuation lines
+    joined, comments and blank lines dropped."""
     commands = []
-    for block in re.findall(r"^```bash\n(.*?)^```", README.read_text(), re.S | re.M):
+    for block in re.findall(r"^[ \t]*```bash\n(.*?)^[ \t]*```", page.read_text(), re.S | re.M):
         for line in block.replace("\\\n", " ").splitlines():
             line = line.strip()
             if line and not line.startswith("#"):
                 commands.append(line)
     return commands
+
+
+def readme_commands() -> list[tuple[str, str]]:
+    """(page, command) of every checked page, README.md first."""
+    return [(str(page.relative_to(REPO)), c) for page in PAGES for c in page_commands(page)]
 
 
 def substitute(command: str) -> list[str]:
@@ -108,17 +122,41 @@ def kind(command: str) -> str | None:
         return "sbatch"
     if words[0] == "bash":
         return "script"
-    return None  # docker, enroot, apptainer: tools of their own, checked by reading
+    return None  # docker, enroot, apptainer, pip, tensorboard: listed in docs/development.md, run by hand
 
 
 def test_readme_has_the_commands_this_checks():
-    kinds = [kind(c) for c in COMMANDS]
-    assert kinds.count("dist-bot") >= 10 and kinds.count("submit") >= 3 and kinds.count("sbatch") >= 3
+    kinds = [kind(c) for _, c in COMMANDS]
+    assert kinds.count("dist-bot") >= 20 and kinds.count("submit") >= 3 and kinds.count("sbatch") >= 5, kinds
+    assert [c for page, c in COMMANDS if page == "README.md"][:2] == ["bash scripts/demo.sh", "bash scripts/test.sh"]
+    pages = {page for page, c in COMMANDS if kind(c)}
+    for page in ("docs/training.md", "docs/cluster.md", "docs/data.md", "docs/results.md", "docs/configuration.md"):
+        assert page in pages, f"{page} has no checked command: did its ```bash blocks move?"
 
 
-@pytest.mark.parametrize("command", [c for c in COMMANDS if kind(c)], ids=lambda c: c.split("#")[0].strip()[:70])
-def test_readme_command_is_accepted(command, capsys, monkeypatch):
-    monkeypatch.chdir(REPO)  # the README's commands run from the repository root
+def by_hand_section() -> str:
+    text = BY_HAND.read_text()
+    assert BY_HAND_HEADING in text, f"{BY_HAND.relative_to(REPO)} has no section {BY_HAND_HEADING!r}"
+    return text.split(BY_HAND_HEADING, 1)[1].split("\n## ", 1)[0]
+
+
+@pytest.mark.parametrize(
+    "page,command", [pc for pc in COMMANDS if not kind(pc[1])], ids=lambda x: x.split("#")[0].strip()[:70]
+)
+def test_unchecked_command_is_listed_as_run_by_hand(page, command):
+    """A command no test parses is listed, with the date it was last run (or read) by hand."""
+    command = re.split(r"\s+#\s", command)[0]  # without its trailing comment
+    items = [" ".join(item.split()) for item in by_hand_section().split("\n- ")[1:]]  # one list item each
+    listed = [item for item in items if f"`{command}`" in item]
+    assert listed, f"{page}: `{command}` is neither checked here nor listed in {BY_HAND.name}, {BY_HAND_HEADING!r}"
+    assert re.search(r"\d{4}-\d{2}-\d{2}", listed[0]), f"no date beside `{command}` in {BY_HAND.name}"
+
+
+@pytest.mark.parametrize(
+    "page,command", [pc for pc in COMMANDS if kind(pc[1])], ids=lambda x: x.split("#")[0].strip()[:70]
+)
+def test_readme_command_is_accepted(page, command, capsys, monkeypatch):
+    monkeypatch.chdir(REPO)  # the pages' commands run from the repository root
     words = substitute(command)
     what = kind(command)
     if what == "dist-bot":

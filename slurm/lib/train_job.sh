@@ -83,7 +83,7 @@ dist_bot_train() {  # CONFIG [key=value ...]
     elif [[ $rc == 3 ]]; then  # dist_bot.distributed.watchdog.HANG_EXIT_CODE from every task (one that srun had
         # to end, e.g. stopped, shows as 137 instead); a hang is never requeued, so it does not hang again and again
         echo "dist_bot: a hang: nothing completed for dist.hang_timeout_min; every task's stacks are in the run" \
-             "folder's hang/ (see the README, 'Before a long cluster run'); not requeued"
+             "folder's hang/ (see docs/cluster.md, 'Before a long cluster run'); not requeued"
     fi
     exit "$rc"
 }
