@@ -150,6 +150,7 @@ def process_group(cfg, command: str, watch_hangs: bool = False):
 
     watch = FailureWatch(env, on_peer_failure=lambda message: exit_now(command, message), on_message=on_message)
     hang = HangWatch(cfg.dist.hang_timeout_min * 60 if watch_hangs else 0, env.rank, on_hang)
+    finished = False  # no exception here: every process ends together (see shutdown)
     try:
         yield env
     except Preempted:  # all processes stop together, at a checkpoint: nothing failed
@@ -160,10 +161,12 @@ def process_group(cfg, command: str, watch_hangs: bool = False):
             raise peer from None
         watch.announce(e)
         raise
+    else:
+        finished = True
     finally:
         hang.close()
         watch.close()
-        shutdown()
+        shutdown(finished)
 
 
 def exit_now(command: str, message: str, status: int = 2) -> None:

@@ -79,7 +79,7 @@ def lars_steps(out: str, strategies: list[str]) -> None:
         full = params(s)
         if env.rank == 0:
             torch.save(full, Path(out, f"{name}.pt"))
-    shutdown()
+    shutdown(finished=True)
 
 
 def poison_steps(out: str, case: str, strategies: list[str]) -> None:
@@ -89,7 +89,7 @@ def poison_steps(out: str, case: str, strategies: list[str]) -> None:
         cfg = load_config(None, [*STRATEGIES[name], *settings, "model.channels_last=false"])
         record = poisoned_steps(cfg, env, poisons)
         Path(out, f"{name}-rank{env.rank}.json").write_text(json.dumps(record))
-    shutdown()
+    shutdown(finished=True)
 
 
 def poisoned_steps(cfg, env, poisons: list[str | None]) -> dict:

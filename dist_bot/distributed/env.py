@@ -7,7 +7,9 @@ host of SLURM_JOB_NODELIST. Data is always sharded by the GLOBAL rank.
 
 from __future__ import annotations
 
+import contextlib
 import datetime
+import gc
 import os
 import re
 import resource
@@ -194,10 +196,24 @@ def restart_safe_store(world: int, timeout: datetime.timedelta, generation: int 
     return dist.PrefixStore(store_prefix(generation), store)
 
 
-def shutdown() -> None:
-    """Leave the process group cleanly (an exit-time abort can turn a good run's exit status into 1)."""
-    if dist.is_initialized():
-        dist.destroy_process_group()
+def shutdown(finished: bool = False) -> None:
+    """Leave the process group cleanly: an exit-time abort turns a good run's exit status into an error.
+
+    ``finished``: every process got here without an error, so they meet at a barrier first. A gloo worker thread
+    still retiring the last collective when the interpreter starts finalizing needs the GIL to free a Python
+    tensor, is ended inside a C++ destructor instead, and aborts the process ("terminate called without an
+    active exception", exit -6; a core dump of tests/strategy_probe.py under CPU load showed
+    ProcessGroupGloo::runLoop -> ~AsyncBroadcastWork -> THPVariable_dealloc -> PyThread_exit_thread). Once DDP has
+    been built, destroy_process_group does not end gloo's workers (torch keeps references to the group), so
+    they live into the finalization; the barrier's round trip lets them retire their work first, and the
+    collection frees what still refers to the groups while Python can still run their destructors."""
+    if not dist.is_initialized():
+        return
+    if finished and dist.get_world_size() > 1:
+        with contextlib.suppress(RuntimeError):  # a peer failed after the last collective: its error is the news
+            dist.barrier()
+    dist.destroy_process_group()
+    gc.collect()
 
 
 class FailureWatch:
