@@ -5,7 +5,6 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import functools
-import itertools
 import statistics
 import tempfile
 import time
@@ -16,6 +15,7 @@ import torch
 
 from .config import Config
 from .data import make_loaders
+from .data.loader import over_epochs
 from .data.synthetic import SyntheticLoader
 from .distributed.env import DistEnv, local_peak_memory_mb
 from .distributed.strategy import DTYPES, make_grad_scaler
@@ -112,13 +112,6 @@ def bench_data(cfg: Config, loaders: list[str], batches: int = 20, repeats: int 
         }
 
 
-def over_epochs(loader, first_epoch: int) -> Iterator:
-    """The loader's batches, epoch after epoch from ``first_epoch``."""
-    for epoch in itertools.count(first_epoch):
-        loader.set_epoch(epoch)
-        yield from loader
-
-
 def data_files(loader) -> dict:
     """What a training loader reads: a folder or a pack, its files, and the files an epoch opens."""
     from .data.shards import opens_per_epoch
@@ -152,31 +145,16 @@ def versions(device: torch.device) -> dict:
     }
 
 
-def endless_steps(trainer: Trainer, loader, waited: list[float] | None = None) -> Iterator[None]:
+def endless_steps(trainer: Trainer, loader) -> Iterator[None]:
     """Trainer steps over ``loader``'s epochs, one per ``next()``, for as long as the bench asks; the seconds the
-    training thread waited for the loader's batches are added to ``waited[0]``."""
+    training thread waited for the loader's batches add up in ``trainer.interval.data_s``."""
     epoch = 0
     while True:
         loader.set_epoch(epoch)
-        batches = iter(loader)
-        if waited is not None:
-            batches = timed(batches, waited)
-        for step in loader.steps:
-            trainer.train_step(step, batches)
+        for step in loader:
+            trainer.train_step(step)
             yield
-        next(batches, None)  # let the loader's epoch end
         epoch += 1
-
-
-def timed(batches: Iterator, waited: list[float]) -> Iterator:
-    while True:
-        t = time.perf_counter()
-        try:
-            batch = next(batches)
-        except StopIteration:
-            return
-        waited[0] += time.perf_counter() - t
-        yield batch
 
 
 LAUNCHERS = {"single": "process", "torchrun": "torchrun", "slurm": "slurm"}  # DistEnv.source -> the record's name
@@ -315,13 +293,12 @@ def bench_train(
     loaders: dict[str, str] = {}  # side -> the loader feeding it
     warm = dict.fromkeys(SIDES, warmup)
     loader = type(trainer.train_loader).__name__.removesuffix("Loader").lower()  # torch | dali | synthetic
-    waited = [0.0]
     if "synthetic" in wanted:
         synthetic = SyntheticLoader(cfg, env, True, trainer.num_classes)
         runs["dist_bot"], loaders["dist_bot"] = functools.partial(next, endless_steps(trainer, synthetic)), "synthetic"
     if "data" in wanted and loader != "synthetic":
         side = f"dist_bot+{loader}"
-        runs[side] = functools.partial(next, endless_steps(trainer, trainer.train_loader, waited))
+        runs[side] = functools.partial(next, endless_steps(trainer, trainer.train_loader))
         loaders[side] = loader
         warm[side] = max(warmup, 2 * trainer.train_loader.prefetch_batches)
     if "bare" in wanted:
@@ -344,12 +321,12 @@ def bench_train(
         timer(run, warm.get(side, warmup))
     for _ in range(repeats):
         for side, run in runs.items():
-            waited[0] = 0.0
+            trainer.interval.data_s = 0.0
             seconds, mem = timer(run, steps)
             times[side].append(seconds / steps)
             peak[side] = max(peak[side], mem)
             if side.startswith("dist_bot+"):
-                data_s.append(waited[0] / steps)
+                data_s.append(trainer.interval.data_s / steps)
     trainer.tracker.close()
     trainer.train_loader.close()
     trainer.val_loader.close()

@@ -41,6 +41,8 @@ from .errors import CheckpointError, CheckpointWriteError, UserError
 
 log = logging.getLogger(__name__)
 FORMAT_VERSION = 2
+# A checkpoint's files, named here once (the docstring above says what each holds)
+META_FILE, MODEL_FILE, EMA_FILE, TRAIN_STATE_FILE = "meta.pt", "model.pt", "ema.pt", "train_state.pt"
 _NAME = re.compile(r"step_(\d+)$")
 
 
@@ -235,7 +237,7 @@ def read_file(path: Path, map_location="cpu"):
 
 
 def read_meta(path: Path) -> dict:
-    meta = read_file(Path(path) / "meta.pt")
+    meta = read_file(Path(path) / META_FILE)
     if not isinstance(meta, dict) or meta.get("format") != FORMAT_VERSION:
         raise CheckpointError(f"{path} is not a dist_bot checkpoint (format {FORMAT_VERSION})")
     return meta
@@ -243,19 +245,19 @@ def read_meta(path: Path) -> dict:
 
 def read_model(path: Path, map_location="cpu") -> dict:
     """The full model state_dict of a checkpoint folder."""
-    return read_file(Path(path) / "model.pt", map_location)
+    return read_file(Path(path) / MODEL_FILE, map_location)
 
 
 def read_weights(path: Path, ema: bool = False, map_location="cpu") -> dict:
     """The raw weights (model.pt) of a checkpoint folder, or its EMA weights (ema.pt, the same keys)."""
     if not ema:
         return read_model(path, map_location)
-    if not (Path(path) / "ema.pt").exists():
+    if not (Path(path) / EMA_FILE).exists():
         raise CheckpointError(
             f"checkpoint {path} has no EMA weights (no ema.pt): train with model.ema_decay=0.9998 (for example) to "
             "keep them, or leave out --ema to use the raw weights"
         )
-    return read_file(Path(path) / "ema.pt", map_location)
+    return read_file(Path(path) / EMA_FILE, map_location)
 
 
 def load_checkpoint(path: Path, map_location="cpu", ema: bool = False) -> dict:
@@ -271,12 +273,12 @@ def resolve_checkpoint(path: str | Path) -> Path:
     checkpoint whose meta.pt and model.pt read back whole (older ones are tried past damaged ones, as a resume
     does), a checkpoint folder (one holding meta.pt) is itself. Anything else is a CheckpointError naming both."""
     path = Path(path)
-    if (path / "meta.pt").is_file():
+    if (path / META_FILE).is_file():
         return path
     if (path / "checkpoints").is_dir():
 
         def check(step: Path) -> dict:
-            verify_file(step / "model.pt")
+            verify_file(step / MODEL_FILE)
             return read_meta(step)
 
         found = load_latest_good(path / "checkpoints", check)

@@ -78,7 +78,7 @@ def set_up_process(cfg, env) -> str:
 
     import torch
 
-    from dist_bot.data.sharding import cpus_per_process, dali_py_workers, dataloader_workers, decode_workers
+    from dist_bot.data.loader import cpus_per_process, dali_py_workers, dataloader_workers, decode_workers
 
     cpus = cpus_per_process(env)
     # A launched process's threads follow the CPUs it was given (the launcher's OMP_NUM_THREADS wins: torchrun sets

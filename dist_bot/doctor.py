@@ -67,7 +67,7 @@ def gpu_driver() -> str | None:
 def host_info(env: DistEnv) -> dict:
     from dist_bot import __version__
 
-    from .data.sharding import cpus_per_process
+    from .data.loader import cpus_per_process
 
     cuda = env.device.type == "cuda"
     props = torch.cuda.get_device_properties(env.device) if cuda else None
@@ -127,6 +127,7 @@ def data_info(cfg: Config, env: DistEnv, files: int, batches: int) -> dict:
     """This process's read speed of ``files`` training files (its own share of a sample) and the rate of the
     recipe's training loader over ``batches`` batches after a warm-up of 2."""
     from .data import make_loaders, open_dataset
+    from .data.loader import over_epochs
 
     train, _ = open_dataset(cfg.data.path)
     paths = [train.samples[i][0] for i in range(env.rank, min(len(train), files * env.world_size), env.world_size)]
@@ -136,14 +137,8 @@ def data_info(cfg: Config, env: DistEnv, files: int, batches: int) -> dict:
             read += len(Path(p).read_bytes())
     read_s = time.perf_counter() - t
     loader, val = make_loaders(cfg, env)
-
-    def epochs():  # as many batches as asked, over epochs (a small dataset's epoch may be shorter)
-        for epoch in range(1000):
-            loader.set_epoch(epoch)
-            yield from loader
-
     try:
-        it = epochs()
+        it = over_epochs(loader)
         for _ in range(2):
             next(it)
         n, t = 0, time.perf_counter()

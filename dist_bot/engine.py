@@ -22,7 +22,7 @@ import dataclasses
 import logging
 import signal
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -32,7 +32,9 @@ import torch.nn.functional as F
 import yaml
 
 from .checkpoint import (
+    EMA_FILE,
     FORMAT_VERSION,
+    META_FILE,
     CheckpointError,
     agree_on_checkpoint,
     check_state_dict,
@@ -50,7 +52,7 @@ from .checkpoint import (
 )
 from .config import Config, from_dict, profile_window, resumable_keys, to_dict, to_yaml
 from .data import make_loaders
-from .data.sharding import MicroBatch, Step
+from .data.plan import MicroBatch, Step
 from .distributed import build_strategy
 from .distributed.env import DistEnv, all_reduce_max, any_rank, local_peak_memory_mb
 from .distributed.strategy import LossScaleGuard, autocast
@@ -185,12 +187,12 @@ def load_teacher(
     if state["num_classes"] != num_classes:
         raise RunError(f"teacher {path} predicts {state['num_classes']} classes, the data has {num_classes}")
     if weights == "ema":
-        if not (Path(path) / "ema.pt").is_file():
+        if not (Path(path) / EMA_FILE).is_file():
             raise RunError(
                 f"teacher {path} has no ema.pt (its run trained without model.ema_decay): "
                 "set loss.distill.teacher_weights=raw, or name a teacher trained with an EMA"
             )
-        state["model"] = read_file(Path(path) / "ema.pt")
+        state["model"] = read_file(Path(path) / EMA_FILE)
     teacher = build_model(tcfg.model.name, num_classes=num_classes)
     teacher.load_state_dict(state["model"])
     teacher.requires_grad_(False).eval().to(env.device)
@@ -229,6 +231,7 @@ class Trainer:
         check_run_dir(cfg, self.run_dir)
         self.train_loader, self.val_loader = make_loaders(cfg, env)
         self.num_classes = self.check_num_classes(self.train_loader.num_classes)
+        self.interval = Interval(torch.zeros((), device=env.device))  # what the steps since the last log added up to
         self.strategy = self.create_strategy()  # model (zero gamma, channels_last, compiled), optimizer, wrapper
         self.ema, self.ema_module = self.create_ema()  # this process's share of the weights' EMA, or None
         self.loss_fn = self.create_loss()
@@ -352,7 +355,7 @@ class Trainer:
 
     def read_ema(self, path: Path) -> dict:
         """This process's share of the checkpoint's ema.pt, checked against the model."""
-        file = path / "ema.pt"
+        file = path / EMA_FILE
         if not file.is_file():  # model.ema_* cannot change on resume: a checkpoint of this run has one
             raise CheckpointError(f"checkpoint {path} has no ema.pt, which a run with model.ema_decay writes")
         full = read_file(file)
@@ -436,9 +439,9 @@ class Trainer:
             ema = self.ema.full_state() if self.ema is not None else None  # a collective: before any local write
             self.strategy.save(folder)
             if self.env.is_main:
-                write_file(meta, folder / "meta.pt")
+                write_file(meta, folder / META_FILE)
                 if ema is not None:  # model.pt's keys and format: read like it (dist-bot eval, export, teachers)
-                    write_file({k: v.cpu() for k, v in ema.items()}, folder / "ema.pt")
+                    write_file({k: v.cpu() for k, v in ema.items()}, folder / EMA_FILE)
 
         save_checkpoint(self.run_dir / "checkpoints", self.state.global_step, self.cfg.run.keep_checkpoints, write)
         HEARTBEAT.beat(f"the checkpoint of step {self.state.global_step}")
@@ -457,13 +460,13 @@ class Trainer:
                 teacher_logits = self.teacher(images)  # exactly the student's (mixed) input
         return self.loss_fn(logits, targets, teacher_logits)
 
-    def train_step(self, step: Step, batches: Iterator) -> torch.Tensor:
+    def train_step(self, step: Step) -> torch.Tensor:
         """One optimizer step over this process's micro-batches of ``step``; returns their summed loss (a device
         tensor) and advances the run state. Nothing here waits for the device."""
         s = self.strategy
         s.set_lr(self.schedule(self.state.global_step))
         loss_sum = torch.zeros((), device=self.env.device)
-        for micro in step.feed(batches):
+        for micro in self.waited(step):
             with contextlib.nullcontext() if micro.last else s.no_sync(), self.profiler.mark("forward_backward"):
                 loss = self.micro_loss(micro)
                 s.backward(loss * micro.loss_weight)  # weighted: the reduced gradient is the step's mean
@@ -538,8 +541,10 @@ class Trainer:
         """A preemption signal on any rank, or run.stop_after_steps reached (agreed by all ranks; a collective)."""
         return any_rank(bool(PREEMPTION.received) or self.stop_after_reached(), self.env)
 
-    def waited(self, batches: Iterator, interval: Interval) -> Iterator:
-        """The loader's batches, adding the time spent waiting for each to ``interval.data_s``."""
+    def waited(self, batches: Iterable) -> Iterator:
+        """``batches`` (a step's micro-batches), adding the time spent waiting for each to the interval's
+        ``data_s``."""
+        batches, interval = iter(batches), self.interval
         while True:
             t = time.perf_counter()
             try:
@@ -556,15 +561,14 @@ class Trainer:
         cfg, st, loader = self.cfg, self.state, self.train_loader
         loader.set_epoch(st.epoch, st.epoch_step)
         self.strategy.model.train()
-        interval = Interval(torch.zeros((), device=self.env.device))
-        batches = self.waited(iter(loader), interval)
-        for step in loader.steps[st.epoch_step :]:
+        self.interval = interval = Interval(torch.zeros((), device=self.env.device))
+        for step in loader:
             t0 = time.perf_counter()
             with self.profiler.step(st.global_step + 1):  # traced when run.profile_steps holds it
-                interval.loss_sum += self.train_step(step, batches)
+                interval.loss_sum += self.train_step(step)
             HEARTBEAT.beat("optimizer step", st.global_step)
             self.log_compile_time(time.perf_counter() - t0)
-            interval.samples += sum(len(m) for m in step.micro_batches)
+            interval.samples += step.samples
             interval.steps += 1
             done, reached = st.epoch_step == len(loader), self.stop_after_reached()
             reached = reached and not (done and st.epoch + 1 == cfg.schedule.epochs)  # at the run's end: finish it

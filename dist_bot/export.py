@@ -24,7 +24,7 @@ import torch
 
 from dist_bot import __version__
 
-from .checkpoint import class_names, read_meta, read_weights, resolve_checkpoint
+from .checkpoint import EMA_FILE, class_names, read_meta, read_weights, resolve_checkpoint
 from .errors import ExportError
 from .models import build_model
 from .models.interop import timm_name, to_timm, torchvision_name
@@ -214,7 +214,7 @@ def export_for_tracking(checkpoint: Path, out_dir: Path) -> list[Path]:
     fmt = "timm" if timm_name(meta["model_name"]) else "onnx"
     suffix = SUFFIXES[fmt][0]
     written = []
-    for ema in (False, True) if (checkpoint / "ema.pt").is_file() else (False,):
+    for ema in (False, True) if (checkpoint / EMA_FILE).is_file() else (False,):
         out = out_dir / f"{meta['model_name']}{'_ema' if ema else ''}{suffix}"
         export_checkpoint(checkpoint, fmt, out, ema=ema)
         written.append(out)

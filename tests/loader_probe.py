@@ -18,15 +18,8 @@ from dist_bot.distributed.env import init_distributed, shutdown
 
 
 def steps_of(loader) -> list[list[int]]:
-    it = iter(loader)
-    out = []
-    for step in loader.steps[loader.start_step :]:
-        labels = []
-        for _ in step.micro_batches:
-            _, y = next(it)
-            labels += y.tolist()
-        out.append(labels)
-    assert next(it, None) is None, "the loader delivered more batches than its plan"
+    out = [[y for micro in step for y in micro.labels.tolist()] for step in loader]
+    assert len(out) == len(loader) - loader.start_step, "the loader served other steps than its plan's"
     return out
 
 
@@ -58,7 +51,7 @@ def main(datas: str, loader: str, batch: str, out: str) -> None:
     for i, data in enumerate(datas.split(",")):
         Path(out, str(i)).mkdir(parents=True, exist_ok=True)
         Path(out, str(i), f"rank{env.rank}.json").write_text(json.dumps(record(data, loader, batch, env)))
-    shutdown()
+    shutdown(finished=True)
 
 
 if __name__ == "__main__":

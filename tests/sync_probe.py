@@ -97,17 +97,17 @@ def main(out: str, *overrides: str) -> None:
     steps = 0
     real_step = Trainer.train_step
 
-    def counted(self, step, batches):
+    def counted(self, step):
         nonlocal steps
         steps += 1
-        return real_step(self, step, batches)
+        return real_step(self, step)
 
     Trainer.train_step = counted
     with contextlib.suppress(Preempted):  # run.stop_after_steps
         trainer.fit()
     result = {"steps": steps, "in_step": rec.in_step, "in_log": rec.in_log}
     Path(out, f"rank{env.rank}.json").write_text(json.dumps(result))
-    shutdown()
+    shutdown(finished=True)
 
 
 if __name__ == "__main__":

@@ -20,10 +20,11 @@ from conftest import REPO
 from PIL import Image
 
 from dist_bot.config import load_config
-from dist_bot.data.augment import lighting_rgb, sample_resized_crop, sample_seed
 from dist_bot.data.dali_feeder import FileList
 from dist_bot.data.dali_loader import PIPELINE_PREFETCH
 from dist_bot.data.folder import ImageList
+from dist_bot.data.loader import micro_batches
+from dist_bot.data.plan import draw, lighting_rgb
 from dist_bot.distributed.env import DistEnv
 
 pytest.importorskip("nvidia.dali", reason="DALI is not installed (pip install -e '.[dali]')")
@@ -80,7 +81,7 @@ def test_the_training_thread_reads_no_image_file_when_python_workers_do(tiny_dig
     for workers in (1, 0):
         opened.clear()
         train = dali_train(tiny_digits, **{"data.dali_py_workers": workers})
-        assert sum(len(labels) for _, labels in train) == IMAGES
+        assert sum(len(labels) for _, labels in micro_batches(train)) == IMAGES
         if workers:
             assert opened == []
         else:  # the epoch's files, and the next epoch's first micro-batches, read ahead in the pipeline's queue
@@ -95,7 +96,7 @@ def test_python_workers_deliver_the_training_threads_batches_over_epochs_and_a_r
         out, pids = [], []
         for epoch, start in ((0, 0), (1, 0), (1, 2)):
             train.set_epoch(epoch, start)
-            out.append([(x.clone(), y.clone()) for x, y in train])
+            out.append([(x.clone(), y.clone()) for x, y in micro_batches(train)])
             pids.append(set(python_workers()) - others)
         return out, pids
 
@@ -122,7 +123,7 @@ def test_one_pipeline_serves_consecutive_epochs_and_any_other_order_builds_a_new
         train.set_epoch(epoch, start)
         planned = len(train.train_batches())
         # as the engine takes them: exactly the plan's micro-batches, never the iterator's end
-        got = list(itertools.islice(iter(train), planned if take is None else take))
+        got = list(itertools.islice(micro_batches(train), planned if take is None else take))
         assert len(got) == (planned if take is None else take)
 
     for epoch in (0, 1, 2):
@@ -145,7 +146,7 @@ def test_pca_lighting_shifts_each_image_by_the_draw_of_its_own_seed(tiny_digits)
     flip and colour jitter from the image's (seed, epoch, index) generator."""
     common = {"data.dali_py_workers": 0, "data.color_jitter": 0}
     lit, dark = dali_train(tiny_digits, **common), dali_train(tiny_digits, **common, **{"data.pca_lighting": 0})
-    shift = next(iter(lit))[0] - next(iter(dark))[0]
+    shift = next(micro_batches(lit))[0] - next(micro_batches(dark))[0]
     per_channel = shift.mean((2, 3))
     assert (shift - per_channel[:, :, None, None]).abs().max() < 1e-4
     d = lit.cfg.data
@@ -153,11 +154,8 @@ def test_pca_lighting_shifts_each_image_by_the_draw_of_its_own_seed(tiny_digits)
     for index in lit.train_batches()[0]:
         with Image.open(lit.images.samples[index][0]) as im:
             width, height = im.size
-        rng = np.random.default_rng(sample_seed(lit.cfg.run.seed, 0, index))
-        sample_resized_crop(width, height, (d.min_crop_area, 1.0), (3 / 4, 4 / 3), rng)
-        rng.random()  # flip
-        rng.uniform(1, 1, size=3)  # colour jitter (drawn even when off: the draws stay aligned)
-        alpha = rng.standard_normal(3) * d.pca_lighting
+        drawn = draw(lit.cfg.run.seed, 0, index, width, height, d.min_crop_area, d.hflip, d.color_jitter)
+        alpha = np.array(drawn.alpha) * d.pca_lighting
         expected.append(lighting_rgb(alpha) / np.array(d.std))
     assert torch.allclose(per_channel, torch.tensor(np.array(expected), dtype=torch.float32), atol=1e-4)
 
@@ -193,7 +191,7 @@ from dist_bot.distributed.env import DistEnv
 if __name__ == "__main__":  # DALI's workers are spawned: they import this module again
     args = [f"data.path={sys.argv[1]}", "data.loader=dali", "data.image_size=32", "data.batch_size=8"]
     train = make_loaders(load_config(None, [*args, "data.workers=1", "data.dali_py_workers=2"]), DistEnv())[0]
-    next(iter(train))
+    next(iter(next(iter(train))))
     print("ready", flush=True)
     time.sleep(120)
 """

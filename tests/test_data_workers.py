@@ -5,7 +5,7 @@ import os
 import pytest
 
 from dist_bot.config import load_config
-from dist_bot.data.sharding import cpus_per_process, dali_py_workers, dataloader_workers, decode_workers
+from dist_bot.data.loader import cpus_per_process, dali_py_workers, dataloader_workers, decode_workers
 from dist_bot.distributed.env import DistEnv
 
 

@@ -1,10 +1,9 @@
 """One data interface, several loaders: ``make_loaders(cfg, env) -> (train, val)``.
 
-Iterating a loader yields ``(images, labels)`` on the device, float, normalized, in the model's memory
-format. ``len(train)`` is optimizer steps per epoch, the same on every process; ``train.steps[i]`` lists
-this process's micro-batches of step i and the step's global size. ``set_epoch(e, start_step)`` fixes the
-order from (seed, epoch) and resumes inside an epoch. ``val.samples`` is the number of real images this
-process evaluates (no padding); ``num_samples`` the split's size; ``num_classes`` the number of classes.
+Every loader meets ``loader.Loader``: training yields the plan's ``Step``s (plan.py), each yielding its
+``MicroBatch``es with images on the device, float, normalized, in the model's memory format; evaluation yields
+(images, labels) batches of this process's exact shard. ``set_epoch(e, start_step)`` fixes the order from
+(seed, epoch) and resumes inside an epoch.
 ``data.path`` is an ImageNet-layout folder or a pack of it (``dist-bot data pack``): either way the loaders
 read sample i by its index (``ImageList.read``), so plans, augmentation and resume are the same.
 The same contract holds for every loader: ``torch`` (torchvision, DataLoader workers), ``dali`` (GPU
@@ -38,14 +37,8 @@ def make_loaders(cfg, env):
         return DaliLoader(train_list, cfg, env, train=True), DaliLoader(val_list, cfg, env, train=False)
     # imported here, not above: DALI's Python workers import this package and should not pay for torch
     from .torch_loader import TorchLoader
-    from .transforms import eval_transform, train_transform
 
-    d = cfg.data
-    train = TorchLoader(
-        train_list, train_transform(d.image_size, d.min_crop_area, d.hflip, d.color_jitter), cfg, env, train=True
-    )
-    val = TorchLoader(val_list, eval_transform(d.image_size, d.val_resize_ratio), cfg, env, train=False)
-    return train, val
+    return TorchLoader(train_list, cfg, env, train=True), TorchLoader(val_list, cfg, env, train=False)
 
 
 __all__ = ["BadImageError", "DataError", "make_loaders"]

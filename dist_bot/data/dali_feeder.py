@@ -1,8 +1,8 @@
 """What the DALI training pipeline is fed: each micro-batch's file bytes, labels and augmentation parameters.
 
-``TrainFeeder`` is a pure function of DALI's iteration -> that micro-batch of the exact plan (sharding.py,
+``TrainFeeder`` is a pure function of DALI's iteration -> that micro-batch of the exact plan (plan.py,
 epoch after epoch): it looks the micro-batch up, reads its files, parses their headers and draws every image's crop,
-flip, colour jitter and lighting from the image's own seed (augment.py). DALI runs it ahead of the training
+flip, colour jitter and lighting from the image's own seed (``plan.draw``). DALI runs it ahead of the training
 thread in its parallel external source workers (``data.dali_py_workers`` processes), or in the training thread
 itself when that is 0. The result is the same either way, and whatever the number of workers.
 
@@ -20,9 +20,8 @@ from dataclasses import dataclass
 import numpy as np
 
 from ..errors import BadImageError
-from .augment import lighting_rgb, sample_resized_crop, sample_seed
 from .folder import ImageList, SampleReader, image_size_of
-from .sharding import EpochStream
+from .plan import EpochStream, draw, lighting_rgb
 
 # name -> DALI type of each per-sample field the feeder computes, in the order of its outputs
 FIELDS = {
@@ -139,7 +138,7 @@ def die_with_parent(parent_pid: int) -> None:
 
 class TrainFeeder:
     """DALI's external source for training: ``BatchInfo(iteration, epoch_idx)`` -> the fields of micro-batch
-    ``iteration`` of an EpochStream (sharding.py): the epoch ``first_epoch`` from ``first_step``, then every
+    ``iteration`` of an EpochStream (plan.py): the epoch ``first_epoch`` from ``first_step``, then every
     following epoch, without end, so DALI reads ahead across an epoch's end (the loader takes each epoch's
     micro-batches from it, one epoch after another).
 
@@ -168,13 +167,9 @@ class TrainFeeder:
         for k, index in enumerate(indices):
             data, labels[k], (w, h), skipped = read_image(self.files, index, self.skip_bad)
             ok[k] = skipped == 0
-            # the draws of the image's own generator, always in this order (a resumed run repeats them)
-            rng = np.random.default_rng(sample_seed(self.seed, epoch, index))
-            x, y, cw, ch = sample_resized_crop(w, h, (self.min_crop_area, 1.0), (3 / 4, 4 / 3), rng)
-            anchor[k], shape[k] = (x, y), (cw, ch)
-            flip[k] = self.hflip and rng.random() < 0.5
-            twist[k] = rng.uniform(1 - j, 1 + j, size=3)  # brightness, contrast, saturation
-            alpha[k] = rng.standard_normal(3)
+            # the draw of the planned index, applied to the image read (the next readable one, if skipped)
+            d = draw(self.seed, epoch, index, w, h, self.min_crop_area, self.hflip, j)
+            anchor[k], shape[k], flip[k], twist[k], alpha[k] = d.box[:2], d.box[2:], d.flip, d.twist, d.alpha
             jpegs.append(np.frombuffer(data, dtype=np.uint8))
         # Lighting adds rgb to [0, 1] pixels before normalisation: (x / 255 + rgb - mean) / std is normalisation
         # by a per-image mean of 255 (mean - rgb), which the pipeline's crop_mirror_normalize takes as is.

@@ -1,7 +1,7 @@
 """The DALI loader: JPEG decoding and augmentation on the GPU ("mixed" nvJPEG decoding), or in DALI's
 CPU-only mode on hosts without one (``device_id=None``, the same pipeline code).
 
-Training: the exact sharding plan (sharding.py) picks each micro-batch's files; ``TrainFeeder`` (dali_feeder.py)
+Training: the plan (plan.py) picks each micro-batch's files; ``TrainFeeder`` (dali_feeder.py)
 reads their bytes and draws every image's crop, flip, colour jitter and lighting from its (seed, epoch, index)
 seed, in DALI's parallel external source workers (``data.dali_py_workers`` Python processes), ahead of the
 training thread; DALI decodes only the crop (``decoders.image_slice``, the fused decode + crop), resizes it,
@@ -34,7 +34,8 @@ from ..errors import BadImageError
 from ..signals import helpers_shielded
 from .dali_feeder import FIELDS, FileList, TrainFeeder, ValFeeder, read_image, unreadable_from
 from .folder import ImageList, load_rgb
-from .sharding import MIN_PER_MICRO_BATCH, PlannedLoader, dali_py_workers, decode_workers
+from .loader import PlannedLoader, dali_py_workers, decode_workers
+from .plan import MIN_PER_MICRO_BATCH, eval_shard
 
 log = logging.getLogger(__name__)
 
@@ -155,7 +156,7 @@ class _Feed:
 
 
 class DaliLoader(PlannedLoader):
-    """The data interface of dist_bot/data/__init__.py, served by DALI."""
+    """The ``Loader`` contract (loader.py), served by DALI."""
 
     def __init__(self, images: ImageList, cfg, env, train: bool):
         dev = env.device
@@ -175,25 +176,10 @@ class DaliLoader(PlannedLoader):
         super().__init__(images, cfg, env, train)
 
     def _val_shard(self) -> tuple[int, int]:
-        """DALI's contiguous shard of this rank: [floor(N r / W), floor(N (r + 1) / W))."""
-        n, r, w = len(self.images), self.env.rank, self.env.world_size
-        return n * r // w, n * (r + 1) // w
-
-    def __len__(self) -> int:
-        if self.train:
-            return len(self.steps)
-        lo, hi = self._val_shard()
-        return -(-(hi - lo) // self._val_batch())
+        return eval_shard(len(self.images), self.env.rank, self.env.world_size)
 
     def _val_batch(self) -> int:
         return self.cfg.data.val_batch_size or self.cfg.data.batch_size
-
-    @property
-    def samples(self) -> int:
-        if self.train:
-            return sum(map(len, self.train_batches()))
-        lo, hi = self._val_shard()
-        return hi - lo
 
     @property
     def bad_images(self) -> int:
@@ -217,10 +203,10 @@ class DaliLoader(PlannedLoader):
         return images
 
     def __iter__(self):
-        """This epoch's batches. Training takes them from one pipeline fed by an endless stream of epochs, kept from
-        one epoch to the next (DALI reads and decodes ahead across an epoch's end, its workers keep running); a
-        new pipeline is built only for a resume, an abandoned epoch or an epoch out of order. Set up here, at
-        iter(), not at the first next() (which the engine calls inside a training step)."""
+        """This epoch's steps (training) or batches. Training takes them from one pipeline fed by an endless stream
+        of epochs, kept from one epoch to the next (DALI reads and decodes ahead across an epoch's end, its workers
+        keep running); a new pipeline is built only for a resume, an abandoned epoch or an epoch out of order. Set
+        up here, at iter(), not at the first next() (which the engine calls inside a training step)."""
         if not self.train:
             return self._iter_val()
         batches = self.train_batches()
@@ -229,7 +215,7 @@ class DaliLoader(PlannedLoader):
             self._feed = None  # the old pipeline and its workers end as it is collected, before new ones start
             self._feed = self._build_feed()
         self._token = token = object()
-        return self._deliver(self._feed, len(batches), token)
+        return self.serve(self._deliver(self._feed, len(batches), token))
 
     def close(self) -> None:
         super().close()

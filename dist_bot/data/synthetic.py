@@ -1,14 +1,16 @@
 """Synthetic data for throughput runs: random batches made once on the device, no decoding at all.
 
-Same interface as the real loaders, so `dist-bot train ... data.loader=synthetic` measures the model,
-optimizer and communication alone. 1,000 classes unless model.num_classes says otherwise.
+The same ``Loader`` contract as the real loaders (loader.py), so `dist-bot train ... data.loader=synthetic`
+measures the model, optimizer and communication alone. 1,000 classes unless model.num_classes says otherwise.
 """
 
 from __future__ import annotations
 
+import itertools
+
 import torch
 
-from .sharding import make_step
+from .plan import make_step, serve
 
 TRAIN_IMAGES_PER_PROCESS = 1024  # steps per epoch = this / batch ...
 MIN_TRAIN_STEPS = 64  # ... but at least this many, whatever the batch: enough for a throughput run
@@ -61,9 +63,9 @@ class SyntheticLoader:
         """Nothing to end: no helper processes."""
 
     def __iter__(self):
-        for step in self.steps[self.start_step :]:
-            for _ in step.micro_batches:
-                yield self.images, self.labels
+        if not self.train:
+            return iter([(self.images, self.labels)] * len(self.steps))
+        return serve(self.steps[self.start_step :], itertools.repeat((self.images, self.labels)))
 
 
 def synthetic_loaders(cfg, env):

@@ -1,7 +1,7 @@
-"""The torchvision loader: PIL decoding in DataLoader workers, exact sharding, augmentation seeded per sample.
+"""The torch loader: PIL decoding in DataLoader workers, the plan's steps and each image's augmentation draw.
 
-Each sample's augmentation is drawn from a generator seeded by (seed, epoch, index), so a batch is the same
-whatever the number of workers, and a resumed run sees exactly the images it would have seen.
+Each sample's augmentation is ``plan.draw(seed, epoch, index)``, the draw the DALI loader applies, so a batch is
+the same whatever the number of workers, and a resumed run sees exactly the images it would have seen.
 """
 
 from __future__ import annotations
@@ -17,30 +17,35 @@ import torch
 
 from ..errors import BadImageError
 from ..signals import end_with_trainer, helpers_shielded
-from .augment import sample_seed
 from .folder import ImageList, load_rgb
-from .sharding import EpochStream, PlannedLoader, dataloader_workers, shard_eval
-from .transforms import PCA_EIGVAL, PCA_EIGVEC, normalize, pca_lighting
+from .loader import PlannedLoader, dataloader_workers
+from .plan import EpochStream
+from .transforms import PCA_EIGVAL, PCA_EIGVEC, DrawnCrop, color_twist, eval_transform, normalize, pca_lighting
 
 log = logging.getLogger(__name__)
 
 PREFETCH_FACTOR = 4  # batches each DataLoader worker keeps ready
 
 
-class ImageDataset(torch.utils.data.Dataset):
-    """(uint8 CHW image, label, ok, lighting noise) for a key (index, sample_seed); ``ok`` is 0 for a skipped
-    bad image. An image that cannot be read (and is not to be skipped) gives its BadImageError instead, which
-    ``collate`` hands to the trainer as the batch: raised in a worker, the DataLoader would re-raise it wrapped
-    in the worker's traceback, and the one-line error would become twenty."""
+NO_TWIST, NO_LIGHTING = torch.ones(3), torch.zeros(3)  # an evaluation image's: no colour jitter, no lighting
 
-    def __init__(self, images: ImageList, transform, skip_bad: bool):
-        self.images, self.transform, self.skip_bad = images, transform, skip_bad
+
+class ImageDataset(torch.utils.data.Dataset):
+    """(uint8 CHW image, label, ok, colour twist, lighting alpha) for a key (index, epoch); ``ok`` is 0 for a
+    skipped bad image. Training (epoch not None) applies the image's ``plan.draw`` (``crop``); evaluation the
+    deterministic ``transform``, with a neutral twist and no lighting. An image that cannot be read (and is not
+    to be skipped) gives its BadImageError instead, which ``collate`` hands to the trainer as the batch: raised in
+    a worker, the DataLoader would re-raise it wrapped in the worker's traceback, and the one-line error would
+    become twenty."""
+
+    def __init__(self, images: ImageList, skip_bad: bool, crop: DrawnCrop | None = None, transform=None):
+        self.images, self.skip_bad, self.crop, self.transform = images, skip_bad, crop, transform
 
     def __len__(self) -> int:
         return len(self.images)
 
-    def __getitem__(self, key: tuple[int, int]):
-        index, sample_seed = key
+    def __getitem__(self, key: tuple[int, int | None]):
+        index, epoch = key
         for attempt in range(len(self.images)):
             i = (index + attempt) % len(self.images)
             path, label = self.images.samples[i]
@@ -53,12 +58,12 @@ class ImageDataset(torch.utils.data.Dataset):
                 log.warning("skipping: %s", e)
         else:
             raise BadImageError(f"no readable image in {self.images.root}")
-        with torch.random.fork_rng(devices=[]):  # the process-wide RNG stays untouched
-            torch.manual_seed(sample_seed)
-            x = self.transform(img)
-            lighting = torch.randn(3)  # PCA lighting's alpha / std, applied on the device
+        if epoch is None:
+            x, twist, alpha = self.transform(img), NO_TWIST, NO_LIGHTING
+        else:  # the draw of the planned index, applied to the image read (the next readable one, if skipped)
+            x, twist, alpha = self.crop(img, epoch, index)
         # A skipped bad image is replaced by the next readable one: counted, not silently used.
-        return x, label, int(attempt == 0), lighting
+        return x, label, int(attempt == 0), twist, alpha
 
 
 def collate(samples: list):
@@ -85,14 +90,19 @@ def worker_context() -> multiprocessing.context.BaseContext:
 
 
 class TorchLoader(PlannedLoader):
-    """Iterates (images, labels) on the device: float, normalized, in the model's memory format.
+    """The ``Loader`` contract (loader.py) over DataLoader workers: training yields the plan's steps, validation
+    (images, labels) batches of this process's exact shard; images on the device, float, normalized, in the
+    model's memory format."""
 
-    Training: ``set_epoch(e, start_step)`` fixes the order; ``steps`` describes each optimizer step's
-    micro-batches for the engine. Validation: exact shards, no padding (``samples`` = this process's images).
-    """
-
-    def __init__(self, images: ImageList, transform, cfg, env, train: bool):
-        self.dataset = ImageDataset(images, transform, cfg.data.skip_bad_images)
+    def __init__(self, images: ImageList, cfg, env, train: bool):
+        d = cfg.data
+        if train:
+            crop = DrawnCrop(cfg.run.seed, d.image_size, d.min_crop_area, d.hflip, d.color_jitter)
+            self.dataset = ImageDataset(images, d.skip_bad_images, crop=crop)
+        else:
+            self.dataset = ImageDataset(
+                images, d.skip_bad_images, transform=eval_transform(d.image_size, d.val_resize_ratio)
+            )
         self.memory_format = torch.channels_last if cfg.model.channels_last else torch.contiguous_format
         self.dtype = torch.float16 if cfg.precision == "fp16" else torch.float32  # as DALI emits: half the bytes
         self.workers = dataloader_workers(cfg, env)
@@ -100,31 +110,13 @@ class TorchLoader(PlannedLoader):
         if self.workers > 0:  # start the forkserver now: its imports overlap the model's build, not the first step
             worker_context()
         # Constants on the device once: made per batch, each would be a copy from pageable memory that waits.
-        d, dev = cfg.data, env.device
+        dev = env.device
         self.pca = (PCA_EIGVAL.to(dev), PCA_EIGVEC.to(dev))
         self.mean = torch.tensor(d.mean, device=dev).view(1, 3, 1, 1)
         self.std = torch.tensor(d.std, device=dev).view(1, 3, 1, 1)
         self._stream = None  # training: the DataLoader iterator over an EpochStream, kept across epochs
         self._val_stream = None  # validation: the DataLoader iterator of the pass under way
         super().__init__(images, cfg, env, train)
-
-    def __len__(self) -> int:
-        """Optimizer steps per epoch (training) or batches on this process (validation)."""
-        if self.train:
-            return len(self.steps)
-        return len(self._eval_batches())
-
-    @property
-    def samples(self) -> int:
-        """Images this process reads in one pass (validation: its exact share)."""
-        return sum(len(b) for b in self._batches())
-
-    def _eval_batches(self) -> list[tuple[int, ...]]:
-        bs = self.cfg.data.val_batch_size or self.cfg.data.batch_size
-        return shard_eval(len(self.images), bs, self.env.rank, self.env.world_size)
-
-    def _batches(self) -> list[tuple[int, ...]]:
-        return self.train_batches() if self.train else self._eval_batches()
 
     def _dataloader(self, batches) -> torch.utils.data.DataLoader:
         return torch.utils.data.DataLoader(
@@ -151,29 +143,26 @@ class TorchLoader(PlannedLoader):
                 it._shutdown_workers()
 
     def __iter__(self):
-        """This epoch's batches. Training reads them from one DataLoader over an endless stream of epochs, kept
-        from one epoch to the next, so its workers decode the next epoch's first batches while this one's last
-        train; a new one starts only for a resume, an abandoned epoch or an epoch out of order. Set up here, at
-        iter(), not at the first next() (which the engine calls inside a training step)."""
+        """This epoch's steps (training) or batches. Training reads them from one DataLoader over an endless stream
+        of epochs, kept from one epoch to the next, so its workers decode the next epoch's first batches while this
+        one's last train; a new one starts only for a resume, an abandoned epoch or an epoch out of order. Set up
+        here, at iter(), not at the first next() (which the engine calls inside a training step)."""
         if not self.train:
-            self._val_stream = iter(self._dataloader(self._keyed(self._eval_batches())))
+            batches = [[(i, None) for i in b] for b in self.eval_batches()]
+            self._val_stream = iter(self._dataloader(batches))
             return self._deliver(self._val_stream, None)
         if not self.stream_continues():
             self._stream = None  # the old DataLoader's workers end before new ones start
             stream = EpochStream(self.planner(), self.epoch, self.start_step)
-            self._stream = iter(self._dataloader(KeyedBatches(stream, self.cfg.run.seed)))
-        return self._deliver(self._stream, len(self.train_batches()))
-
-    def _keyed(self, batches: list[tuple[int, ...]]) -> list[list[tuple[int, int]]]:
-        seed, epoch = self.cfg.run.seed, self.epoch
-        return [[(i, sample_seed(seed, epoch, i)) for i in b] for b in batches]
+            self._stream = iter(self._dataloader(KeyedBatches(stream)))
+        return self.serve(self._deliver(self._stream, len(self.train_batches())))
 
     def _deliver(self, batches, count: int | None):
         """``count`` batches of ``batches`` (all, for None), on the device. Nothing here waits for the device: the
         batch is pinned (copies are asynchronous), the bad-image count stays a CPU tensor until bad_images is
         read, and the constants are already on the device."""
         self._bad = torch.zeros((), dtype=torch.int64)
-        lighting_std = self.cfg.data.pca_lighting
+        lighting_std, jitter = self.cfg.data.pca_lighting, self.cfg.data.color_jitter
         if count == 0:
             self.stream_served()
         for k in itertools.count() if count is None else range(count):
@@ -185,22 +174,25 @@ class TorchLoader(PlannedLoader):
                 raise batch
             if count is not None and k == count - 1:  # the engine never asks past the last batch
                 self.stream_served()
-            images, labels, ok, lighting = batch
+            images, labels, ok, twist, alpha = batch
             self._bad += (ok == 0).sum()
-            x = images.to(self.device, non_blocking=True).float().div_(255)
+            x = images.to(self.device, non_blocking=True).float()
+            if self.train and jitter > 0:
+                x = color_twist(x, twist.to(self.device, non_blocking=True))
+            x = x.div_(255)
             if self.train and lighting_std > 0:
-                x = pca_lighting(x, lighting.to(self.device, non_blocking=True) * lighting_std, *self.pca)
+                x = pca_lighting(x, alpha.to(self.device, non_blocking=True) * lighting_std, *self.pca)
             x = normalize(x, self.mean, self.std).to(self.dtype)
             x = x.contiguous(memory_format=self.memory_format)
             yield x, labels.to(self.device, non_blocking=True)
 
 
 class KeyedBatches:
-    """A DataLoader's batch sampler over an EpochStream: each sample's key is (index, its augmentation seed)."""
+    """A DataLoader's batch sampler over an EpochStream: each sample's key is (index, epoch), its draw's."""
 
-    def __init__(self, stream: EpochStream, seed: int):
-        self.stream, self.seed = stream, seed
+    def __init__(self, stream: EpochStream):
+        self.stream = stream
 
     def __iter__(self):
         for epoch, indices in self.stream:
-            yield [(i, sample_seed(self.seed, epoch, i)) for i in indices]
+            yield [(i, epoch) for i in indices]

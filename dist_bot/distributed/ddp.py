@@ -9,7 +9,15 @@ import torch.distributed as dist
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
-from ..checkpoint import check_optimizer_state, check_state_dict, read_file, read_model, write_file
+from ..checkpoint import (
+    MODEL_FILE,
+    TRAIN_STATE_FILE,
+    check_optimizer_state,
+    check_state_dict,
+    read_file,
+    read_model,
+    write_file,
+)
 from ..errors import CheckpointError
 from .env import DistEnv, average_buffers
 from .strategy import ScaledOptimizer
@@ -43,18 +51,18 @@ class DDPStrategy(ScaledOptimizer):
 
     def save(self, folder: Path) -> None:
         if self.env.is_main:  # every rank holds the same state
-            write_file(self.module.state_dict(), folder / "model.pt")
+            write_file(self.module.state_dict(), folder / MODEL_FILE)
             state = {"optimizer": self.optimizer.state_dict(), "scaler": self.scaler.state_dict()}
-            write_file(state, folder / "train_state.pt")
+            write_file(state, folder / TRAIN_STATE_FILE)
 
     def read(self, folder: Path) -> dict:
         """The checkpoint's model, optimizer and loss-scaler state, read and checked; nothing applied yet."""
         model = read_model(folder, self.env.device)
-        check_state_dict(model, self.module.state_dict(), folder / "model.pt")
-        state = read_file(folder / "train_state.pt", self.env.device)
+        check_state_dict(model, self.module.state_dict(), folder / MODEL_FILE)
+        state = read_file(folder / TRAIN_STATE_FILE, self.env.device)
         if not isinstance(state, dict) or not {"optimizer", "scaler"} <= state.keys():
             raise CheckpointError(f"{folder / 'train_state.pt'} is not a dist_bot training state")
-        check_optimizer_state(state["optimizer"], self.optimizer, folder / "train_state.pt")
+        check_optimizer_state(state["optimizer"], self.optimizer, folder / TRAIN_STATE_FILE)
         return state | {"model": model}
 
     def apply(self, state: dict) -> None:

@@ -27,7 +27,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from ..checkpoint import check_state_dict, read_model, verify_file, write_file
+from ..checkpoint import MODEL_FILE, check_state_dict, read_model, verify_file, write_file
 from ..errors import CheckpointError, UserError
 from ..recipe.ema import balanced_owners
 from ..recipe.lars import LARS, FlatPartition
@@ -197,7 +197,7 @@ class DeepSpeedStrategy:
         self.engine.save_checkpoint(str(folder / "deepspeed"), tag="state", save_latest=False)  # collective first
         if self.env.is_main:
             full = {k: v.float() if v.is_floating_point() else v for k, v in self.engine.module.state_dict().items()}
-            write_file(full, folder / "model.pt")
+            write_file(full, folder / MODEL_FILE)
 
     def read(self, folder: Path) -> Path:
         """Check the checkpoint without applying it: every DeepSpeed file read back against its CRCs (DeepSpeed
@@ -208,7 +208,7 @@ class DeepSpeedStrategy:
         for f in sorted(state.glob("*.pt")):
             verify_file(f)
         if self.env.is_main:
-            check_state_dict(read_model(folder), self.engine.module.state_dict(), folder / "model.pt")
+            check_state_dict(read_model(folder), self.engine.module.state_dict(), folder / MODEL_FILE)
         return folder
 
     def apply(self, folder: Path) -> None:

@@ -28,7 +28,7 @@ from torch.distributed.device_mesh import init_device_mesh
 from torch.distributed.fsdp import fully_shard
 from torch.utils._pytree import tree_map
 
-from ..checkpoint import check_state_dict, read_file, read_model, write_file
+from ..checkpoint import MODEL_FILE, TRAIN_STATE_FILE, check_state_dict, read_file, read_model, write_file
 from ..errors import CheckpointError, UserError
 from ..models.resnet import BasicBlock, Bottleneck
 from .env import DistEnv, average_buffers, broadcast_buffers
@@ -91,8 +91,8 @@ class FSDPStrategy(ScaledOptimizer):
         full = self._full_state(cpu_offload=True)  # collective; only rank 0 receives the tensors
         dcp.save(self._sharded_state(), checkpoint_id=folder / "dcp")  # collective; fails on every rank together
         if self.env.is_main:  # the local writes last: a full disk here leaves no other rank inside a collective
-            write_file(full, folder / "model.pt")
-            write_file({"scaler": self.scaler.state_dict()}, folder / "train_state.pt")
+            write_file(full, folder / MODEL_FILE)
+            write_file({"scaler": self.scaler.state_dict()}, folder / TRAIN_STATE_FILE)
 
     def _sharded_state(self) -> dict:
         return {
@@ -112,9 +112,9 @@ class FSDPStrategy(ScaledOptimizer):
         except BaseException as e:  # DCP's CheckpointException is a BaseException
             reason = " ".join(f"{type(e).__name__}: {e}".split())[:500]
             raise CheckpointError(f"checkpoint {folder / 'dcp'} is unreadable ({reason})") from None
-        train_state = read_file(folder / "train_state.pt")
+        train_state = read_file(folder / TRAIN_STATE_FILE)
         if self.env.is_main:
-            check_state_dict(read_model(folder), self.plain.state_dict(), folder / "model.pt")
+            check_state_dict(read_model(folder), self.plain.state_dict(), folder / MODEL_FILE)
         return state | {"scaler": train_state["scaler"]}
 
     def apply(self, state: dict) -> None:

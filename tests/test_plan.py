@@ -1,4 +1,4 @@
-"""Exact sharding: every sample once per epoch over all processes, same step count everywhere."""
+"""The plan: every sample once per epoch over all processes, same step count everywhere; contiguous eval shards."""
 
 import collections
 import itertools
@@ -6,7 +6,7 @@ import itertools
 import numpy as np
 import pytest
 
-from dist_bot.data.sharding import MIN_PER_MICRO_BATCH, EpochStream, plan_epoch, shard_eval
+from dist_bot.data.plan import MIN_PER_MICRO_BATCH, EpochStream, plan_epoch, shard_eval
 
 
 @pytest.mark.parametrize(
