@@ -19,10 +19,10 @@ from .data.loader import over_epochs
 from .data.synthetic import SyntheticLoader
 from .distributed.env import DistEnv, local_peak_memory_mb
 from .distributed.strategy import DTYPES, make_grad_scaler
-from .engine import Trainer
 from .errors import UserError
 from .models import build_model
 from .recipe.sgd import make_sgd
+from .train import Trainer
 
 
 def bench_data(cfg: Config, loaders: list[str], batches: int = 20, repeats: int = 3, warmup: int = 3):
@@ -288,6 +288,7 @@ def bench_train(
     tmp = tempfile.TemporaryDirectory(prefix="dist_bot_bench_")
     cfg.run.out_dir, cfg.run.name, cfg.run.resume = tmp.name, "bench", "never"
     trainer = Trainer(cfg, env)
+    cfg = trainer.cfg  # with the per-process batch and accumulation this world size makes
     trainer.strategy.model.train()
     runs: dict[str, Callable[[], None]] = {}
     loaders: dict[str, str] = {}  # side -> the loader feeding it
@@ -332,7 +333,7 @@ def bench_train(
     trainer.val_loader.close()
     tmp.cleanup()
 
-    batch = cfg.data.batch_size * env.world_size * cfg.optim.grad_accum_steps
+    batch = trainer.global_batch
     m = cfg.model
     common = {
         "model": m.name,

@@ -125,7 +125,7 @@ def process_group(cfg, command: str, watch_hangs: bool = False):
 
     from dist_bot.distributed.env import FailureWatch, init_distributed, shutdown
     from dist_bot.distributed.watchdog import HANG_EXIT_CODE, HANG_MARK, HangWatch, dump_stacks, flight_recorder_env
-    from dist_bot.engine import Preempted
+    from dist_bot.train import Preempted
 
     hang_dir = Path(cfg.run.out_dir) / str(cfg.run.name) / "hang"
     if watch_hangs:
@@ -191,9 +191,9 @@ def train(config: str | None, overrides: list[str], command: str = "train") -> d
     # Trainer acts on it at its first agreement), not a death by signal that no launcher requeues.
     installed = PREEMPTION.install()
     try:
-        from dist_bot.engine import Trainer
         from dist_bot.export import export_for_tracking
         from dist_bot.models import parse_name
+        from dist_bot.train import Trainer
 
         cfg = load_config(config, overrides)
         parse_name(cfg.model.name)  # an unknown model is reported now, before any process group or data scan
@@ -210,7 +210,7 @@ def cmd_train(args: argparse.Namespace) -> int:
     try:
         train(args.config, args.overrides, args.command)
     except Exception as stop:
-        from dist_bot.engine import REQUEUE_EXIT_CODE, Preempted  # here: train() imports torch after its handlers
+        from dist_bot.train import REQUEUE_EXIT_CODE, Preempted  # here: train() imports torch after its handlers
 
         if not isinstance(stop, Preempted):
             raise
@@ -225,8 +225,8 @@ def cmd_eval(args: argparse.Namespace) -> int:
 
     from dist_bot.checkpoint import load_checkpoint, resolve_checkpoint
     from dist_bot.data import make_loaders
-    from dist_bot.engine import evaluate
     from dist_bot.models import build_model
+    from dist_bot.train import evaluate
 
     if any(o.startswith("checkpoint=") for o in args.overrides):
         raise ConfigError("checkpoint=PATH is now an option: dist-bot eval CONFIG --checkpoint PATH")

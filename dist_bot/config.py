@@ -45,7 +45,7 @@ def param(default: Any, *, range: str | None = None, resumable: bool = False) ->
     - ``range``: the interval its value must lie in, written as in mathematics ("[1, inf)", "(0, 1]");
       None (the value) always passes. Checked by ``check_ranges``.
     - ``resumable``: it may differ from the run folder's config.yaml when a run is resumed (paths, workers,
-      logging); every other key must match (engine's resume check).
+      logging); every other key must match (train/state.py's resume check).
 
     A field without ``param`` has no range and may not change on resume. ``ranges()`` and
     ``resumable_keys()`` collect these over the schema, ``field_docs()`` the comments, and

@@ -376,7 +376,7 @@ def table(rows: list[dict]) -> str:
 
 def run_doctor(cfg: Config, env: DistEnv, out: Path | None) -> int:
     """Measure every process, judge on rank 0, print the table and write the JSON; the exit status."""
-    from .engine import split_global_batch
+    from .train.build import split_global_batch
 
     batch, accum = split_global_batch(cfg, env.world_size)
     data = dataclasses.asdict(cfg)

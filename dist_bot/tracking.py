@@ -41,8 +41,10 @@ import threading
 import time
 import urllib.error
 import urllib.request
+from collections.abc import Callable
 from pathlib import Path
 
+from .checkpoint import list_checkpoints
 from .errors import UserError
 
 log = logging.getLogger(__name__)
@@ -160,8 +162,10 @@ class Tracker:
         self.wandb_id = wandb_id
         self.run_dir = Path(run_dir)
         self._file = None
+        self.log_models = False  # wandb.log_model
         if not enabled:
             return
+        self.log_models = cfg.wandb.log_model
         # line-buffered, open for the run's life (closed in close()): every line is on disk when written
         self._file = open(run_dir / "metrics.jsonl", "a", buffering=1)  # noqa: SIM115
         if cfg.wandb.mode == "disabled":
@@ -263,6 +267,21 @@ class Tracker:
                 self.wandb_run.summary.update(summary)
             except Exception as e:  # any W&B failure: training must go on
                 self._wandb_failed(e)
+
+    def log_model(self, checkpoints: Path, export_model: Callable[[Path, Path], list[Path]], summary: dict) -> None:
+        """W&B's model artifact of a finished run: the newest checkpoint in ``checkpoints``, exported by
+        ``export_model(checkpoint, folder)`` into <run dir>/export/ (the main process, with W&B on and
+        wandb.log_model). A failure is a warning: the run is done."""
+        if not (self.enabled and self.log_models and self.wandb_run is not None):
+            return
+        checkpoint = list_checkpoints(checkpoints)[-1]
+        try:
+            files = export_model(checkpoint, self.run_dir / "export")
+        except Exception as e:
+            log.warning("no W&B model artifact: exporting %s failed (%s: %s)", checkpoint, type(e).__name__, e)
+            return
+        metadata = summary | {"checkpoint": checkpoint.name, "files": [f.name for f in files]}
+        self.log_artifact(self.run_dir / "export", f"model-{self.wandb_run.id}", "model", metadata)
 
     def log_artifact(self, path: str | Path, name: str, type: str, metadata: dict | None = None):
         """Upload a file or folder as W&B artifact ``name`` of ``type`` (e.g. "model"), with ``metadata``; an

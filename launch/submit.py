@@ -149,7 +149,7 @@ class TrainJob(submitit.helpers.Checkpointable):
 
     def __call__(self, config: str, overrides: list[str]) -> dict:
         from dist_bot.cli import train
-        from dist_bot.engine import Preempted
+        from dist_bot.train import Preempted
 
         # RANK, WORLD_SIZE, LOCAL_RANK, MASTER_ADDR/PORT from the job; every GPU stays visible, picked by LOCAL_RANK
         submitit.helpers.TorchDistributedEnvironment().export(set_cuda_visible_devices=False)

@@ -83,14 +83,13 @@ def startup_signal(name: str) -> None:
         os.kill(os.getpid(), getattr(signal, name))  # as Slurm would, in the middle of start-up
         return real(cfg, env)
 
-    import dist_bot.engine
+    import dist_bot.train.loop
 
-    dist_bot.engine.make_loaders = make_loaders
+    dist_bot.train.loop.make_loaders = make_loaders
 
 
 def dump(path: str) -> None:
-    import dist_bot.engine
-    from dist_bot.engine import Trainer
+    from dist_bot.train import Trainer
 
     real_init = Trainer.__init__
 
@@ -101,7 +100,7 @@ def dump(path: str) -> None:
             torch.save({k: v.detach().cpu() for k, v in weights.items()}, path)
         # no side effect on training: DDP's and ZeRO's module is only read, FSDP2 fills a separate plain copy
 
-    dist_bot.engine.Trainer.__init__ = init
+    Trainer.__init__ = init
 
 
 def main(fault: str, *argv: str) -> int:

@@ -21,7 +21,7 @@ import torch.distributed as dist
 
 from dist_bot.config import load_config
 from dist_bot.distributed.env import init_distributed, shutdown
-from dist_bot.engine import Preempted, Trainer
+from dist_bot.train import Preempted, Trainer
 
 READS = ("item", "tolist", "__bool__", "__float__", "__int__", "__index__", "numpy")
 COLLECTIVES = (

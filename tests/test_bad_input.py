@@ -13,8 +13,8 @@ from dist_bot.checkpoint import list_checkpoints, load_checkpoint
 from dist_bot.cli import main
 from dist_bot.config import load_config
 from dist_bot.distributed.env import DistEnv
-from dist_bot.engine import Trainer
 from dist_bot.errors import RunError
+from dist_bot.train import Trainer
 
 TINY = ["model.name=resnet18d", "data.workers=0", "data.batch_size=8", "wandb.mode=disabled", "schedule.epochs=2"]
 # fp32 unless a test's subject is the precision (it overrides it: bf16/fp16 autocast is ~10x slower on a CPU),

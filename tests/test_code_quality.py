@@ -15,7 +15,7 @@ LAYERS: list[set[str]] = [
     {"errors", "config", "signals", "provenance"},
     {"models", "data", "recipe", "datasets", "checkpoint"},  # checkpoint: file format and atomic writes
     {"distributed"},
-    {"tracking", "profiling", "engine"},
+    {"tracking", "profiling", "train"},
     {"bench", "report", "export", "predict", "doctor"},  # commands' own modules
     {"cli", "__main__"},
 ]

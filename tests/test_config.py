@@ -295,7 +295,7 @@ def changed_keys(a, b) -> set[str]:
 
 def flat(cfg) -> dict:
     from dist_bot.config import to_dict
-    from dist_bot.engine import flat_keys
+    from dist_bot.train.state import flat_keys
 
     return flat_keys(to_dict(cfg))
 

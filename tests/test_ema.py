@@ -81,7 +81,7 @@ def test_a_short_run_keeps_timms_ema_and_evaluates_it_each_epoch(tiny_digits, tm
     """One process (DDP's code path): the EMA saved in ema.pt equals timm's ModelEmaV3 (warmup on) updated
     after every step with the same weights; the val line carries the EMA's exact evaluation."""
     from dist_bot.distributed.env import DistEnv
-    from dist_bot.engine import Trainer, evaluate
+    from dist_bot.train import Trainer, evaluate
 
     overrides = [f"data.path={tiny_digits}", "model.name=resnet18d", "data.workers=0", "data.batch_size=16"]
     overrides += ["schedule.epochs=1", "model.ema_decay=0.9998", f"run.out_dir={tmp_path}", "run.name=r"]
@@ -118,7 +118,7 @@ def test_the_ema_never_changes_training(tiny_digits, tmp_path):
     """A run with an EMA ends with exactly the raw weights and raw val metrics of the same run without one: the
     EMA only reads the weights, so one run measures both (docs/results.md's Imagenette EMA row relies on this)."""
     from dist_bot.distributed.env import DistEnv
-    from dist_bot.engine import Trainer
+    from dist_bot.train import Trainer
 
     base = [f"data.path={tiny_digits}", "model.name=resnet18d", "data.workers=0", "data.batch_size=16"]
     base += ["schedule.epochs=1", "precision=fp32", f"run.out_dir={tmp_path}"]
@@ -143,8 +143,8 @@ def test_ema_settings_cannot_change_on_resume_and_runs_from_before_them_still_re
     import yaml
 
     from dist_bot.config import to_yaml
-    from dist_bot.engine import check_run_dir
     from dist_bot.errors import RunError
+    from dist_bot.train.state import check_run_dir
 
     cfg = load_config(None, [])
     old = yaml.safe_load(to_yaml(cfg))

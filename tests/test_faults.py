@@ -21,8 +21,8 @@ from conftest import REPO, alive, run_cmd, startup_fields, torchrun_cmd
 from dist_bot.checkpoint import list_checkpoints, load_checkpoint, read_file
 from dist_bot.config import load_config
 from dist_bot.distributed.env import DistEnv
-from dist_bot.engine import Trainer
 from dist_bot.errors import CheckpointError
+from dist_bot.train import Trainer
 
 PROBE = str(REPO / "tests" / "fault_probe.py")
 # the global batch is fixed, so a run may resume at any number of processes (here also a single in-process one)
@@ -362,7 +362,7 @@ def check_hang_report(hang: Path, ranks: list[int]) -> dict[int, str]:
     stacks = {r: (hang / f"rank{r}.txt").read_text() for r in ranks}
     for text in stacks.values():
         assert "nothing completed for" in text, text[:2000]
-        assert "Thread" in text and "engine.py" in text, text[:3000]
+        assert "Thread" in text and "loop.py" in text, text[:3000]
     return stacks
 
 

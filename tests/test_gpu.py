@@ -43,7 +43,7 @@ def test_torchrun_trains_with_nccl_ddp_fp16_and_resumes_from_its_checkpoint(tmp_
     # the checkpoint loads back into a Trainer on the GPU exactly (model, optimizer, scaler)
     from dist_bot.config import load_config
     from dist_bot.distributed.env import DistEnv
-    from dist_bot.engine import Trainer
+    from dist_bot.train import Trainer
 
     cfg = load_config("configs/demo.yaml", [*common[2:], "wandb.mode=disabled"])
     trainer = Trainer(cfg, DistEnv(device=torch.device("cuda", 0)))
@@ -95,7 +95,7 @@ def test_two_log_intervals_of_a_recipe_never_sync_outside_log_steps(tmp_path, mo
     the checkpoint (the first interval warms up: cuDNN's algorithm search, lazy initialisation)."""
     from dist_bot.config import load_config
     from dist_bot.distributed.env import DistEnv
-    from dist_bot.engine import Preempted, Trainer
+    from dist_bot.train import Preempted, Trainer
 
     overrides = ["data.loader=synthetic", "run.log_every_steps=3", "run.stop_after_steps=6", "wandb.mode=disabled"]
     overrides += ["model.ema_decay=0.9998", *extra]  # the EMA's per-step update on the device, its skip flag too

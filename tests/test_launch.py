@@ -11,8 +11,9 @@ import pytest
 from conftest import REPO, run_cmd
 
 from dist_bot.config import load_config
-from dist_bot.engine import Preempted, split_global_batch
 from dist_bot.errors import UserError
+from dist_bot.train import Preempted
+from dist_bot.train.build import split_global_batch
 
 sys.path.insert(0, str(REPO))
 from launch.submit import TrainJob, _minutes, parse_sweeps, plan_runs

@@ -337,7 +337,7 @@ def test_a_stopped_task_under_the_sbatch_script_is_a_hang_that_ends_the_job(slur
     report(f"sbatch, rank 1 stopped: rank 0's stacks after {dumped:.1f} s, the job ended after {ended:.1f} s")
     # srun reports the worst of its tasks: rank 0's status 3, or the stopped task's SIGKILL (137) from srun
     assert info["JobState"] == "FAILED" and info["ExitCode"].split(":")[0] in ("3", "137"), (info, log[-3000:])
-    assert "rank 0: nothing completed for" in stacks and "engine.py" in stacks, stacks[:3000]
+    assert "rank 0: nothing completed for" in stacks and "loop.py" in stacks, stacks[:3000]
     assert "a hang; every process's stacks are in" in log and "task 0: Exited with exit code 3" in log, log[-3000:]
     assert info["Restarts"] == "0" and not alive(victim)
 

@@ -103,7 +103,7 @@ def test_the_probe_sees_a_step_that_waits(tmp_path, monkeypatch):
     """The counting itself can fail: a step that reads the loss (as a naive progress print would) is caught."""
     from dist_bot.config import load_config
     from dist_bot.distributed.env import DistEnv
-    from dist_bot.engine import Preempted, Trainer
+    from dist_bot.train import Preempted, Trainer
 
     overrides = ["data.loader=synthetic", "model.num_classes=10", "model.name=resnet18a"]
     overrides += ["data.batch_size=8", "run.stop_after_steps=2", f"run.out_dir={tmp_path}"]

@@ -17,13 +17,13 @@ import torch
 from conftest import REPO
 
 import dist_bot
-from dist_bot import engine
 from dist_bot.checkpoint import list_checkpoints, load_checkpoint
 from dist_bot.cli import main
 from dist_bot.config import load_config
 from dist_bot.errors import UserError
 from dist_bot.provenance import source_info
 from dist_bot.tracking import PROBE_TIMEOUT_S, Tracker, resolve_wandb_mode, updated_summary
+from dist_bot.train import loop
 
 FAKE_KEY = "f" * 40
 # fp32: what these tests check is tracking, and bf16 is emulated (~10x slower) on CPUs without AMX
@@ -331,7 +331,7 @@ def test_summary_survives_a_resume_in_summary_json_and_w_and_b_with_version_and_
         top1 = scripted.pop(0)
         return {"top1": top1, "top5": top1 + 20, "loss": 1.0, "samples": 40}
 
-    monkeypatch.setattr(engine, "evaluate", evaluate)
+    monkeypatch.setattr(loop, "evaluate", evaluate)
     args = ["train", "configs/demo.yaml", f"data.path={tiny_digits}", f"run.out_dir={tmp_path}", *TINY]
     args += ["data.batch_size=32", "precision=fp32", "schedule.epochs=3", "wandb.mode=offline"]  # 4 steps an epoch
     assert main([*args, "run.stop_after_steps=6"]) == 75

@@ -296,8 +296,9 @@ def test_gradient_accumulation_trains_like_more_processes(tiny_digits, tmp_path)
 def test_teacher_sees_exactly_the_students_mixed_input(tiny_digits, tmp_path):
     from dist_bot.config import load_config
     from dist_bot.distributed.env import DistEnv
-    from dist_bot.engine import Preempted, Trainer, load_teacher
     from dist_bot.errors import RunError
+    from dist_bot.train import Preempted, Trainer
+    from dist_bot.train.build import load_teacher
 
     common = [
         f"data.path={tiny_digits}",
@@ -354,7 +355,7 @@ def test_report_of_a_real_run_plots_it_and_tabulates_its_final_metrics(straight_
 @pytest.mark.slow
 def test_a_teacher_can_be_named_by_its_run_folder(straight_run):
     from dist_bot.distributed.env import DistEnv
-    from dist_bot.engine import load_teacher
+    from dist_bot.train.build import load_teacher
 
     teacher = load_teacher(str(straight_run), 10, DistEnv(), channels_last=False)
     assert max_diff(teacher.state_dict(), final_weights(straight_run)) == 0

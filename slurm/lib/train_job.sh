@@ -16,7 +16,7 @@ if [[ -z ${PYTHON:-} ]]; then
     PYTHON=python3
     [[ -x $DIST_BOT_HOME/.venv/bin/python ]] && PYTHON=$DIST_BOT_HOME/.venv/bin/python
 fi
-REQUEUE_EXIT_CODE=75  # dist_bot.engine.REQUEUE_EXIT_CODE
+REQUEUE_EXIT_CODE=75  # dist_bot.train.REQUEUE_EXIT_CODE
 
 _dist_bot_warned=0
 _dist_bot_on_warning() {

@@ -1,5 +1,5 @@
-"""TEST HELPER (on PYTHONPATH of a job's tasks): rank 0's end-of-run work (Trainer.log_model: the final export
-and W&B upload) takes DIST_BOT_SLOW_END_S seconds, as a large upload would; patched in when dist_bot.engine is
+"""TEST HELPER (on PYTHONPATH of a job's tasks): rank 0's end-of-run work (Tracker.log_model: the final export
+and W&B upload) takes DIST_BOT_SLOW_END_S seconds, as a large upload would; patched in when dist_bot.tracking is
 first imported, so that no other process of the job imports anything more."""
 
 import importlib.abc
@@ -11,7 +11,7 @@ import time
 
 class SlowEnd(importlib.abc.MetaPathFinder):
     def find_spec(self, name, path, target=None):
-        if name != "dist_bot.engine":
+        if name != "dist_bot.tracking":
             return None
         sys.meta_path.remove(self)
         spec = importlib.machinery.PathFinder.find_spec(name, path)
@@ -19,14 +19,14 @@ class SlowEnd(importlib.abc.MetaPathFinder):
 
         def exec_module(module):
             run_module(module)
-            log_model = module.Trainer.log_model
+            log_model = module.Tracker.log_model
 
-            def slow_log_model(trainer, export_model):
-                if trainer.env.is_main:
+            def slow_log_model(tracker, *args):
+                if tracker.enabled:  # the main process's
                     time.sleep(float(os.environ["DIST_BOT_SLOW_END_S"]))
-                return log_model(trainer, export_model)
+                return log_model(tracker, *args)
 
-            module.Trainer.log_model = slow_log_model
+            module.Tracker.log_model = slow_log_model
 
         spec.loader.exec_module = exec_module
         return spec
