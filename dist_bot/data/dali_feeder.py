@@ -20,7 +20,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from ..errors import BadImageError
-from .folder import ImageList, SampleReader, image_size_of
+from .folder import ImageList, SampleReader, first_readable, image_size_of, read_sample
 from .plan import EpochStream, draw, lighting_rgb
 
 # name -> DALI type of each per-sample field the feeder computes, in the order of its outputs
@@ -72,38 +72,28 @@ class FileList:
         return os.path.join(self.root, os.fsdecode(self.names[self.offsets[i] : self.offsets[i + 1]]))
 
     def read(self, i: int) -> bytes:
-        if self.reader is not None:
-            return self.reader.read(i)
-        with open(self.path(i), "rb") as f:
-            return f.read()
+        return read_sample(i, self.path(i), self.reader)
+
+    def read_header(self, i: int) -> tuple[bytes, tuple[int, int]]:
+        """(bytes, (width, height)) of sample i: the size from the header, without decoding."""
+        data = self.read(i)
+        return data, image_size_of(data, self.path(i))
 
 
 def read_image(files: FileList, index: int, skip_bad: bool) -> tuple[bytes, int, tuple[int, int], int]:
-    """(bytes, label, (width, height), files skipped) of sample ``index``; with ``skip_bad`` an unreadable file
-    is replaced by the next readable one (wrapping around), else its BadImageError is raised."""
-    n = len(files)
-    for attempt in range(n):
-        path = files.path((index + attempt) % n)
-        data = files.read((index + attempt) % n)
-        try:
-            return data, int(files.labels[(index + attempt) % n]), image_size_of(data, path), attempt
-        except BadImageError:
-            if not skip_bad:
-                raise
-    raise BadImageError(f"no readable image in {files.root}")
+    """(bytes, label, (width, height), files skipped) of sample ``index``, by the skip-bad-image rule
+    (``first_readable``: the feeder judges a file by its header; a file whose data does not decode fails in DALI,
+    and DaliLoader names it)."""
+    at, (data, size), skipped = first_readable(len(files), index, files.read_header, skip_bad)
+    return data, int(files.labels[at]), size, len(skipped)
 
 
 def unreadable_from(files: FileList, index: int) -> list[BadImageError]:
     """The errors of the unreadable files that a skip starting at sample ``index`` passed over."""
-    errors = []
-    for attempt in range(len(files)):
-        path = files.path((index + attempt) % len(files))
-        try:
-            image_size_of(files.read((index + attempt) % len(files)), path)
-            return errors
-        except BadImageError as e:
-            errors.append(e)
-    return errors
+    try:
+        return first_readable(len(files), index, files.read_header, skip_bad=True)[2]
+    except BadImageError:  # none is readable
+        return []
 
 
 class ValFeeder:

@@ -10,9 +10,10 @@ from __future__ import annotations
 import io
 import os
 import warnings
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Protocol
+from typing import Protocol, TypeVar
 
 from PIL import Image, UnidentifiedImageError
 
@@ -68,6 +69,37 @@ class SampleReader(Protocol):
     def read(self, i: int) -> bytes: ...
 
 
+def read_sample(i: int, path: str, reader: SampleReader | None) -> bytes:
+    """The bytes of sample ``i``: from its pack's shards (``reader``), or from its file ``path``. The one byte reader
+    of every loader (ImageList and the DALI feeder's FileList hold their samples differently, and read them here)."""
+    if reader is not None:
+        return reader.read(i)
+    try:
+        with open(path, "rb") as f:
+            return f.read()
+    except OSError as e:
+        raise BadImageError(f"cannot read image {path}: {e.strerror or e}") from None
+
+
+T = TypeVar("T")
+
+
+def first_readable(n: int, index: int, read: Callable[[int], T], skip_bad: bool) -> tuple[int, T, list[BadImageError]]:
+    """The skip-bad-image rule, once for every loader: sample ``index`` of ``n``, read with ``read(i)``; with
+    ``skip_bad`` an unreadable one (a BadImageError) is replaced by the next readable one, wrapping around, else its
+    error is raised. Returns (the sample read, what ``read`` returned, the errors of the samples skipped)."""
+    skipped = []
+    for attempt in range(n):
+        i = (index + attempt) % n
+        try:
+            return i, read(i), skipped
+        except BadImageError as e:
+            if not skip_bad:
+                raise
+            skipped.append(e)
+    raise BadImageError(f"no readable image among the split's {n}: {skipped[0]}")
+
+
 @dataclass(frozen=True)
 class ImageList:
     root: Path
@@ -80,14 +112,7 @@ class ImageList:
 
     def read(self, i: int) -> bytes:
         """The bytes of sample i's image file."""
-        if self.reader is not None:
-            return self.reader.read(i)
-        path = self.samples[i][0]
-        try:
-            with open(path, "rb") as f:
-                return f.read()
-        except OSError as e:
-            raise BadImageError(f"cannot read image {path}: {e.strerror or e}") from None
+        return read_sample(i, self.samples[i][0], self.reader)
 
 
 def scan_split(root: Path, split: str, classes: tuple[str, ...] | None = None) -> ImageList:

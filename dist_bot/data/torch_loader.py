@@ -17,7 +17,7 @@ import torch
 
 from ..errors import BadImageError
 from ..signals import end_with_trainer, helpers_shielded
-from .folder import ImageList, load_rgb
+from .folder import ImageList, first_readable, load_rgb
 from .loader import PlannedLoader, dataloader_workers
 from .plan import EpochStream
 from .transforms import PCA_EIGVAL, PCA_EIGVEC, DrawnCrop, color_twist, eval_transform, normalize, pca_lighting
@@ -46,24 +46,22 @@ class ImageDataset(torch.utils.data.Dataset):
 
     def __getitem__(self, key: tuple[int, int | None]):
         index, epoch = key
-        for attempt in range(len(self.images)):
-            i = (index + attempt) % len(self.images)
-            path, label = self.images.samples[i]
-            try:
-                img = load_rgb(path, self.images.read(i))
-                break
-            except BadImageError as e:
-                if not self.skip_bad:
-                    return e
-                log.warning("skipping: %s", e)
-        else:
-            raise BadImageError(f"no readable image in {self.images.root}")
+        images = self.images
+        try:
+            at, img, skipped = first_readable(len(images), index, self.decode, self.skip_bad)
+        except BadImageError as e:
+            return e
+        for error in skipped:
+            log.warning("skipping: %s", error)
         if epoch is None:
             x, twist, alpha = self.transform(img), NO_TWIST, NO_LIGHTING
         else:  # the draw of the planned index, applied to the image read (the next readable one, if skipped)
             x, twist, alpha = self.crop(img, epoch, index)
         # A skipped bad image is replaced by the next readable one: counted, not silently used.
-        return x, label, int(attempt == 0), twist, alpha
+        return x, images.samples[at][1], int(not skipped), twist, alpha
+
+    def decode(self, i: int):
+        return load_rgb(self.images.samples[i][0], self.images.read(i))
 
 
 def collate(samples: list):
