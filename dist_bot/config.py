@@ -342,15 +342,15 @@ def field_docs() -> dict[str, str]:
     return docs
 
 
+def show(value: Any) -> str:
+    """A value as a recipe writes it (YAML flow style): ``explain``'s cells, and docs/configuration.md's."""
+    value = list(value) if isinstance(value, tuple) else value
+    return yaml.safe_dump(value, default_flow_style=True).split("\n")[0]
+
+
 def explain(cfg: Config) -> str:
     """A table of every key: its value in ``cfg``, default, range, whether it may change on resume, and its doc."""
     docs, defaults, interval, resumable = field_docs(), Config(), ranges(), resumable_keys()
-
-    def show(value: Any) -> str:
-        return yaml.safe_dump(list(value) if isinstance(value, tuple) else value, default_flow_style=True).split("\n")[
-            0
-        ]
-
     rows = [("key", "value", "default", "range", "on resume", "meaning")]
     for key in all_keys():
         may_change = "may change" if key in resumable else "fixed"

@@ -17,8 +17,6 @@ import typing
 from pathlib import Path
 from typing import Any, Literal, Union
 
-import yaml
-
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))  # the checkout's dist_bot, also without an installed one
 
@@ -50,24 +48,18 @@ def type_name(t: Any) -> str:
     return getattr(t, "__name__", str(t))
 
 
-def show(value: Any) -> str:
-    """A default as a recipe would write it (YAML flow style), as `dist-bot config --explain` shows it."""
-    value = list(value) if isinstance(value, tuple) else value
-    return yaml.safe_dump(value, default_flow_style=True).split("\n")[0]
-
-
 def cell(text: str) -> str:
     return text.replace("|", "\\|")
 
 
-def sections() -> list[tuple[str, str, list[tuple[str, dataclasses.Field, Any]]]]:
-    """(dotted prefix, class name, its leaf fields as (key, field, annotation)), top level first, in schema order."""
+def sections() -> list[tuple[str, str, list[tuple[str, Any]]]]:
+    """(dotted prefix, class name, its leaf fields as (key, annotation)), top level first, in schema order."""
     out = []
 
     def walk(cls: type, prefix: str) -> None:
         hints = typing.get_type_hints(cls)
         own = [
-            (prefix + f.name, f, hints[f.name])
+            (prefix + f.name, hints[f.name])
             for f in dataclasses.fields(cls)
             if not dataclasses.is_dataclass(hints[f.name])
         ]
@@ -96,11 +88,11 @@ def generate() -> str:
         title = f"`{prefix}`" if prefix else "top level"
         lines += ["", f"### {title} ({cls_name})", ""]
         lines += ["| key | type | default | range | on resume | meaning |", "|---|---|---|---|---|---|"]
-        for key, _, annotation in fields:
+        for key, annotation in fields:
             row = [
                 f"`{key}`",
                 f"`{cell(type_name(annotation))}`",
-                f"`{cell(show(config.get_key(defaults, key)))}`",
+                f"`{cell(config.show(config.get_key(defaults, key)))}`",
                 cell(ranges.get(key, "")),
                 "may change" if key in resumable else "fixed",
                 cell(docs.get(key, "")),

@@ -10,8 +10,6 @@ import torch
 
 from dist_bot.checkpoint import (
     FORMAT_VERSION,
-    CheckpointError,
-    CheckpointWriteError,
     agree_on_checkpoint,
     list_checkpoints,
     load_checkpoint,
@@ -23,6 +21,7 @@ from dist_bot.checkpoint import (
     set_rng_state,
     write_file,
 )
+from dist_bot.errors import CheckpointError, CheckpointWriteError
 
 
 def writer(step):

@@ -11,7 +11,6 @@ from torch import nn
 
 from dist_bot.checkpoint import (
     FORMAT_VERSION,
-    CheckpointError,
     list_checkpoints,
     read_meta,
     resolve_checkpoint,
@@ -20,7 +19,7 @@ from dist_bot.checkpoint import (
 )
 from dist_bot.cli import main
 from dist_bot.config import Config, to_dict
-from dist_bot.errors import ExportError
+from dist_bot.errors import CheckpointError, ExportError
 from dist_bot.export import export_checkpoint
 from dist_bot.models import build_model
 from dist_bot.predict import load_predictor, predict_files

@@ -12,7 +12,7 @@ decoding, or DALI's CPU-only mode), ``synthetic`` (random tensors made once on t
 
 from __future__ import annotations
 
-from ..errors import BadImageError, DataError
+from ..errors import DataError
 from .shards import open_dataset
 
 
@@ -41,4 +41,4 @@ def make_loaders(cfg, env):
     return TorchLoader(train_list, cfg, env, train=True), TorchLoader(val_list, cfg, env, train=False)
 
 
-__all__ = ["BadImageError", "DataError", "make_loaders"]
+__all__ = ["make_loaders"]

@@ -32,7 +32,7 @@ from ..errors import CheckpointError, UserError
 from ..recipe.ema import balanced_owners
 from ..recipe.lars import LARS, FlatPartition
 from .env import DistEnv, average_buffers, broadcast_buffers
-from .strategy import zero_momentum
+from .strategy import fused, skip_flag, zero_momentum
 
 
 def deepspeed_config(cfg, world_size: int) -> dict:
@@ -149,14 +149,8 @@ class DeepSpeedStrategy:
             dist.all_reduce(found_inf, op=dist.ReduceOp.MAX)  # every rank skips together
         skipped = self.engine.skipped_steps
         self.engine.set_gradient_accumulation_boundary(True)
-        fused = all(group.get("fused") for group in self.optimizer.param_groups)  # make_sgd's, on CPU and CUDA
-        if fused:
-            self.optimizer.found_inf = found_inf  # read by the fused SGD kernel: no update where it is set
-        try:
+        with skip_flag(self.optimizer, found_inf) if fused(self.optimizer) else contextlib.nullcontext():
             self.engine.step()
-        finally:
-            if fused:
-                del self.optimizer.found_inf
         return (found_inf == 0) & (self.engine.skipped_steps == skipped)
 
     @contextlib.contextmanager

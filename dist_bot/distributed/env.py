@@ -223,8 +223,8 @@ class FailureWatch:
     "Connection closed by peer" (a traceback, and the cause is in another process's log); with NCCL, not at
     all until the process group's timeout (30 minutes), since a dead peer does not make NCCL's wait fail. So a
     failing process writes its error to the launcher's key-value store (``announce``), before it leaves the
-    process group; a thread of every other process waits for that key, on a connection of its own (a blocking
-    wait holds a store client), and keeps the message. The process that then fails in a collective raises
+    process group; a thread of every other process polls that key once a second (``POLL_S``), on a connection of
+    its own, and keeps the message. The process that then fails in a collective raises
     PeerFailed with it (``peer_failure``); one that is still blocked after ``grace_s`` (NCCL) is ended by
     ``on_peer_failure`` (which prints the message and exits at once: its loaders' workers end with it)."""
 

@@ -1,6 +1,7 @@
-"""What the engine needs from DDP, FSDP2 or DeepSpeed (the Strategy protocol), and the optimizer step they share.
+"""What the Trainer needs from DDP, FSDP2 or DeepSpeed (the Strategy protocol), and the optimizer step they share.
 
-Low-precision training (3.2): fp16 with fp32 master weights and dynamic loss scaling, bf16, or fp32.
+**The optimizer step under low precision** (the paper's 3.2): fp16 with fp32 master weights and dynamic loss
+scaling, bf16, or fp32.
 
 fp16: the model keeps fp32 weights, autocast runs matmuls/convs in fp16, and the loss is multiplied by a
 scale S before backward so small gradients do not flush to zero. An overflow (inf/NaN gradient) skips the
@@ -21,6 +22,7 @@ counters are device tensors, read once per log interval.
 from __future__ import annotations
 
 import contextlib
+import typing
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any, Protocol
@@ -30,6 +32,7 @@ from torch import nn
 from torch._utils import _flatten_dense_tensors, _unflatten_dense_tensors
 from torch.distributed.tensor import DTensor
 
+from ..config import Strategy as StrategyName
 from ..errors import LossScaleCollapse, UserError
 from .env import DistEnv
 
@@ -97,7 +100,7 @@ def build_strategy(
         from .deepspeed import DeepSpeedStrategy
 
         return DeepSpeedStrategy(model, make_optimizer, env, cfg)
-    raise UserError(f"unknown strategy={name!r}: use ddp, fsdp or deepspeed")
+    raise UserError(f"unknown strategy={name!r}: use {' or '.join(typing.get_args(StrategyName))}")
 
 
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
@@ -142,17 +145,30 @@ def nonfinite_grads(optimizer: torch.optim.Optimizer) -> torch.Tensor:
     return found
 
 
+def fused(optimizer: torch.optim.Optimizer) -> bool:
+    """Every group steps with the fused kernel (make_sgd's, on CPU and CUDA), which takes a skip flag."""
+    return all(group.get("fused") for group in optimizer.param_groups)
+
+
+@contextlib.contextmanager
+def skip_flag(optimizer: torch.optim.Optimizer, found_inf: torch.Tensor):
+    """Hands ``found_inf`` to a fused optimizer's kernel for the steps inside (no update where it is set), as
+    GradScaler does: the attribute the fused SGD step reads."""
+    optimizer.found_inf = found_inf
+    try:
+        yield
+    finally:
+        del optimizer.found_inf
+
+
 def step_unless(optimizer: torch.optim.Optimizer, found_inf: torch.Tensor) -> None:
     """``optimizer.step()``, except that no parameter or momentum buffer changes where ``found_inf`` (0-dim,
     on the device) is nonzero; the host never reads it. Fused SGD skips in its kernel. The multi-tensor form
     takes no flag: what it changes is copied before and put back after where the flag is set (on FSDP2 these
     are this rank's shards, so the copy is 1/world_size of the weights and momentum)."""
-    if all(group["fused"] for group in optimizer.param_groups):
-        optimizer.found_inf = found_inf
-        try:
+    if fused(optimizer):
+        with skip_flag(optimizer, found_inf):
             optimizer.step()
-        finally:
-            del optimizer.found_inf
         return
     with torch.no_grad():
         changed = [

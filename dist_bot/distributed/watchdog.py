@@ -71,15 +71,17 @@ class Heartbeat:
     """When work last completed in this process, and what it was; one per process, like the signal handlers."""
 
     def __init__(self) -> None:
-        self.last, self._what, self._step = time.monotonic(), "start-up", None
+        self.last, self._done = time.monotonic(), ("start-up", None)
 
     def beat(self, what: str, step: int | None = None) -> None:
-        """Called in the training step: stores only, no formatting (``what`` is read when a hang is reported)."""
-        self.last, self._what, self._step = time.monotonic(), what, step
+        """Called once per training step (and after other work): it only stores; ``what`` is formatted when a hang
+        is reported."""
+        self.last, self._done = time.monotonic(), (what, step)
 
     @property
     def what(self) -> str:
-        return self._what if self._step is None else f"{self._what} {self._step}"
+        what, step = self._done  # one read: a beat between two reads cannot mix two beats
+        return what if step is None else f"{what} {step}"
 
     def idle_s(self) -> float:
         return time.monotonic() - self.last
