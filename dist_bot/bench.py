@@ -114,7 +114,7 @@ def bench_data(cfg: Config, loaders: list[str], batches: int = 20, repeats: int 
 
 def data_files(loader) -> dict:
     """What a training loader reads: a folder or a pack, its files, and the files an epoch opens."""
-    from .data.shards import opens_per_epoch
+    from .data.source import opens_per_epoch
 
     images = getattr(loader, "images", None)
     if images is None:  # synthetic

@@ -1,6 +1,6 @@
 """`dist-bot predict`: the top classes of image files, from a checkpoint, a run folder or an export.
 
-The images get the run's validation transform (dist_bot/data/transforms.py: shorter side to
+The images get the run's validation transform (dist_bot/data/torch_loader.py: shorter side to
 image_size / val_resize_ratio, center crop, the config's mean and std), read from the checkpoint's config or
 from the export's "dist_bot" metadata. PyTorch models run on the GPU when there is one; ONNX files on
 onnxruntime (its CUDA provider when installed and a GPU is there).
@@ -20,8 +20,8 @@ from pathlib import Path
 import torch
 
 from .checkpoint import read_meta, read_weights, resolve_checkpoint
-from .data.folder import read_rgb
-from .data.transforms import eval_transform, normalize
+from .data.source import read_rgb
+from .data.torch_loader import eval_transform, normalize
 from .errors import BadImageError, CheckpointError, UserError
 from .export import export_info, onnx_session
 from .models import build_model

@@ -20,11 +20,10 @@ from conftest import REPO
 from PIL import Image
 
 from dist_bot.config import load_config
-from dist_bot.data.dali_feeder import FileList
 from dist_bot.data.dali_loader import PIPELINE_PREFETCH
-from dist_bot.data.folder import ImageList
 from dist_bot.data.loader import micro_batches
 from dist_bot.data.plan import draw, lighting_rgb
+from dist_bot.data.source import FileList, ImageList
 from dist_bot.distributed.env import DistEnv
 
 pytest.importorskip("nvidia.dali", reason="DALI is not installed (pip install -e '.[dali]')")
@@ -175,7 +174,7 @@ def test_the_file_list_pickles_compactly(tmp_path):
 def test_workers_import_the_feeder_without_torch():
     """Every DALI worker imports the feeder's module: with torch and torchvision it would start in six seconds,
     not one."""
-    code = "import sys, dist_bot.data.dali_feeder; print(sorted({'torch', 'torchvision'} & set(sys.modules)))"
+    code = "import sys, dist_bot.data.dali_loader; print(sorted({'torch', 'torchvision'} & set(sys.modules)))"
     out = subprocess.run(
         [sys.executable, "-c", code], capture_output=True, text=True, env=os.environ | {"PYTHONPATH": str(REPO)}
     )

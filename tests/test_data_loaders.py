@@ -121,7 +121,7 @@ def test_one_augmentation_draw_gives_both_loaders_the_same_images(imagenette_sub
     against DALI's): measured here (DALI's CPU decoder), mean |diff| 0.0007 a pixel over the epoch, 0.0018 for
     the worst image, in [0, 1] units; with another seed's draw for the torch loader, 0.25."""
     needs("dali")
-    from dist_bot.data import dali_feeder, transforms
+    from dist_bot.data import dali_loader, plan, torch_loader
 
     boxes = {"dali": {}, "torch": {}}
 
@@ -133,13 +133,13 @@ def test_one_augmentation_draw_gives_both_loaders_the_same_images(imagenette_sub
 
         return draw
 
-    real = transforms.plan.draw
-    monkeypatch.setattr(dali_feeder, "draw", recording("dali", real))
+    real = plan.draw
+    monkeypatch.setattr(dali_loader, "draw", recording("dali", real))
     over = {"data.color_jitter": 0.4, "data.pca_lighting": 0.1, "data.dali_py_workers": 0, "data.workers": 0}
     got = {}
     for name in ("dali", "torch"):
-        if name == "torch":  # DrawnCrop calls plan.draw through the module: patched only now, in this process
-            monkeypatch.setattr(transforms.plan, "draw", recording("torch", real))
+        if name == "torch":  # DrawnCrop's draw (data.workers=0: in this process)
+            monkeypatch.setattr(torch_loader, "draw", recording("torch", real))
         train, _ = loaders(name, imagenette_subset, **over)
         train.set_epoch(1)
         got[name] = [(x.float().clone(), y.clone()) for x, y in micro_batches(train)]

@@ -21,8 +21,8 @@ import pytest
 from conftest import REPO, torchrun_cmd
 
 from dist_bot.config import load_config
-from dist_bot.data.folder import scan_dataset
 from dist_bot.data.plan import plan_epoch
+from dist_bot.data.source import scan_dataset
 
 ARGS = ["model.name=resnet18d", "data.batch_size=8", "wandb.mode=disabled", "schedule.epochs=1", "data.workers=null"]
 RUN_TIMEOUT_S = 300  # start (imports, forkserver, model, data) + first step + exit, on 2 busy CPU cores

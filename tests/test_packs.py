@@ -14,8 +14,7 @@ import dist_bot.data.pack as pack
 from dist_bot.config import load_config
 from dist_bot.data import make_loaders
 from dist_bot.data.check import check_dataset
-from dist_bot.data.folder import scan_dataset
-from dist_bot.data.shards import open_dataset, open_pack
+from dist_bot.data.source import open_dataset, open_pack, scan_dataset
 from dist_bot.distributed.env import DistEnv
 from dist_bot.errors import DataError
 
@@ -159,7 +158,7 @@ def test_shard_sizes_parse_with_units():
 
 
 def test_a_shuffled_epoch_opens_each_shard_once_per_reader_when_all_stay_open():
-    from dist_bot.data.shards import opens_per_epoch
+    from dist_bot.data.source import opens_per_epoch
 
     shard_of = np.repeat(np.arange(10), 100)  # 10 shards of 100 samples
     order = np.random.default_rng(0).permutation(1000)

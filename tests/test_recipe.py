@@ -13,9 +13,8 @@ from dist_bot.distributed.env import DistEnv
 from dist_bot.distributed.strategy import LossScaleGuard
 from dist_bot.errors import ConfigError, LossScaleCollapse
 from dist_bot.models import build_model
-from dist_bot.recipe.losses import distillation_loss, smooth_targets, soft_cross_entropy
+from dist_bot.recipe.losses import distillation_loss, mix_pairs, mixup, smooth_targets, soft_cross_entropy
 from dist_bot.recipe.lr import LRSchedule, build_schedule, scaled_lr
-from dist_bot.recipe.mixup import mix_pairs, mixup
 from dist_bot.recipe.param_groups import param_groups
 
 # -- learning rate --------------------------------------------------------------------------------

@@ -27,8 +27,7 @@ from pathlib import Path
 from PIL import Image, UnidentifiedImageError
 
 from ..errors import DataError
-from .folder import IMAGE_EXTENSIONS
-from .shards import is_pack, open_pack
+from .source import IMAGE_EXTENSIONS, is_pack, open_pack
 
 SPLITS = ("train", "val")
 MAX_LISTED = 20  # per problem section of to_text(); to_dict() has them all

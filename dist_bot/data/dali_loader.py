@@ -1,8 +1,8 @@
 """The DALI loader: JPEG decoding and augmentation on the GPU ("mixed" nvJPEG decoding), or in DALI's
 CPU-only mode on hosts without one (``device_id=None``, the same pipeline code).
 
-Training: the plan (plan.py) picks each micro-batch's files; ``TrainFeeder`` (dali_feeder.py)
-reads their bytes and draws every image's crop, flip, colour jitter and lighting from its (seed, epoch, index)
+Training: the plan (plan.py) picks each micro-batch's files; ``TrainFeeder`` (below) reads their bytes
+(source.py) and draws every image's crop, flip, colour jitter and lighting from its (seed, epoch, index)
 seed, in DALI's parallel external source workers (``data.dali_py_workers`` Python processes), ahead of the
 training thread; DALI decodes only the crop (``decoders.image_slice``, the fused decode + crop), resizes it,
 jitters, flips, adds the lighting and normalizes. So a batch is a pure function of (seed, epoch, step): mid-epoch
@@ -19,23 +19,134 @@ of its normalisation, and the skipped-image flags stay on the CPU, unread until 
 Validation: ``fn.readers.file`` sharded by GLOBAL rank (``shard_id``/``num_shards``), ``pad_last_batch``
 with ``reader_name`` and a partial last batch, ``stick_to_shard``: each image exactly once over all ranks,
 padding never reaches the metrics. Resize the shorter side to size / 0.875, center crop, normalize. A pack
-(shards.py) is read by index instead (``ValFeeder``): the same contiguous shard per rank, in exact batches.
+(source.py) is read by index instead (``ValFeeder``): the same contiguous shard per rank, in exact batches.
 """
 
 from __future__ import annotations
 
+import ctypes
 import logging
+import os
+import signal
+import sys
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import torch
+import numpy as np
 
 from ..errors import BadImageError
 from ..signals import helpers_shielded
-from .dali_feeder import FIELDS, FileList, TrainFeeder, ValFeeder, read_image, unreadable_from
-from .folder import ImageList, load_rgb
 from .loader import PlannedLoader, dali_py_workers, decode_workers
-from .plan import MIN_PER_MICRO_BATCH, eval_shard
+from .plan import MIN_PER_MICRO_BATCH, EpochStream, draw, eval_shard, lighting_rgb, serve
+from .source import FileList, ImageList, load_rgb, read_image, unreadable_from
+
+if TYPE_CHECKING:
+    import torch
+
+# No torch at import: each of DALI's Python workers imports this module (for the feeder), and starts in about a
+# second instead of six. DaliLoader imports it where it runs, in the training process.
+
+# -- what the training pipeline is fed -----------------------------------------------------------------------
+
+# name -> DALI type of each per-sample field the feeder computes, in the order of its outputs
+FIELDS = {
+    "jpeg": "UINT8",  # the file's bytes (any format DALI decodes)
+    "label": "INT64",
+    "anchor": "INT32",  # crop corner (x, y) in pixels
+    "shape": "INT32",  # crop (width, height)
+    "flip": "INT32",  # 1: mirror horizontally
+    "twist": "FLOAT",  # brightness, contrast, saturation factors (colour jitter)
+    "mean": "FLOAT",  # the normalisation mean, shifted by the image's PCA lighting noise (0-255 units)
+    "ok": "UINT8",  # 0: the planned file was unreadable and skipped (data.skip_bad_images)
+}
+
+
+def feeder_fields(data) -> list[str]:
+    """The fields a config needs: colour jitter's and lighting's only when they are on (DALI warns about unused
+    outputs, and a constant mean is cheaper than a per-image one)."""
+    off = {"twist": data.color_jitter <= 0, "mean": data.pca_lighting <= 0}
+    return [f for f in FIELDS if not off.get(f, False)]
+
+
+class ValFeeder:
+    """DALI's external source for validating a pack: ``BatchInfo(iteration)`` -> (bytes, labels) of batch
+    ``iteration % batches`` of the rank's contiguous shard [lo, hi) in batches of ``batch``, the shard of the folder
+    path's ``readers.file`` (each image exactly once over all ranks, no padding). Cycling, the pipeline reads
+    ahead into the next pass as a reader would."""
+
+    def __init__(self, files: FileList, lo: int, hi: int, batch: int):
+        self.files, self.lo, self.hi, self.batch = files, lo, hi, batch
+        self.batches = -(-(hi - lo) // batch)
+
+    def __call__(self, info) -> list:
+        first = self.lo + (info.iteration % self.batches) * self.batch
+        indices = range(first, min(self.hi, first + self.batch))
+        jpegs = [np.frombuffer(self.files.read(i), dtype=np.uint8) for i in indices]
+        return [jpegs, self.files.labels[first : first + len(indices)]]
+
+
+def die_with_parent(parent_pid: int) -> None:
+    """Have Linux SIGKILL this process when its parent dies. A DALI worker otherwise outlives a training process
+    killed with SIGKILL (the OOM killer, a node's cleanup), forever: nothing in it watches its parent, and its
+    blocked SIGTERM (preemption_signals_blocked) leaves only SIGKILL to end it. Linux sends it when the THREAD
+    that started the worker ends: the training thread, which builds the pipeline and lives as long as the run."""
+    if sys.platform != "linux":
+        return
+    pr_set_pdeathsig = 1
+    ctypes.CDLL(None, use_errno=True).prctl(pr_set_pdeathsig, int(signal.SIGKILL), 0, 0, 0)
+    if os.getppid() != parent_pid:  # the parent died before the request: nobody will send the signal
+        os._exit(1)
+
+
+class TrainFeeder:
+    """DALI's external source for training: ``BatchInfo(iteration, epoch_idx)`` -> the fields of micro-batch
+    ``iteration`` of an EpochStream (plan.py): the epoch ``first_epoch`` from ``first_step``, then every
+    following epoch, without end, so DALI reads ahead across an epoch's end (the loader takes each epoch's
+    micro-batches from it, one epoch after another).
+
+    Batch mode, because per-sample mode (``batch=False``) cannot feed the plan: the pipeline's batch size is fixed
+    there, and the plan's micro-batches vary in size (an epoch's last step is shorter, or folded into the one
+    before it)."""
+
+    def __init__(self, files: FileList, planner, cfg, first_epoch: int, first_step: int):
+        d = cfg.data
+        self.files = files
+        self.stream = EpochStream(planner, first_epoch, first_step)  # planner(epoch=e) -> epoch e's steps
+        self.seed, self.skip_bad = cfg.run.seed, d.skip_bad_images
+        self.min_crop_area, self.hflip, self.color_jitter = d.min_crop_area, d.hflip, d.color_jitter
+        self.pca_lighting, self.mean = d.pca_lighting, np.asarray(d.mean, dtype=np.float64)
+        self.fields = feeder_fields(d)
+        self.parent_pid = os.getpid()
+
+    def __call__(self, info) -> list:
+        return self.batch(*self.stream[info.iteration])
+
+    def batch(self, epoch: int, indices: tuple[int, ...]) -> list:
+        n, j = len(indices), self.color_jitter
+        jpegs, labels, ok = [], np.empty(n, np.int64), np.empty(n, np.uint8)
+        anchor, shape, flip = np.empty((n, 2), np.int32), np.empty((n, 2), np.int32), np.zeros(n, np.int32)
+        twist, alpha = np.empty((n, 3), np.float32), np.empty((n, 3))
+        for k, index in enumerate(indices):
+            data, labels[k], (w, h), skipped = read_image(self.files, index, self.skip_bad)
+            ok[k] = skipped == 0
+            # the draw of the planned index, applied to the image read (the next readable one, if skipped)
+            d = draw(self.seed, epoch, index, w, h, self.min_crop_area, self.hflip, j)
+            anchor[k], shape[k], flip[k], twist[k], alpha[k] = d.box[:2], d.box[2:], d.flip, d.twist, d.alpha
+            jpegs.append(np.frombuffer(data, dtype=np.uint8))
+        # Lighting adds rgb to [0, 1] pixels before normalisation: (x / 255 + rgb - mean) / std is normalisation
+        # by a per-image mean of 255 (mean - rgb), which the pipeline's crop_mirror_normalize takes as is.
+        mean = (255 * (self.mean - lighting_rgb(alpha * self.pca_lighting))).astype(np.float32)
+        out = {"jpeg": jpegs, "label": labels, "anchor": anchor, "shape": shape, "flip": flip, "twist": twist}
+        out |= {"mean": mean, "ok": ok}
+        return [out[f] for f in self.fields]
+
+    def __setstate__(self, state: dict) -> None:
+        self.__dict__.update(state)
+        if os.getpid() != self.parent_pid:  # unpickled in a DALI worker, as it starts
+            die_with_parent(self.parent_pid)
+
+
+# -- the pipelines and the loader ----------------------------------------------------------------------------
 
 log = logging.getLogger(__name__)
 
@@ -159,6 +270,8 @@ class DaliLoader(PlannedLoader):
     """The ``Loader`` contract (loader.py), served by DALI."""
 
     def __init__(self, images: ImageList, cfg, env, train: bool):
+        import torch
+
         dev = env.device
         self.device_id = None  # CPU-only DALI
         if dev.type == "cuda":
@@ -175,17 +288,13 @@ class DaliLoader(PlannedLoader):
         self._flagged = 0  # ... of the micro-batches from this one on
         super().__init__(images, cfg, env, train)
 
-    def _val_shard(self) -> tuple[int, int]:
-        return eval_shard(len(self.images), self.env.rank, self.env.world_size)
-
-    def _val_batch(self) -> int:
-        return self.cfg.data.val_batch_size or self.cfg.data.batch_size
-
     @property
     def bad_images(self) -> int:
         """Unreadable images skipped so far this epoch. The feeder only flags them (``ok`` 0, an output on the CPU
         that no batch waits for): reading this counts them, and names their files in the log."""
         if self._flags:
+            import torch
+
             flags = torch.cat(self._flags)
             batches = self._epoch_batches[self._flagged : self._flagged + len(self._flags)]
             self._flags, self._flagged = [], self._flagged + len(self._flags)
@@ -215,7 +324,7 @@ class DaliLoader(PlannedLoader):
             self._feed = None  # the old pipeline and its workers end as it is collected, before new ones start
             self._feed = self._build_feed()
         self._token = token = object()
-        return self.serve(self._deliver(self._feed, len(batches), token))
+        return serve(self.steps[self.start_step :], self._deliver(self._feed, len(batches), token))
 
     def close(self) -> None:
         super().close()
@@ -296,7 +405,7 @@ class DaliLoader(PlannedLoader):
         if self._val_pipe is None:
             files = [p for p, _ in self.images.samples]
             labels = [lbl for _, lbl in self.images.samples]
-            _, val_pipe, _ = _pipelines(self.cfg, self.device_id, self._val_batch(), self.workers)
+            _, val_pipe, _ = _pipelines(self.cfg, self.device_id, self.val_batch_size, self.workers)
             pipe = val_pipe(files, labels, self.env.rank, self.env.world_size, seed=self.cfg.run.seed)
             pipe.build()
             self._val_pipe = DALIGenericIterator(
@@ -312,15 +421,15 @@ class DaliLoader(PlannedLoader):
                 yield self._to_torch(out["images"]), labels.long()
 
     def _iter_val_pack(self):
-        """A pack's validation: this rank's shard of ``_val_shard`` through a ValFeeder, exactly its batches."""
+        """A pack's validation: this rank's ``eval_shard`` through a ValFeeder, exactly its batches."""
         from nvidia.dali.plugin.pytorch import DALIGenericIterator
 
-        lo, hi = self._val_shard()
+        lo, hi = eval_shard(len(self.images), self.env.rank, self.env.world_size)
         if hi == lo:
             return
         if self._val_pipe is None:
-            feeder = ValFeeder(FileList.of(self.images), lo, hi, self._val_batch())
-            _, _, val_pack_pipe = _pipelines(self.cfg, self.device_id, self._val_batch(), self.workers)
+            feeder = ValFeeder(FileList.of(self.images), lo, hi, self.val_batch_size)
+            _, _, val_pack_pipe = _pipelines(self.cfg, self.device_id, self.val_batch_size, self.workers)
             pipe = val_pack_pipe(feeder, seed=self.cfg.run.seed, prefetch_queue_depth=PIPELINE_PREFETCH)
             pipe.build()
             self._val_pipe = (DALIGenericIterator([pipe], ["images", "labels"], auto_reset=False), feeder.batches)

@@ -1,5 +1,6 @@
-"""What every loader is to the trainer (``Loader``), and what the file loaders share (``PlannedLoader``: the split,
-this process's place in the plan, and the worker policy that sizes their helpers from this process's CPUs).
+"""What every loader is to the trainer (``Loader``), which one a config gets (``make_loaders``), and what the file
+loaders share (``PlannedLoader``: the split, this process's place in the plan, and the worker policy that sizes
+their helpers from this process's CPUs). No torch here: DALI's Python workers import it.
 """
 
 from __future__ import annotations
@@ -10,7 +11,9 @@ import os
 from collections.abc import Iterator
 from typing import Any, Protocol
 
-from .plan import Step, StepPlan, plan_epoch, serve, shard_eval
+from ..errors import DataError
+from .plan import Step, StepPlan, plan_epoch, shard_eval
+from .source import open_dataset
 
 
 class Loader(Protocol):
@@ -38,6 +41,37 @@ class Loader(Protocol):
     def __iter__(self) -> Iterator[Step] | Iterator[tuple[Any, Any]]: ...
 
     def close(self) -> None: ...
+
+
+def make_loaders(cfg, env) -> tuple[Loader, Loader]:
+    """(train, val) loaders of ``data.loader`` over ``data.path`` (a folder or a pack)."""
+    loader = cfg.data.loader
+    if loader == "auto":
+        from .dali_loader import dali_available
+
+        loader = "dali" if dali_available() else "torch"
+    if loader == "synthetic":
+        from .synthetic import synthetic_loaders
+
+        return synthetic_loaders(cfg, env)
+    train_list, val_list = open_dataset(cfg.data.path)  # a folder or a pack
+    if loader == "dali":
+        from .dali_loader import DaliLoader, dali_available
+
+        if not dali_available():
+            raise DataError(
+                "data.loader=dali but DALI is not installed: pip install 'dist-bot[dali]', or data.loader=torch"
+            )
+        return DaliLoader(train_list, cfg, env, train=True), DaliLoader(val_list, cfg, env, train=False)
+    # imported here, not above: DALI's Python workers import this package and should not pay for torch
+    from .torch_loader import TorchLoader
+
+    return TorchLoader(train_list, cfg, env, train=True), TorchLoader(val_list, cfg, env, train=False)
+
+
+def eval_batch_size(data) -> int:
+    """Images per process per validation batch: data.val_batch_size, or (None) data.batch_size."""
+    return data.val_batch_size or data.batch_size
 
 
 def micro_batches(loader: Loader) -> Iterator[tuple[Any, Any]]:
@@ -144,15 +178,13 @@ class PlannedLoader:
             plan_epoch, len(self.images), d.batch_size, env.rank, env.world_size, o.grad_accum_steps, self.cfg.run.seed
         )
 
-    def serve(self, batches: Iterator[tuple[Any, Any]]) -> Iterator[Step]:
-        """This epoch's steps from ``start_step``, their micro-batches taken from ``batches``, the loader's (images,
-        labels) for ``train_batches()`` in order."""
-        return serve(self.steps[self.start_step :], batches)
+    @property
+    def val_batch_size(self) -> int:
+        return eval_batch_size(self.cfg.data)
 
     def eval_batches(self) -> list[tuple[int, ...]]:
         """This process's validation batches (its exact shard)."""
-        bs = self.cfg.data.val_batch_size or self.cfg.data.batch_size
-        return shard_eval(len(self.images), bs, self.env.rank, self.env.world_size)
+        return shard_eval(len(self.images), self.val_batch_size, self.env.rank, self.env.world_size)
 
     def train_batches(self) -> list[tuple[int, ...]]:
         """This process's micro-batches from ``start_step`` to the end of the epoch."""

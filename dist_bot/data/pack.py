@@ -1,4 +1,4 @@
-"""``dist-bot data pack SRC DST``: an ImageNet-layout folder as tar shards (layout: shards.py), so that a cluster's
+"""``dist-bot data pack SRC DST``: an ImageNet-layout folder as tar shards (layout: source.py), so that a cluster's
 shared file system serves a few large files per epoch instead of a million small ones.
 
 Every image is checked as ``dist-bot data check`` does (a full decode); a bad one is reported and not packed.
@@ -25,8 +25,7 @@ import numpy as np
 
 from ..errors import BadImageError, DataError
 from .check import check_bytes
-from .folder import ImageList, scan_dataset
-from .shards import FORMAT_VERSION, INDEX_DTYPE, PACK_FILE
+from .source import FORMAT_VERSION, INDEX_DTYPE, PACK_FILE, ImageList, scan_dataset
 
 PROGRESS = ".pack-progress"
 MIN_SHARD_SIZE = 10**6  # bytes; smaller shards would be many small files again

@@ -10,6 +10,7 @@ import itertools
 
 import torch
 
+from .loader import eval_batch_size
 from .plan import make_step, serve
 
 TRAIN_IMAGES_PER_PROCESS = 1024  # steps per epoch = this / batch ...
@@ -23,7 +24,7 @@ class SyntheticLoader:
         self.num_classes = num_classes
         self.class_names = [f"class_{i}" for i in range(num_classes)]  # random labels: no names to give
         d = cfg.data
-        self.batch = d.batch_size if train else (d.val_batch_size or d.batch_size)
+        self.batch = d.batch_size if train else eval_batch_size(d)
         g = torch.Generator().manual_seed(cfg.run.seed + env.rank)
         fmt = torch.channels_last if cfg.model.channels_last else torch.contiguous_format
         dtype = torch.float16 if cfg.precision == "fp16" else torch.float32  # as the real loaders emit

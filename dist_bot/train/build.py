@@ -18,7 +18,7 @@ from ..errors import DataError, RunError, UserError
 from ..models import build_model
 from ..recipe.ema import ModelEma
 from ..recipe.lars import make_lars
-from ..recipe.losses import distillation_loss, soft_cross_entropy
+from ..recipe.losses import make_loss
 from ..recipe.param_groups import param_groups
 from ..recipe.sgd import make_sgd
 from .state import Layout
@@ -131,17 +131,7 @@ def create_ema(
 
 def create_loss(cfg: Config):
     """The loss on (logits, soft targets[, teacher logits]): compiled with the model when model.compile is on."""
-    d = cfg.loss.distill
-    if d.teacher:
-
-        def loss(logits, targets, teacher_logits):
-            return distillation_loss(logits, teacher_logits, targets, d.temperature, d.hard_weight, d.soft_weight)
-
-    else:
-
-        def loss(logits, targets, teacher_logits=None):
-            return soft_cross_entropy(logits, targets)
-
+    loss = make_loss(cfg.loss.distill)
     return torch.compile(loss, mode=cfg.model.compile_mode) if cfg.model.compile else loss
 
 

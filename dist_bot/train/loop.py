@@ -38,9 +38,8 @@ from ..distributed.watchdog import HEARTBEAT
 from ..errors import RunError
 from ..profiling import StepProfiler
 from ..provenance import config_header, source_info
-from ..recipe.losses import smooth_targets
+from ..recipe.losses import mixup, smooth_targets
 from ..recipe.lr import build_schedule
-from ..recipe.mixup import mixup
 from ..signals import PREEMPTION
 from ..tracking import Progress, Tracker, updated_summary
 from .build import create_config, create_layout, create_loss, create_model, create_teacher
