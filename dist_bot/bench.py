@@ -333,7 +333,7 @@ def bench_train(
     trainer.val_loader.close()
     tmp.cleanup()
 
-    batch = trainer.global_batch
+    batch = trainer.layout.global_batch
     m = cfg.model
     common = {
         "model": m.name,

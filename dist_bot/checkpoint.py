@@ -25,7 +25,6 @@ from __future__ import annotations
 
 import logging
 import os
-import random
 import re
 import shutil
 import zipfile
@@ -33,7 +32,6 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 import torch.distributed as dist
 
@@ -95,41 +93,6 @@ def fsync_tree(root: Path) -> None:
         for name in files:
             fsync_path(Path(folder) / name)
         fsync_path(Path(folder))
-
-
-def rng_state(cuda_by_rank: list | None = None) -> dict:
-    """The RNG states to resume: this process's CPU, Python and NumPy generators, and ``cuda_by_rank``: the state
-    of each rank's own GPU, gathered by the caller (each process restores its own; see set_rng_state)."""
-    np_state = np.random.get_state()
-    return {
-        "torch": torch.get_rng_state(),
-        "cuda_by_rank": cuda_by_rank or [],
-        "python": random.getstate(),
-        "numpy": [np_state[0], torch.from_numpy(np_state[1].astype(np.int64)), *np_state[2:]],
-    }
-
-
-def device_rng_state(device: torch.device) -> torch.Tensor | None:
-    return torch.cuda.get_rng_state(device) if device.type == "cuda" else None
-
-
-def set_rng_state(state: dict, device: torch.device, rank: int) -> None:
-    """Restore ``state`` in this process: the CPU generators, and the state its own GPU had when saved, never
-    the states of GPUs it does not see. A resume on another world size leaves the GPU generators of the new
-    ranks as seeded. An older checkpoint holds rank 0's ``get_rng_state_all()`` under "cuda"
-    (one state per GPU that rank 0 saw; restoring all of them failed on a host that sees fewer): its entry for
-    this process's GPU, if there is one."""
-    torch.set_rng_state(state["torch"])
-    if device.type == "cuda":
-        own = state.get("cuda_by_rank") or []
-        if rank < len(own) and own[rank] is not None:
-            torch.cuda.set_rng_state(own[rank], device)
-        elif not own and device.index is not None and device.index < len(state.get("cuda") or []):
-            torch.cuda.set_rng_state(state["cuda"][device.index], device)
-    version, internal, gauss = state["python"]
-    random.setstate((version, tuple(internal), gauss))
-    kind, keys, *rest = state["numpy"]
-    np.random.set_state((kind, keys.numpy().astype(np.uint32), *rest))
 
 
 def list_checkpoints(folder: Path) -> list[Path]:

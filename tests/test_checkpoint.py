@@ -3,6 +3,7 @@
 import logging
 import pickle
 import random
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -16,12 +17,16 @@ from dist_bot.checkpoint import (
     load_latest_good,
     read_meta,
     remove_stale_temporaries,
-    rng_state,
     save_checkpoint,
-    set_rng_state,
     write_file,
 )
 from dist_bot.errors import CheckpointError, CheckpointWriteError
+from dist_bot.train.state import ProcessRng
+
+
+def process(device: str = "cpu", rank: int = 0) -> ProcessRng:
+    """The RNG part of the run state of process ``rank`` of a run without a process group."""
+    return ProcessRng(SimpleNamespace(device=torch.device(device), rank=rank, world_size=1, distributed=False))
 
 
 def writer(step):
@@ -143,11 +148,11 @@ def test_rng_state_round_trips_through_a_checkpoint(tmp_path):
         tmp_path,
         1,
         keep_last=1,
-        write=lambda d: write_file({"format": FORMAT_VERSION, "rng": rng_state()}, d / "meta.pt"),
+        write=lambda d: write_file({"format": FORMAT_VERSION, "rng": process().state_dict()}, d / "meta.pt"),
     )
     expected = (torch.rand(3), random.random(), np.random.rand())
     torch.manual_seed(2), random.seed(2), np.random.seed(2)
-    set_rng_state(read_meta(list_checkpoints(tmp_path)[0])["rng"], torch.device("cpu"), 0)
+    process().load_state_dict(read_meta(list_checkpoints(tmp_path)[0])["rng"])
     got = (torch.rand(3), random.random(), np.random.rand())
     assert torch.equal(expected[0], got[0]) and expected[1:] == got[1:]
 
@@ -158,7 +163,8 @@ def test_each_process_restores_its_own_gpus_rng_state_and_no_other(monkeypatch, 
     one GPU (srun --gpus-per-task=1): each restores the state saved for it, on its one device; restoring all 8
     (set_rng_state_all) failed on every rank there. Faked on a CPU: the states are tensors, the calls recorded."""
     states = [torch.full((16,), i, dtype=torch.uint8) for i in range(8)]
-    state = rng_state(states) if layout == "cuda_by_rank" else rng_state() | {"cuda": states}
+    saved = process().state_dict()  # a CPU process saves no GPU state: put the 8 ranks' in
+    state = saved | ({"cuda_by_rank": states} if layout == "cuda_by_rank" else {"cuda_by_rank": [], "cuda": states})
     calls = []
     monkeypatch.setattr(torch.cuda, "set_rng_state", lambda s, device: calls.append((int(s[0]), device)))
     monkeypatch.setattr(
@@ -166,9 +172,9 @@ def test_each_process_restores_its_own_gpus_rng_state_and_no_other(monkeypatch, 
     )
     for rank in (0, 5):
         calls.clear()
-        set_rng_state(state, torch.device("cuda", 0), rank)
+        process("cuda:0", rank).load_state_dict(state)
         # the older layout knows only rank 0's view: device 0's state, whatever the rank
         assert calls == [(rank if layout == "cuda_by_rank" else 0, torch.device("cuda", 0))]
     calls.clear()
-    set_rng_state(rng_state(states[:2]), torch.device("cuda", 0), 5)  # a rank the checkpoint did not have
+    process("cuda:0", 5).load_state_dict(saved | {"cuda_by_rank": states[:2]})  # a rank the checkpoint did not have
     assert calls == []

@@ -13,15 +13,16 @@ from ..checkpoint import EMA_FILE, load_checkpoint, read_file, resolve_checkpoin
 from ..config import Config, from_dict
 from ..distributed import build_strategy
 from ..distributed.env import DistEnv
-from ..distributed.strategy import Strategy
+from ..distributed.strategy import LossScaleGuard, Strategy
 from ..errors import DataError, RunError, UserError
 from ..models import build_model
 from ..recipe.ema import ModelEma
 from ..recipe.lars import make_lars
 from ..recipe.losses import make_loss
+from ..recipe.lr import LRSchedule, build_schedule
 from ..recipe.param_groups import param_groups
 from ..recipe.sgd import make_sgd
-from .state import Layout
+from .state import Layout, ProcessRng, RunState, run_identity
 
 
 def split_global_batch(cfg: Config, world_size: int) -> tuple[int, int]:
@@ -63,6 +64,18 @@ def create_config(cfg: Config, world_size: int) -> Config:
 def create_layout(cfg: Config, env: DistEnv, steps_per_epoch: int) -> Layout:
     d, accum = cfg.data, cfg.optim.grad_accum_steps
     return Layout(env.world_size, d.batch_size * env.world_size * accum, d.batch_size, accum, steps_per_epoch)
+
+
+def create_state(cfg: Config, env: DistEnv, layout: Layout, model: Model) -> RunState:
+    """A fresh run's state (RunCheckpoint.resume then restores a checkpoint's into it)."""
+    guard = LossScaleGuard(cfg.loss_scale.min_scale, cfg.loss_scale.max_steps_at_min)
+    return RunState(layout, guard, ProcessRng(env), run_identity(cfg, model))
+
+
+def create_schedule(cfg: Config, layout: Layout) -> LRSchedule:
+    """The lr of every step: linearly scaled from the global batch, warmup, then the decay (recipe/lr.py)."""
+    o = cfg.optim
+    return build_schedule(cfg.schedule, o.base_lr_per_256, o.ref_batch, layout.global_batch, layout.steps_per_epoch)
 
 
 @dataclass

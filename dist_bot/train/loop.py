@@ -33,16 +33,23 @@ from ..config import Config, profile_window, to_dict, to_yaml
 from ..data import make_loaders
 from ..data.plan import MicroBatch, Step
 from ..distributed.env import DistEnv, all_reduce_max, any_rank, local_peak_memory_mb
-from ..distributed.strategy import LossScaleGuard, autocast
+from ..distributed.strategy import autocast
 from ..distributed.watchdog import HEARTBEAT
 from ..errors import RunError
 from ..profiling import StepProfiler
 from ..provenance import config_header, source_info
 from ..recipe.losses import mixup, smooth_targets
-from ..recipe.lr import build_schedule
 from ..signals import PREEMPTION
 from ..tracking import Progress, Tracker, updated_summary
-from .build import create_config, create_layout, create_loss, create_model, create_teacher
+from .build import (
+    create_config,
+    create_layout,
+    create_loss,
+    create_model,
+    create_schedule,
+    create_state,
+    create_teacher,
+)
 from .state import RunCheckpoint, check_run_dir
 
 log = logging.getLogger(__name__)
@@ -108,13 +115,10 @@ class Trainer:
         self.num_classes = self.model.num_classes
         self.loss_fn, self.teacher = create_loss(cfg), create_teacher(cfg, env, self.num_classes)
         self.layout = create_layout(cfg, env, len(self.train_loader))
-        self.global_batch = self.layout.global_batch
-        self.schedule = build_schedule(
-            cfg.schedule, cfg.optim.base_lr_per_256, cfg.optim.ref_batch, self.global_batch, len(self.train_loader)
-        )
-        self.guard = LossScaleGuard(cfg.loss_scale.min_scale, cfg.loss_scale.max_steps_at_min)
-        self.checkpoint = RunCheckpoint(self.run_dir, cfg, env, self.layout, self.model, self.guard)
-        self.state = self.checkpoint.resume()
+        self.schedule = create_schedule(cfg, self.layout)
+        self.state = create_state(cfg, env, self.layout, self.model)  # the counters, layout, guard, RNG: the meta
+        self.checkpoint = RunCheckpoint(self.run_dir, cfg, env, self.model)
+        self.checkpoint.resume(self.state)
         if env.is_main:
             self.run_dir.mkdir(parents=True, exist_ok=True)
             (self.run_dir / "config.yaml").write_text(config_header() + to_yaml(cfg))
@@ -128,6 +132,7 @@ class Trainer:
         self.compile_logged = not cfg.model.compile
 
     strategy = property(lambda self: self.model.strategy)
+    guard = property(lambda self: self.state.guard)  # the fp16 loss-scale guard
     ema = property(lambda self: self.model.ema)
     # read-only views of the run state, for hooks and tests
     epoch = property(lambda self: self.state.epoch)
@@ -361,7 +366,7 @@ def log_start(trainer: Trainer) -> None:
         trainer.num_classes,
         trainer.train_loader.num_samples,
         trainer.val_loader.num_samples,
-        trainer.global_batch,
+        trainer.layout.global_batch,
         trainer.schedule.peak_lr,
         len(trainer.train_loader),
     )

@@ -1,20 +1,27 @@
-"""The run's state in one home: ``RunState`` is a checkpoint's meta.pt, and ``RunCheckpoint`` saves and resumes it
-with the strategy's files and the EMA.
+"""The run's state in one home. ``RunState`` is where the run stands and what a checkpoint's meta.pt holds:
+``state_dict()`` IS meta.pt and ``load_state_dict`` restores it (the Stateful protocol of torchtitan and
+torch.distributed.checkpoint). ``RunCheckpoint`` saves it with the strategy's files and the EMA, and resumes all
+three, in this module alone.
 
 meta.pt holds the counters (epoch, step in the epoch, global step, whether the epoch's evaluation is pending), the
-layout of the global batch, every process's RNG states, the fp16 loss-scale guard, the W&B run id, the summary
-(best and final top-1/top-5), and the config with the model's name, classes and the version that wrote it. What
-may change on resume is the config's ``resumable`` fields, and the split of a fixed global batch over processes
-(``check_run_dir``, ``Layout.check``). The files of a checkpoint are named once, in checkpoint.py.
+W&B run id and the summary (best and final top-1/top-5): RunState's own fields; the layout of the global batch,
+the fp16 loss-scale guard's counters and every process's RNG states: its parts, each with its own
+``state_dict``; and what the checkpoint is of (the config, the model's name, classes and class names, the version
+that wrote it), which ``check`` compares before anything is applied. What may change on resume is the config's
+``resumable`` fields and the split of a fixed global batch over processes (``check_run_dir``, ``Layout.check``).
+The files of a checkpoint are named once, in checkpoint.py, which knows folders and files, not what is in them.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import logging
+import random
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import numpy as np
+import torch
 import torch.distributed as dist
 import yaml
 
@@ -24,16 +31,14 @@ from ..checkpoint import (
     META_FILE,
     agree_on_checkpoint,
     check_state_dict,
-    device_rng_state,
     read_file,
     read_meta,
     remove_stale_temporaries,
-    rng_state,
     save_checkpoint,
-    set_rng_state,
     write_file,
 )
 from ..config import Config, resumable_keys, to_dict
+from ..distributed.strategy import LossScaleGuard
 from ..distributed.watchdog import HEARTBEAT
 from ..errors import CheckpointError, RunError
 from ..provenance import source_info
@@ -82,50 +87,123 @@ class Layout:
             )
 
 
+class ProcessRng:
+    """Every process's random generators as one part of the run state: Python's, NumPy's, torch's CPU generator,
+    and each rank's own GPU generator (saving gathers them: a collective; each process restores its own)."""
+
+    def __init__(self, env):
+        self.env = env
+
+    def state_dict(self) -> dict:
+        """This process's CPU, Python and NumPy generators, and the state of each rank's own GPU (a collective)."""
+        env = self.env
+        cuda_by_rank = [device_rng_state(env.device)]
+        if env.distributed:
+            cuda_by_rank = [None] * env.world_size
+            dist.all_gather_object(cuda_by_rank, device_rng_state(env.device))
+        np_state = np.random.get_state()
+        return {
+            "torch": torch.get_rng_state(),
+            "cuda_by_rank": cuda_by_rank,
+            "python": random.getstate(),
+            "numpy": [np_state[0], torch.from_numpy(np_state[1].astype(np.int64)), *np_state[2:]],
+        }
+
+    def load_state_dict(self, state: dict) -> None:
+        """Restore ``state`` in this process: the CPU generators, and the state its own GPU had when saved, never
+        the states of GPUs it does not see. A resume on another world size leaves the GPU generators of the new
+        ranks as seeded. An older checkpoint holds rank 0's ``get_rng_state_all()`` under "cuda" (one state per
+        GPU that rank 0 saw; restoring all of them failed on a host that sees fewer): its entry for this
+        process's GPU, if there is one."""
+        device, rank = self.env.device, self.env.rank
+        torch.set_rng_state(state["torch"])
+        if device.type == "cuda":
+            own = state.get("cuda_by_rank") or []
+            if rank < len(own) and own[rank] is not None:
+                torch.cuda.set_rng_state(own[rank], device)
+            elif not own and device.index is not None and device.index < len(state.get("cuda") or []):
+                torch.cuda.set_rng_state(state["cuda"][device.index], device)
+        version, internal, gauss = state["python"]
+        random.setstate((version, tuple(internal), gauss))
+        kind, keys, *rest = state["numpy"]
+        np.random.set_state((kind, keys.numpy().astype(np.uint32), *rest))
+
+
+def device_rng_state(device: torch.device) -> torch.Tensor | None:
+    return torch.cuda.get_rng_state(device) if device.type == "cuda" else None
+
+
+def run_identity(cfg: Config, model) -> dict:
+    """What a checkpoint is of: the config, the model's name and classes (``model``: train.build.Model)."""
+    return {
+        "config": to_dict(cfg),
+        "model_name": cfg.model.name,
+        "num_classes": model.num_classes,
+        "class_names": model.class_names,  # label i's class folder: exports and predict name them
+    }
+
+
 @dataclass
 class RunState:
-    """Where the run stands: the counters and records a checkpoint's meta.pt holds (``meta`` adds the layout, the
-    RNG states and the config), restored by ``RunCheckpoint.resume``."""
+    """Where the run stands, and a checkpoint's meta.pt (see the module docstring)."""
 
+    layout: Layout  # the global batch's split: saved, and checked on resume
+    guard: LossScaleGuard  # the fp16 loss-scale guard, whose counters are saved
+    rng: ProcessRng
+    identity: dict  # run_identity: what a checkpoint of this run is of
     epoch: int = 0  # epochs completed
     epoch_step: int = 0  # optimizer steps done in the current epoch
     global_step: int = 0  # optimizer steps done in the whole run
-    wandb_id: str | None = None  # the W&B run that a resumed run continues
-    guard: dict = field(default_factory=dict)  # the fp16 loss-scale guard's counters
     pending_eval: bool = False  # epoch `epoch` is trained but not yet evaluated (stopped at its last step)
+    wandb_id: str | None = None  # the W&B run that a resumed run continues
     summary: dict = field(default_factory=dict)  # best and final top-1/top-5 so far (tracking.updated_summary)
 
-    @classmethod
-    def from_meta(cls, meta: dict) -> RunState:
-        return cls(**{f.name: meta[f.name] for f in dataclasses.fields(cls) if f.name in meta})
+    COUNTERS = ("epoch", "epoch_step", "global_step", "pending_eval", "wandb_id", "summary")
+
+    def state_dict(self) -> dict:
+        """meta.pt: a collective (the RNG states of every rank's GPU are gathered), on every process."""
+        return (
+            {k: getattr(self, k) for k in self.COUNTERS}
+            | self.identity
+            | {
+                "format": FORMAT_VERSION,
+                "layout": dataclasses.asdict(self.layout),
+                "guard": self.guard.state_dict(),
+                "rng": self.rng.state_dict(),
+                "dist_bot": source_info(),  # the version and commit that wrote this checkpoint
+            }
+        )
+
+    def check(self, path: Path, meta: dict, is_main: bool) -> None:
+        """Refuse the meta.pt of another model, or of a global batch this run does not make."""
+        if meta["model_name"] != self.identity["model_name"] or meta["num_classes"] != self.identity["num_classes"]:
+            raise RunError(
+                f"checkpoint {path} is of {meta['model_name']} with {meta['num_classes']} classes, but this run "
+                f"builds {self.identity['model_name']} with {self.identity['num_classes']}: use another run.name"
+            )
+        self.layout.check(path, meta.get("layout"), is_main)
+
+    def load_state_dict(self, meta: dict) -> None:
+        for k in self.COUNTERS:
+            if k in meta:
+                setattr(self, k, meta[k])
+        self.guard.load_state_dict(meta.get("guard") or {"steps_at_min": 0, "skipped_total": 0})
+        self.rng.load_state_dict(meta["rng"])
 
 
 class RunCheckpoint:
     """Saves a run's checkpoints into ``<run dir>/checkpoints`` and resumes from the newest that every process reads
     completely: meta.pt (the RunState), the strategy's files, and the EMA's ema.pt."""
 
-    def __init__(self, run_dir: Path, cfg: Config, env, layout: Layout, model, guard):
-        """``model``: the train.build.Model of the run (its strategy, EMA, classes); ``guard``: the fp16 loss-scale
-        guard, whose counters the state carries."""
-        self.folder, self.cfg, self.env, self.layout, self.model, self.guard = (
-            run_dir / "checkpoints",
-            cfg,
-            env,
-            layout,
-            model,
-            guard,
-        )
+    def __init__(self, run_dir: Path, cfg: Config, env, model):
+        """``model``: the train.build.Model of the run (its strategy, EMA, classes)."""
+        self.folder, self.cfg, self.env, self.model = run_dir / "checkpoints", cfg, env, model
 
-    def read(self, path: Path) -> tuple[dict, object, dict | None]:
+    def read(self, path: Path, state: RunState) -> tuple[dict, object, dict | None]:
         """A checkpoint's meta, this process's strategy state and EMA share, read and checked, nothing applied."""
-        cfg, m = self.cfg, self.model
+        m = self.model
         meta = read_meta(path)
-        if meta["model_name"] != cfg.model.name or meta["num_classes"] != m.num_classes:
-            raise RunError(
-                f"checkpoint {path} is of {meta['model_name']} with {meta['num_classes']} classes, but this run "
-                f"builds {cfg.model.name} with {m.num_classes}: use another run.name"
-            )
-        self.layout.check(path, meta.get("layout"), self.env.is_main)
+        state.check(path, meta, self.env.is_main)
         strategy_state = m.strategy.read(path)  # its collectives first: the EMA is read locally
         return meta, strategy_state, self.read_ema(path) if m.ema is not None else None
 
@@ -138,47 +216,26 @@ class RunCheckpoint:
         check_state_dict(full, self.model.ema_module.state_dict(), file)
         return self.model.ema.share_of(full)
 
-    def resume(self) -> RunState:
-        """The state of the checkpoint rank 0 chose (the newest that every process reads completely), applied only
-        after every process has read and checked its part; a fresh state when there is none."""
+    def resume(self, state: RunState) -> None:
+        """Restore ``state``, the strategy and the EMA from the checkpoint rank 0 chose (the newest that every
+        process reads completely), applied only after every process has read and checked its part; ``state`` is
+        left as it is (a fresh run) when there is none."""
         if self.env.is_main:
             for stale in remove_stale_temporaries(self.folder):
                 log.info("removed %s, left by a checkpoint write that did not finish", stale)
-        found = agree_on_checkpoint(self.folder, self.read)
+        found = agree_on_checkpoint(self.folder, lambda path: self.read(path, state))
         if found is None:
-            return RunState()
+            return
         path, (meta, strategy_state, ema_share) = found
         self.model.strategy.apply(strategy_state)
         if self.model.ema is not None:
             self.model.ema.load_share(ema_share)
-        state = RunState.from_meta(meta)
-        self.guard.load_state_dict(state.guard)
-        set_rng_state(meta["rng"], self.env.device, self.env.rank)
+        state.load_state_dict(meta)
         if self.env.is_main:
             log.info("resumed from %s: epoch %d, step %d", path, state.epoch, state.epoch_step)
-        return state
-
-    def meta(self, state: RunState) -> dict:
-        """meta.pt of ``state`` (a collective: every rank's GPU RNG state is gathered)."""
-        env, m = self.env, self.model
-        state.guard = self.guard.state_dict()
-        cuda_by_rank = [device_rng_state(env.device)]  # each rank's own GPU (a collective, on every rank)
-        if env.distributed:
-            cuda_by_rank = [None] * env.world_size
-            dist.all_gather_object(cuda_by_rank, device_rng_state(env.device))
-        return dataclasses.asdict(state) | {
-            "format": FORMAT_VERSION,
-            "layout": dataclasses.asdict(self.layout),
-            "rng": rng_state(cuda_by_rank),
-            "config": to_dict(self.cfg),
-            "model_name": self.cfg.model.name,
-            "num_classes": m.num_classes,
-            "dist_bot": source_info(),  # the version and commit that wrote this checkpoint
-            "class_names": m.class_names,  # label i's class folder: exports and predict name them
-        }
 
     def save(self, state: RunState) -> None:
-        meta, m = self.meta(state), self.model
+        meta, m = state.state_dict(), self.model
 
         def write(folder: Path) -> None:
             ema = m.ema.full_state() if m.ema is not None else None  # a collective: before any local write
