@@ -162,7 +162,7 @@ def check_export(fmt: str, out: Path, model: torch.nn.Module, info: dict, twin: 
         with torch.no_grad():
             got = theirs.eval()(x)
     else:
-        return None  # timm is not a dependency: tests/test_export.py checks this format with timm itself
+        return None  # timm is not a dependency: tests/unit/test_export.py checks this format with timm itself
     with torch.no_grad():
         diff = (got - model(x)).abs().max().item()
     if not diff <= CHECK_ATOL:

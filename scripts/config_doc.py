@@ -3,7 +3,7 @@ copied byte for byte) followed by one table per config section, read off dist_bo
 
 Each row is a dotted key, its type, its default, its range (``param(range=...)``), whether it may change when a run
 resumes (``param(resumable=True)``) and its meaning (the comment beside the field, ``config.field_docs()``).
-tests/test_docs.py fails when the page differs from what this prints: after changing dist_bot/config.py, run
+tests/repo/test_docs.py fails when the page differs from what this prints: after changing dist_bot/config.py, run
 `.venv/bin/python scripts/config_doc.py --write`.
 """
 

@@ -133,7 +133,7 @@ def run(out: Path, mode: str, seconds_left: float) -> None:
             "pytest",
             "-m",
             "gpu",
-            "tests/test_gpu.py",
+            "tests/system/test_gpu.py",
             "-q",
             "-rs",
             "-p",

@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Does dist_bot train at GPU speed on this host? A check for any CUDA host, in at most 8 minutes:
-#   1. the tests marked `gpu` (tests/test_gpu.py: init_distributed with NCCL and the Trainer under DDP on CUDA,
+#   1. the tests marked `gpu` (tests/system/test_gpu.py: init_distributed with NCCL and the Trainer under DDP on CUDA,
 #      fp16 loss scaling with fused SGD, checkpoint round trips under DDP, FSDP2 and ZeRO-1 fp16, a resume of
 #      a checkpoint whose RNG came from more GPUs, the step free of host-device syncs under CUDA's sync debug
 #      mode, DALI "mixed" decoding);

@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Install Slurm 22.05 and munge from Debian's packages, for the tests marked `slurm` (they start their own
-# 2-node cluster, tests/slurm/cluster.py, and tear it down). Needs root and apt-get: elsewhere it says why
+# 2-node cluster, tests/system/slurm/cluster.py, and tear it down). Needs root and apt-get: elsewhere it says why
 # and exits 1, and those tests skip with the reason. Installed already: returns at once.
 set -euo pipefail
 if command -v sbatch >/dev/null && [[ -x /usr/sbin/slurmctld && -x /usr/sbin/slurmd && -x /usr/sbin/munged ]]; then

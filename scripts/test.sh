@@ -13,6 +13,6 @@ if bash scripts/install_slurm.sh; then
     export DIST_BOT_REQUIRE_SLURM=1
     DIST_BOT_SLURM_DIR=$(mktemp -d /tmp/dist_bot_slurm.XXXXXX)
     export DIST_BOT_SLURM_DIR
-    trap '.venv/bin/python tests/slurm/cluster.py down "$DIST_BOT_SLURM_DIR" --remove' EXIT
+    trap '.venv/bin/python tests/system/slurm/cluster.py down "$DIST_BOT_SLURM_DIR" --remove' EXIT
 fi
 .venv/bin/python -m pytest "$@"

@@ -11,6 +11,8 @@ import pytest
 
 REPO = Path(__file__).resolve().parents[1]
 IMAGENETTE = REPO.parent / "shared" / "data" / "imagenette"
+PROBES = REPO / "tests" / "probes"  # programs the system tests launch; some tests import their tables
+sys.path.insert(0, str(PROBES))
 
 # DeepSpeed JIT-compiles its CPU shared-memory comm op (~35-300 s of CPU) on the first strategy=deepspeed start
 # into TORCH_EXTENSIONS_DIR (default ~/.cache/torch_extensions/py311_cu130/), and every later start reuses it. That

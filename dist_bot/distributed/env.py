@@ -186,8 +186,8 @@ def restart_safe_store(world: int, timeout: datetime.timedelta, generation: int 
 
     torchrun (--max-restarts) keeps one store for the whole job, and the keys an earlier group's processes wrote
     stay in it: gloo's rendezvous then reads the earlier processes' addresses and the new group never forms, or
-    hangs (a test in tests/test_faults.py restarts a group after a SIGKILL; one in tests/test_launch.py trains
-    twice in one torchrun). Elsewhere: None.
+    hangs (a test in tests/system/test_faults.py restarts a group after a SIGKILL; one in
+    tests/system/test_launch.py trains twice in one torchrun). Elsewhere: None.
     """
     env = os.environ
     if env.get("TORCHELASTIC_USE_AGENT_STORE") != "True" or "TORCHELASTIC_RESTART_COUNT" not in env:
@@ -202,7 +202,7 @@ def shutdown(finished: bool = False) -> None:
     ``finished``: every process got here without an error, so they meet at a barrier first. A gloo worker thread
     still retiring the last collective when the interpreter starts finalizing needs the GIL to free a Python
     tensor, is ended inside a C++ destructor instead, and aborts the process ("terminate called without an
-    active exception", exit -6; a core dump of tests/strategy_probe.py under CPU load showed
+    active exception", exit -6; a core dump of tests/probes/strategy_probe.py under CPU load showed
     ProcessGroupGloo::runLoop -> ~AsyncBroadcastWork -> THPVariable_dealloc -> PyThread_exit_thread). Once DDP has
     been built, destroy_process_group does not end gloo's workers (torch keeps references to the group), so
     they live into the finalization; the barrier's round trip lets them retire their work first, and the

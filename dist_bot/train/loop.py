@@ -10,7 +10,7 @@ checkpoint.
 Between two log steps nothing waits for the device: the loss, the fp16 skip flag and the loss-scale guard stay
 device tensors, mixup pairs on the device, the stop flag is agreed only at log steps (``run.stop_after_steps``
 needs no agreement: every process counts the same steps). So the host queues work ahead of the GPU and the
-next batch is fetched while the GPU still computes (tests/test_sync_free.py counts the sync points).
+next batch is fetched while the GPU still computes (tests/unit/train/test_sync_free.py counts the sync points).
 
     run = Trainer(cfg, env); run.fit()        # what `dist-bot train` does on every process
 """

@@ -1,6 +1,6 @@
-"""Run under torchrun by tests/test_sync_free.py: count what a training step waits for.
+"""Run under torchrun by tests/unit/train/test_sync_free.py: count what a training step waits for.
 
-    python -m torch.distributed.run --standalone --nproc_per_node=2 tests/sync_probe.py OUT key=value...
+    python -m torch.distributed.run --standalone --nproc_per_node=2 tests/probes/sync_probe.py OUT key=value...
 
 Trains with dist_bot's Trainer (the overrides choose the recipe) while every way Python code can wait for the
 device is patched to record where it was called from: reading a tensor (``item``, ``tolist``, ``bool``,

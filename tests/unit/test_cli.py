@@ -9,7 +9,7 @@ import pytest
 
 from dist_bot.models import MODEL_NAMES
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 DIST_BOT = Path(sys.executable).parent / "dist-bot"  # the console script pip installed beside python
 
 

@@ -1,6 +1,6 @@
-"""`dist-bot train` with one fault injected, for tests/test_faults.py (run under torchrun or alone).
+"""`dist-bot train` with one fault injected, for tests/system/test_faults.py (run under torchrun or alone).
 
-    python tests/fault_probe.py FAULT train CONFIG key=value...
+    python tests/probes/fault_probe.py FAULT train CONFIG key=value...
 
 FAULT is one of
     none                    no fault
@@ -115,7 +115,7 @@ def main(fault: str, *argv: str) -> int:
         dump(arg)
     elif kind != "none":
         raise SystemExit(f"unknown fault {fault!r}")
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+    sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
     from dist_bot.cli import main as cli
 
     return cli(list(argv))

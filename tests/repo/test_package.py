@@ -12,7 +12,7 @@ import pytest
 
 import dist_bot
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 SOURCES = ["pyproject.toml", "README.md", "dist_bot", "launch", "configs"]  # what the Dockerfile copies, too
 
 

@@ -45,7 +45,7 @@ def test_two_ranks_read_every_sample_exactly_once(loader, one_image_per_class, o
         "torch.distributed.run",
         "--standalone",
         "--nproc_per_node=2",
-        str(REPO / "tests" / "loader_probe.py"),
+        str(REPO / "tests" / "probes" / "loader_probe.py"),
         f"{one_image_per_class},{one_image_per_class_pack}",
         loader,
         "8",

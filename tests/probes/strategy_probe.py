@@ -1,6 +1,6 @@
-"""Run under torchrun by tests/test_strategies.py: steps poisoned on ONE rank must be skipped on every rank.
+"""Run under torchrun by tests/system/test_strategies.py: steps poisoned on ONE rank must be skipped on every rank.
 
-    python -m torch.distributed.run --standalone --nproc_per_node=2 tests/strategy_probe.py OUT CASE STRATEGY...
+    python -m torch.distributed.run --standalone --nproc_per_node=2 tests/probes/strategy_probe.py OUT CASE STRATEGY...
 
 CASE is ``fp16-overflow`` (an inf in rank 1's fp16 loss, then a clean step) or ``nan-data`` (fp32: a NaN pixel
 in rank 1's images, a clean step, then one NaN in rank 1's own gradient shard under FSDP2, then a clean step),
@@ -50,7 +50,7 @@ def poison_one_gradient_element(model) -> None:
     local[(0,) * local.dim()] = float("nan")
 
 
-# name -> overrides, for the probe and tests/test_strategies.py; DeepSpeed at each ZeRO stage it supports
+# name -> overrides, for the probe and tests/system/test_strategies.py; DeepSpeed at each ZeRO stage it supports
 STRATEGIES = {
     "ddp": ["strategy=ddp"],
     "fsdp": ["strategy=fsdp"],

@@ -9,7 +9,7 @@ import pytest
 
 from dist_bot.config import all_keys
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 README = REPO / "README.md"
 DOCS = REPO / "docs"
 PAGES = sorted(p for p in DOCS.glob("*.md") if not p.name.endswith(".head.md"))  # *.head.md: parts of a page

@@ -2,7 +2,7 @@
 
 On a GPU every such wait empties the queue of work the host has put ahead, so data loading is no longer hidden
 behind compute. On CPU the waits cannot be timed, but the calls that make them can be counted
-(tests/sync_probe.py patches them); tests/test_gpu.py runs the same recipe under CUDA's sync debug mode.
+(tests/probes/sync_probe.py patches them); tests/system/test_gpu.py runs the same recipe under CUDA's sync debug mode.
 """
 
 import json
@@ -84,7 +84,7 @@ def test_two_processes_train_with_every_trick_and_never_wait_between_log_steps(
         *extra,
     ]
     probe = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2"]
-    res = run_cmd([*probe, str(REPO / "tests" / "sync_probe.py"), str(tmp_path), *overrides])
+    res = run_cmd([*probe, str(REPO / "tests" / "probes" / "sync_probe.py"), str(tmp_path), *overrides])
     assert res.returncode == 0, res.stderr[-3000:]
     for rank in range(2):
         got = json.loads((tmp_path / f"rank{rank}.json").read_text())

@@ -1,7 +1,7 @@
 """Under torchrun: `dist_bot.cli.main(["train", ...])` several times in one process group's lifetime of the job
 (what a sweep driven from Python does); each run in a folder of its own, run.name=<name>-<i>.
 
-    torchrun --nproc_per_node=2 tests/train_again_probe.py RUNS NAME train CONFIG [key=value ...]
+    torchrun --nproc_per_node=2 tests/probes/train_again_probe.py RUNS NAME train CONFIG [key=value ...]
 """
 
 import sys

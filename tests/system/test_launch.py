@@ -1,5 +1,5 @@
 """The submitit launcher without Slurm: sweeps, run names, checks before submitting, time limits, the requeue
-decision after a stop, and a real run with `--cluster local`. (Against Slurm: tests/test_slurm.py.)"""
+decision after a stop, and a real run with `--cluster local`. (Against Slurm: tests/system/test_slurm.py.)"""
 
 import json
 import os
@@ -181,7 +181,7 @@ def test_several_runs_one_after_another_in_one_torchrun_start_and_finish(tmp_pat
     """cli.main(["train", ...]) three times in each process of one torchrun (2 processes, gloo): every run forms
     its process group, trains and ends; each group has key spaces of its own in torchrun's store, which outlives
     it (a second group reading the first one's rendezvous keys hung once in three tries)."""
-    probe = str(REPO / "tests" / "train_again_probe.py")
+    probe = str(REPO / "tests" / "probes" / "train_again_probe.py")
     args = ["train", "configs/demo.yaml", "data.loader=synthetic", "model.name=resnet18d", "precision=fp32"]
     args += ["schedule.epochs=1", "data.image_size=32", "wandb.mode=disabled", f"run.out_dir={tmp_path}"]
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", probe, "3", "s"]

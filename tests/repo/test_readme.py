@@ -17,7 +17,7 @@ from dist_bot.cli import build_parser
 from dist_bot.config import load_config
 from launch import submit
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 README = REPO / "README.md"
 DOCS = REPO / "docs"
 # The pages whose commands are checked: README.md and every docs page (docs/*.head.md are parts of a generated

@@ -1,4 +1,4 @@
-"""Against a REAL two-node Slurm cluster (tests/slurm/cluster.py): the sbatch script, the submitit launcher,
+"""Against a REAL two-node Slurm cluster (tests/system/slurm/cluster.py): the sbatch script, the submitit launcher,
 preemption with requeue through both, and a sweep as a job array.
 
 Every job trains a ResNet-18-D on a 200-image Imagenette subset at 64 px, 2 epochs of 13 steps, with 2
@@ -284,7 +284,7 @@ def test_deepspeed_through_the_sbatch_script_on_two_tasks_of_one_cpu_each_and_a_
 ):
     """strategy=deepspeed under srun: DeepSpeed asserts LOCAL_RANK, which srun does not set; the start-up path
     exports it (and RANK, WORLD_SIZE, ...) for every launcher. 1 node x 2 tasks x 1 CPU: Slurm binds each task
-    to a CPU of its own. And rank 0's end-of-run work takes 20 s (tests/slurm/slow_end) with srun --wait=5:
+    to a CPU of its own. And rank 0's end-of-run work takes 20 s (tests/system/slurm/slow_end) with srun --wait=5:
     the ranks end together, so the finished run is COMPLETED (rank 1 exiting first, srun would end rank 0)."""
     done = sbatch_cpu(
         slurm_env,
@@ -298,7 +298,7 @@ def test_deepspeed_through_the_sbatch_script_on_two_tasks_of_one_cpu_each_and_a_
         overrides=("strategy=deepspeed", "dist.zero_stage=1", "schedule.epochs=1"),
         SRUN_WAIT="5",
         DIST_BOT_SLOW_END_S="20",
-        PYTHONPATH=str(REPO / "tests" / "slurm" / "slow_end"),
+        PYTHONPATH=str(REPO / "tests" / "system" / "slurm" / "slow_end"),
     )
     log = "\n".join(p.read_text() for p in tmp_path.glob("*.out"))
     assert done.returncode == 0, f"{done.stderr}\n{log[-3000:]}"

@@ -202,7 +202,7 @@ def test_same_training_within_a_measured_tolerance_at_the_default_memory_format(
 
 def run_probe(case: str, strategies: list[str], out) -> dict[str, list[dict]]:
     """One torchrun of the probe for all ``strategies`` in turn: each one's record on rank 0 and 1."""
-    probe = str(REPO / "tests" / "strategy_probe.py")
+    probe = str(REPO / "tests" / "probes" / "strategy_probe.py")
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", probe, str(out), case]
     res = run_cmd([*cmd, *strategies])
     assert res.returncode == 0, res.stderr[-3000:]
@@ -254,7 +254,7 @@ def test_lars_takes_norms_over_whole_parameters_under_every_strategy(tmp_path):
     Measured: fsdp 5.5e-7, zero1-2 (a flat fp32 copy, rounded differently) about the same, zero0 exactly; a
     trust ratio from each rank's own piece alone is off by 8e-3 to 9e-3 (the tolerance lies between)."""
     names = [s for s in STRATEGIES if not s.startswith("zero") or importlib.util.find_spec("deepspeed")]
-    probe = str(REPO / "tests" / "strategy_probe.py")
+    probe = str(REPO / "tests" / "probes" / "strategy_probe.py")
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", probe]
     res = run_cmd([*cmd, str(tmp_path), "lars", *names])
     assert res.returncode == 0, res.stderr[-3000:]
@@ -270,7 +270,7 @@ def test_lars_takes_norms_over_whole_parameters_under_every_strategy(tmp_path):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("strategy", STRATEGIES)  # ddp also in tests/test_train.py (stops at an epoch's end)
+@pytest.mark.parametrize("strategy", STRATEGIES)  # ddp also in tests/system/test_train.py (stops at an epoch's end)
 def test_resume_equals_the_uninterrupted_run(ten_steps, epoch_of_ten, tmp_path, strategy):
     needs(strategy)
     args = [

@@ -1,6 +1,6 @@
 """LARS (dist_bot/recipe/lars.py) against its formula written out by hand, against timm's Lars, and inside the
 pieces it must fit: the no-bias-decay groups, fused SGD's on-device skip, fp16 unscaling, flat ZeRO partitions.
-Across strategies (norms over whole parameters, not shards): tests/test_strategies.py."""
+Across strategies (norms over whole parameters, not shards): tests/system/test_strategies.py."""
 
 import pytest
 import torch

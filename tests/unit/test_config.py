@@ -12,7 +12,7 @@ from dist_bot import config as config_module
 from dist_bot.config import Config, all_keys, from_dict, load_config, to_yaml
 from dist_bot.errors import ConfigError
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 RECIPES = sorted((REPO / "configs").glob("**/*.yaml"))
 
 

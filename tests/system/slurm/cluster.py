@@ -1,11 +1,11 @@
 """TEST HELPER: a real two-node Slurm 22.05 cluster on this one machine, for the tests marked `slurm`.
 
-    python tests/slurm/cluster.py up DIR      # prints the SLURM_CONF to export; `down DIR` stops it
+    python tests/system/slurm/cluster.py up DIR      # prints the SLURM_CONF to export; `down DIR` stops it
 
 munged, slurmctld and two slurmd (node1, node2: Debian's build has MULTIPLE_SLURMD) run as root with every
 state, log, socket and pid file under DIR. The slurmds run in a private mount namespace whose /etc/hosts maps
 node1/node2 to 127.0.0.1, so a job's MASTER_ADDR=node1 resolves. There is no accounting daemon (slurmdbd
-needs a MySQL server): `tests/slurm/bin/sacct` stands in for the one sacct call submitit makes.
+needs a MySQL server): `tests/system/slurm/bin/sacct` stands in for the one sacct call submitit makes.
 Tasks are bound to CPUs as production clusters bind them (TaskPlugin=task/affinity: each task's affinity is the
 CPUs it was given; it runs in this container, task/cgroup was not tried), so a launcher that gives a task too few
 CPUs shows here. Both nodes have this machine's CPUs (at least 2).
@@ -46,7 +46,7 @@ def missing() -> str | None:
 
 def _conf(d: Path) -> str:
     cpus = max(2, os.cpu_count() or 2)
-    return f"""# written by tests/slurm/cluster.py: a throw-away test cluster
+    return f"""# written by tests/system/slurm/cluster.py: a throw-away test cluster
 ClusterName=distbot
 SlurmctldHost=localhost
 SlurmctldPort={CTLD_PORT}
@@ -203,7 +203,7 @@ def down(d: Path, remove: bool = False) -> None:
 
 if __name__ == "__main__":
     if len(sys.argv) not in (3, 4) or sys.argv[1] not in ("up", "down") or sys.argv[3:] not in ([], ["--remove"]):
-        sys.exit("usage: python tests/slurm/cluster.py up DIR | down DIR [--remove]")
+        sys.exit("usage: python tests/system/slurm/cluster.py up DIR | down DIR [--remove]")
     folder = Path(sys.argv[2])
     if sys.argv[1] == "up":
         t0 = time.monotonic()

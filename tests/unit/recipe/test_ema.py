@@ -1,6 +1,6 @@
 """EMA of the weights (model.ema_decay): timm's ModelEmaV3 schedule and update, per shard, saved as ema.pt,
-evaluated beside the raw weights. Whole runs under every strategy: tests/test_strategies.py; resume there and in
-tests/test_train.py; no host sync: tests/test_sync_free.py."""
+evaluated beside the raw weights. Whole runs under every strategy: tests/system/test_strategies.py; resume there and in
+tests/system/test_train.py; no host sync: tests/unit/train/test_sync_free.py."""
 
 import json
 

@@ -1,6 +1,6 @@
-"""Run under torchrun by tests/test_data_loaders.py: record which samples each rank's loaders deliver.
+"""Run under torchrun by tests/unit/data/test_loaders.py: record which samples each rank's loaders deliver.
 
-    torchrun --standalone --nproc_per_node=2 tests/loader_probe.py DATA[,DATA...] LOADER BATCH OUT
+    torchrun --standalone --nproc_per_node=2 tests/probes/loader_probe.py DATA[,DATA...] LOADER BATCH OUT
 
 Every class of DATA holds one image, so a label is a sample's identity. Writes OUT/<i>/rank<r>.json for the
 i-th DATA (a folder or a pack; one launch serves several, since starting the processes is most of the cost)
