@@ -2,8 +2,8 @@
 
 A checkpoint is a folder ``checkpoints/step_<global step>/`` holding
 
-    meta.pt     dist_bot's own state: epoch, step inside the epoch, global step, RNG states, loss-scale
-                guard, resolved config, W&B run id, model name, number of classes and class names
+    meta.pt     the run's state (train/state.py's RunState.state_dict()): epoch, step inside the epoch, global
+                step, RNG states, loss-scale guard, resolved config, W&B run id, model name, classes
     model.pt    the full model state_dict in one file (for `dist-bot eval`, distillation, export)
     ema.pt      with model.ema_decay: the EMA of the weights, model.pt's keys and format (recipe/ema.py;
                 ``read_weights(ema=True)``)
