@@ -126,8 +126,9 @@ def checkpoint_bytes(cfg: Config, num_classes: int) -> int:
 def data_info(cfg: Config, env: DistEnv, files: int, batches: int) -> dict:
     """This process's read speed of ``files`` training files (its own share of a sample) and the rate of the
     recipe's training loader over ``batches`` batches after a warm-up of 2."""
-    from .data import make_loaders, open_dataset
+    from .data import make_loaders
     from .data.loader import over_epochs
+    from .data.source import open_dataset
 
     train, _ = open_dataset(cfg.data.path)
     paths = [train.samples[i][0] for i in range(env.rank, min(len(train), files * env.world_size), env.world_size)]
