@@ -1,7 +1,6 @@
 """Shared fixtures: small real datasets (digits from scikit-learn, an Imagenette subset) and a torchrun helper."""
 
-import hashlib
-import importlib.metadata
+import json
 import os
 import subprocess
 import sys
@@ -13,14 +12,6 @@ REPO = Path(__file__).resolve().parents[1]
 IMAGENETTE = REPO.parent / "shared" / "data" / "imagenette"
 PROBES = REPO / "tests" / "probes"  # programs the system tests launch; some tests import their tables
 sys.path.insert(0, str(PROBES))
-
-# DeepSpeed JIT-compiles its CPU shared-memory comm op (~35-300 s of CPU) on the first strategy=deepspeed start
-# into TORCH_EXTENSIONS_DIR (default ~/.cache/torch_extensions/py311_cu130/), and every later start reuses it. That
-# default is one folder for every Python environment of the user: two environments (another venv, the same one
-# mounted at another path) write different include paths into its build.ninja, so each rebuilds after the other.
-# One folder per interpreter and torch version: the tests' runs (torchrun inherits this) compile it once, keep it.
-_EXTENSIONS = hashlib.sha1(f"{sys.prefix} {importlib.metadata.version('torch')}".encode()).hexdigest()[:10]
-os.environ.setdefault("TORCH_EXTENSIONS_DIR", str(Path.home() / ".cache" / "torch_extensions" / f"env-{_EXTENSIONS}"))
 
 
 @pytest.fixture(scope="session")
@@ -99,6 +90,22 @@ def torchrun_cmd(nproc: int, *args: str, script: str | None = None, restarts: in
         *run,
         *args,
     ]
+
+
+def runs_cmd(nproc: int, *runs: list[str], restarts: int = 0) -> list[str]:
+    """torchrun of tests/probes/runs_probe.py: each of ``runs`` (a command's arguments) in turn, in one launch
+    (one start-up for several cases, where the start-up is most of their cost)."""
+    return torchrun_cmd(nproc, *map(json.dumps, runs), script=str(PROBES / "runs_probe.py"), restarts=restarts)
+
+
+def run_statuses(stdout: str) -> dict[int, list[int]]:
+    """{run index: each process's exit status} from runs_probe.py's output."""
+    found: dict[int, list[int]] = {}
+    for line in stdout.splitlines():
+        if line.startswith("run ") and ": status " in line:
+            i, status = line[4:].split(" in ")[0].split(": status ")
+            found.setdefault(int(i), []).append(int(status))
+    return found
 
 
 def run_cmd(cmd: list[str], timeout: int = 600) -> subprocess.CompletedProcess:

@@ -114,6 +114,11 @@ class DeepSpeedStrategy:
             raise UserError("strategy=deepspeed supports dist.zero_stage 0, 1 and 2; for sharded parameters use fsdp")
         self.env = env
         backend = "nccl" if env.device.type == "cuda" else "gloo"
+        if env.device.type == "cpu":
+            # DeepSpeed's CPU backend JIT-compiles a shared-memory all-reduce at its first start in each new
+            # environment (35-300 s of CPU) that serves only its tensor-parallel inference (inference_all_reduce);
+            # ZeRO's collectives go through torch.distributed. Marked incompatible, it is never built.
+            deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False
         deepspeed.init_distributed(dist_backend=backend)  # wraps the process group dist_bot already made
         model = model.to(memory_format=torch.contiguous_format)  # ZeRO flattens parameters
         self.optimizer = make_optimizer(model)  # ZeRO 1-2 keep this object, with their flat partitions as params

@@ -14,6 +14,7 @@ import os
 import re
 import resource
 import subprocess
+import sys
 import threading
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -212,7 +213,13 @@ def shutdown(finished: bool = False) -> None:
     if finished and dist.get_world_size() > 1:
         with contextlib.suppress(RuntimeError):  # a peer failed after the last collective: its error is the news
             dist.barrier()
-    dist.destroy_process_group()
+    deepspeed_comm = sys.modules.get("deepspeed.comm")
+    if deepspeed_comm is not None and deepspeed_comm.is_initialized():
+        # through DeepSpeed, which then also drops the groups it keeps: a later run in this process (a sweep
+        # driven from Python) would otherwise hand this destroyed group to its ZeRO ("is not registered")
+        deepspeed_comm.destroy_process_group()
+    else:
+        dist.destroy_process_group()
     gc.collect()
 
 

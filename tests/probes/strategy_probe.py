@@ -1,19 +1,22 @@
-"""Run under torchrun by tests/system/test_strategies.py: steps poisoned on ONE rank must be skipped on every rank.
+"""Run under torchrun by tests/system/test_strategies.py: steps poisoned on ONE rank must be skipped on every rank,
+and LARS's norms are those of whole parameters under every strategy.
 
-    python -m torch.distributed.run --standalone --nproc_per_node=2 tests/probes/strategy_probe.py OUT CASE STRATEGY...
+    python -m torch.distributed.run --standalone --nproc_per_node=2 tests/probes/strategy_probe.py OUT \
+        CASE:STRATEGY[,STRATEGY...] [CASE:STRATEGY,...]
 
-CASE is ``fp16-overflow`` (an inf in rank 1's fp16 loss, then a clean step) or ``nan-data`` (fp32: a NaN pixel
-in rank 1's images, a clean step, then one NaN in rank 1's own gradient shard under FSDP2, then a clean step),
-run under each named strategy in turn, in one process group (one start-up for all; each strategy starts from
-the same seed, model and data as it would alone). Writes OUT/<strategy>-rank<r>.json: whether each step was
-taken, the loss scale after each, and whether any parameter changed (compared in full over all ranks' shards),
-and whether the weights' EMA did (its shards assembled).
+Every CASE runs under each of its strategies in turn, all in one process group (one start-up for all; each
+strategy starts from the same seed, model and data as it would alone).
 
-CASE ``lars`` STRATEGY...: ten LARS steps (warmup-like rising lr, no-bias-decay groups) under each named strategy
-in turn, in one process group (one start-up for all), on the same data; rank 0 writes OUT/<strategy>.pt with the
-full parameters after them. BatchNorm normalizes with its running statistics in these steps: with batch
-statistics over 4 random images the steps are chaotic (a 1e-8 difference in a norm grows ~70x per step), which
-would hide what is tested, the norms; the gradients still reach every parameter.
+CASE ``fp16-overflow`` (an inf in rank 1's fp16 loss, then a clean step) or ``nan-data`` (fp32: a NaN pixel in rank
+1's images, a clean step, then one NaN in rank 1's own gradient shard under FSDP2, then a clean step): writes
+OUT/<case>-<strategy>-rank<r>.json: whether each step was taken, the loss scale after each, and whether any
+parameter changed (compared in full over all ranks' shards), and whether the weights' EMA did (its shards
+assembled).
+
+CASE ``lars``: ten LARS steps (warmup-like rising lr, no-bias-decay groups) on the same data; rank 0 writes
+OUT/lars-<strategy>.pt with the full parameters after them. BatchNorm normalizes with its running statistics in
+these steps: with batch statistics over 4 random images the steps are chaotic (a 1e-8 difference in a norm grows
+~70x per step), which would hide what is tested, the norms; the gradients still reach every parameter.
 """
 
 import json
@@ -60,8 +63,7 @@ STRATEGIES = {
 }
 
 
-def lars_steps(out: str, strategies: list[str]) -> None:
-    env = init_distributed("gloo")
+def lars_steps(out: str, env, strategies: list[str]) -> None:
     for name in strategies:
         cfg = load_config(None, [*STRATEGIES[name], "optim.name=lars", "model.channels_last=false"])
         torch.manual_seed(0)
@@ -78,18 +80,15 @@ def lars_steps(out: str, strategies: list[str]) -> None:
             assert bool(s.step())
         full = params(s)
         if env.rank == 0:
-            torch.save(full, Path(out, f"{name}.pt"))
-    shutdown(finished=True)
+            torch.save(full, Path(out, f"lars-{name}.pt"))
 
 
-def poison_steps(out: str, case: str, strategies: list[str]) -> None:
+def poison_steps(out: str, env, case: str, strategies: list[str]) -> None:
     settings, poisons = CASES[case]
-    env = init_distributed("gloo")
     for name in strategies:
         cfg = load_config(None, [*STRATEGIES[name], *settings, "model.channels_last=false"])
         record = poisoned_steps(cfg, env, poisons)
-        Path(out, f"{name}-rank{env.rank}.json").write_text(json.dumps(record))
-    shutdown(finished=True)
+        Path(out, f"{case}-{name}-rank{env.rank}.json").write_text(json.dumps(record))
 
 
 def poisoned_steps(cfg, env, poisons: list[str | None]) -> dict:
@@ -126,10 +125,16 @@ def poisoned_steps(cfg, env, poisons: list[str | None]) -> dict:
     return record
 
 
-def main(out: str, case: str, *strategies: str) -> None:
-    if case == "lars":
-        return lars_steps(out, list(strategies))
-    return poison_steps(out, case, list(strategies))
+def main(out: str, *jobs: str) -> None:
+    env = init_distributed("gloo")
+    for job in jobs:
+        case, _, names = job.partition(":")
+        strategies = [n for n in names.split(",") if n]
+        if case == "lars":
+            lars_steps(out, env, strategies)
+        else:
+            poison_steps(out, env, case, strategies)
+    shutdown(finished=True)
 
 
 if __name__ == "__main__":

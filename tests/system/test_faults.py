@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import REPO, alive, run_cmd, startup_fields, torchrun_cmd
+from conftest import REPO, alive, run_cmd, run_statuses, runs_cmd, startup_fields, torchrun_cmd
 
 from dist_bot.checkpoint import list_checkpoints, load_checkpoint, read_file
 from dist_bot.config import load_config
@@ -197,6 +197,41 @@ def test_a_full_disk_while_saving_is_an_error_on_every_rank_and_keeps_the_last_c
     assert [p.name for p in list_checkpoints(ckpts)] == [f"step_{S:09d}", f"step_{2 * S:09d}"]
 
 
+# -- the first launches of the resume tests below, in one torchrun ------------------------------------------
+
+# a small initial scale and a short growth interval: the scale doubles every 2 clean steps until it overflows,
+# halves and grows again, so a GradScaler state lost at the resume (step 9) would show in the trajectory, and most
+# steps are applied, so the weights compare too. 16 px: this CPU runs fp16 ~10x slower than fp32, and the subject
+# is the loss scale's state, not the images (the suite's end-to-end fp16 run)
+FP16 = ["precision=fp16", "loss_scale.init_scale=4096", "loss_scale.growth_interval=2", "data.image_size=16"]
+# (strategy, processes before, processes after, global batch)
+WORLD_SIZES = [("ddp", 2, 1, 16), ("fsdp", 2, 3, 36)]
+
+
+def world_size_args(data: Path, out: Path, strategy: str, global_batch: int) -> list[str]:
+    return train_args(data, out, f"strategy={strategy}", f"data.global_batch_size={global_batch}")
+
+
+@pytest.fixture(scope="module")
+def first_launches(tiny_digits, tmp_path_factory) -> Path:
+    """The first launch of each test below that resumes a 2-process run, all in one torchrun (runs_probe.py; a
+    start-up costs more than these runs): FOLDER/<test>/, each run as that test would start it alone."""
+    out = tmp_path_factory.mktemp("first_launches")
+    runs = [  # (status, args)
+        (0, train_args(tiny_digits, out / "fp16", *FP16, "run.name=straight")),
+        (75, train_args(tiny_digits, out / "fp16", *FP16, "run.stop_after_steps=9")),
+        (75, train_args(tiny_digits, out / "splits", "data.global_batch_size=24", "run.stop_after_steps=1")),
+    ]
+    for strategy, _, _, global_batch in WORLD_SIZES:
+        args = world_size_args(tiny_digits, out / f"world-{strategy}", strategy, global_batch)
+        if strategy != "ddp":  # the ddp case's uninterrupted reference is the straight fixture (ARGS: ddp, 16)
+            runs.append((0, [*args, "run.name=ref"]))
+        runs.append((75, [*args, "run.stop_after_steps=2"]))
+    res = run_cmd(runs_cmd(2, *(args for _, args in runs)))
+    assert run_statuses(res.stdout) == {i: [status] * 2 for i, (status, _) in enumerate(runs)}, res.stderr[-3000:]
+    return out
+
+
 # -- preemption ----------------------------------------------------------------------------------------------
 
 
@@ -211,28 +246,20 @@ def test_a_signal_during_start_up_exits_75_and_writes_nothing(tiny_digits, tmp_p
 
 
 @pytest.mark.slow
-def test_fp16_preempted_and_resumed_equals_uninterrupted_with_the_loss_scale(tiny_digits, tmp_path):
-    # a small initial scale and a short growth interval: the scale doubles every 2 clean steps until it overflows,
-    # halves and grows again, so a GradScaler state lost at the resume (step 9) would show in the trajectory, and
-    # most steps are applied, so the weights compare too. 16 px: this CPU runs fp16 ~10x slower than fp32, and the
-    # subject is the loss scale's state, not the images (the suite's end-to-end fp16 run)
-    fp16 = ["precision=fp16", "loss_scale.init_scale=4096", "loss_scale.growth_interval=2", "data.image_size=16"]
-    straight = run_cmd(torchrun_cmd(2, *train_args(tiny_digits, tmp_path, *fp16, "run.name=straight")))
-    assert straight.returncode == 0, straight.stderr[-3000:]
-    first = run_cmd(torchrun_cmd(2, *train_args(tiny_digits, tmp_path, *fp16, "run.stop_after_steps=9")))
-    assert "exiting with status 75" in first.stdout, first.stderr[-3000:]
-    second = run_cmd(torchrun_cmd(2, *train_args(tiny_digits, tmp_path, *fp16)))
+def test_fp16_preempted_and_resumed_equals_uninterrupted_with_the_loss_scale(first_launches, tiny_digits):
+    folder = first_launches / "fp16"  # an uninterrupted run, and one stopped after step 9 (FP16 says why)
+    second = run_cmd(torchrun_cmd(2, *train_args(tiny_digits, folder, *FP16)))
     assert second.returncode == 0 and "resumed from" in second.stderr, second.stderr[-3000:]
 
     def trajectory(run):
         return [(m["step"], m["loss_scale"], m["skipped_steps"]) for m in metrics(run) if m["split"] == "train"]
 
-    want = trajectory(tmp_path / "straight")
-    assert trajectory(tmp_path / "r") == want
+    want = trajectory(folder / "straight")
+    assert trajectory(folder / "r") == want
     scales = [scale for _, scale, _ in want]
     assert max(scales) > 4096 and any(b < a for a, b in itertools.pairwise(scales))  # it grew, and backed off
     assert 1 <= want[-1][2] <= len(want) // 2  # some steps overflowed and were skipped, most were applied
-    a, b = (weights(list_checkpoints(tmp_path / n / "checkpoints")[-1]) for n in ("straight", "r"))
+    a, b = (weights(list_checkpoints(folder / n / "checkpoints")[-1]) for n in ("straight", "r"))
     assert max_diff(a, b) <= 1e-6
 
 
@@ -252,20 +279,14 @@ def test_another_world_size_without_a_global_batch_stops_and_says_how(tiny_digit
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize(("strategy", "before", "after", "global_batch"), [("ddp", 2, 1, 16), ("fsdp", 2, 3, 36)])
+@pytest.mark.parametrize(("strategy", "before", "after", "global_batch"), WORLD_SIZES)
 def test_another_world_size_with_a_global_batch_continues_the_same_plan(
-    request, tiny_digits, tmp_path, strategy, before, after, global_batch
+    straight, first_launches, tiny_digits, tmp_path, strategy, before, after, global_batch
 ):
-    args = train_args(tiny_digits, tmp_path, f"strategy={strategy}", f"data.global_batch_size={global_batch}")
-    if (strategy, before, global_batch) == ("ddp", 2, 16):  # the straight fixture is this very run (ARGS: ddp, 16)
-        reference = request.getfixturevalue("straight")
-    else:  # uninterrupted, `before` processes
-        ref = run_cmd(torchrun_cmd(before, *args, "run.name=ref"))
-        assert ref.returncode == 0, ref.stderr[-3000:]
-        reference = tmp_path / "ref"
-    first = run_cmd(torchrun_cmd(before, *args, "run.stop_after_steps=2"))
-    assert "exiting with status 75" in first.stdout, first.stderr[-3000:]
-    (saved,) = list_checkpoints(tmp_path / "r" / "checkpoints")
+    folder = first_launches / f"world-{strategy}"  # `before` processes stopped after step 2 (and a reference)
+    args = world_size_args(tiny_digits, folder, strategy, global_batch)
+    reference = straight if strategy == "ddp" else folder / "ref"
+    (saved,) = list_checkpoints(folder / "r" / "checkpoints")
     # what the new world size holds right after resuming is exactly what was saved (FSDP: resharded 2 -> 3);
     # the probe writes it, then the same launch trains on to the end
     dump = tmp_path / "resumed.pt"
@@ -276,17 +297,15 @@ def test_another_world_size_with_a_global_batch_continues_the_same_plan(
     # the same steps (per epoch and in all) and the same lr at each: the recipe did not change with the world
     got, want = (
         [(m["epoch"], m["step"], m["lr"]) for m in metrics(run) if m["split"] == "train"]
-        for run in (tmp_path / "r", reference)
+        for run in (folder / "r", reference)
     )
     assert got == want
 
 
 @pytest.mark.slow
-def test_another_world_size_that_splits_the_last_step_otherwise_stops_and_says_how(tiny_digits, tmp_path):
-    # global batch 24 over 100 images: the last step's 4 images feed 2 processes (2 each), not 3
-    args = train_args(tiny_digits, tmp_path, "data.global_batch_size=24")
-    first = run_cmd(torchrun_cmd(2, *args, "run.stop_after_steps=1"))
-    assert "exiting with status 75" in first.stdout, first.stderr[-3000:]
+def test_another_world_size_that_splits_the_last_step_otherwise_stops_and_says_how(first_launches, tiny_digits):
+    # global batch 24 over 100 images: the last step's 4 images feed 2 processes (2 each), not 3; stopped after 1
+    args = train_args(tiny_digits, first_launches / "splits", "data.global_batch_size=24")
     res = run_cmd(torchrun_cmd(3, *args))
     lines = errors(res.stderr)
     assert (

@@ -8,7 +8,7 @@ import subprocess
 import sys
 
 import pytest
-from conftest import REPO, run_cmd
+from conftest import REPO, run_cmd, run_statuses, runs_cmd
 
 from dist_bot.config import load_config
 from dist_bot.errors import UserError
@@ -181,15 +181,11 @@ def test_several_runs_one_after_another_in_one_torchrun_start_and_finish(tmp_pat
     """cli.main(["train", ...]) three times in each process of one torchrun (2 processes, gloo): every run forms
     its process group, trains and ends; each group has key spaces of its own in torchrun's store, which outlives
     it (a second group reading the first one's rendezvous keys hung once in three tries)."""
-    probe = str(REPO / "tests" / "probes" / "train_again_probe.py")
     args = ["train", "configs/demo.yaml", "data.loader=synthetic", "model.name=resnet18d", "precision=fp32"]
-    args += ["schedule.epochs=1", "data.image_size=32", "wandb.mode=disabled", f"run.out_dir={tmp_path}"]
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", probe, "3", "s"]
-    res = run_cmd([*cmd, *args], timeout=300)
+    args += ["schedule.epochs=1", "data.image_size=16", "wandb.mode=disabled", f"run.out_dir={tmp_path}"]
+    res = run_cmd(runs_cmd(2, *([*args, f"run.name=s-{i}"] for i in range(3))), timeout=300)
     assert res.returncode == 0, res.stderr[-3000:]
-    assert sorted(line.split(" in ")[0] for line in res.stdout.splitlines() if line.startswith("run ")) == [
-        f"run {i}: status 0" for i in range(3) for _ in range(2)
-    ]
+    assert run_statuses(res.stdout) == {i: [0, 0] for i in range(3)}
     for i in range(3):
         assert [json.loads(x)["split"] for x in (tmp_path / f"s-{i}" / "metrics.jsonl").read_text().splitlines()][
             -1

@@ -284,7 +284,7 @@ def test_deepspeed_through_the_sbatch_script_on_two_tasks_of_one_cpu_each_and_a_
 ):
     """strategy=deepspeed under srun: DeepSpeed asserts LOCAL_RANK, which srun does not set; the start-up path
     exports it (and RANK, WORLD_SIZE, ...) for every launcher. 1 node x 2 tasks x 1 CPU: Slurm binds each task
-    to a CPU of its own. And rank 0's end-of-run work takes 20 s (tests/system/slurm/slow_end) with srun --wait=5:
+    to a CPU of its own. And rank 0's end-of-run work takes 12 s (tests/system/slurm/slow_end) with srun --wait=5:
     the ranks end together, so the finished run is COMPLETED (rank 1 exiting first, srun would end rank 0)."""
     done = sbatch_cpu(
         slurm_env,
@@ -297,7 +297,7 @@ def test_deepspeed_through_the_sbatch_script_on_two_tasks_of_one_cpu_each_and_a_
         "--cpus-per-task=1",
         overrides=("strategy=deepspeed", "dist.zero_stage=1", "schedule.epochs=1"),
         SRUN_WAIT="5",
-        DIST_BOT_SLOW_END_S="20",
+        DIST_BOT_SLOW_END_S="12",
         PYTHONPATH=str(REPO / "tests" / "system" / "slurm" / "slow_end"),
     )
     log = "\n".join(p.read_text() for p in tmp_path.glob("*.out"))
@@ -313,7 +313,7 @@ def test_deepspeed_through_the_sbatch_script_on_two_tasks_of_one_cpu_each_and_a_
 @pytest.mark.slow
 def test_a_stopped_task_under_the_sbatch_script_is_a_hang_that_ends_the_job(slurm_env, imagenette_subset, tmp_path):
     """SIGSTOP of rank 1 (node2) mid-epoch: rank 0 writes its stacks to the run's hang/ folder and exits 3 within
-    dist.hang_timeout_min and seconds; srun ends the stopped task after its --wait (30 s here); the job FAILS
+    dist.hang_timeout_min and seconds; srun ends the stopped task after its --wait (10 s here); the job FAILS
     and is not requeued."""
     hang_min = 0.5
     job = sbatch_cpu(
@@ -322,7 +322,7 @@ def test_a_stopped_task_under_the_sbatch_script_is_a_hang_that_ends_the_job(slur
         tmp_path,
         "hung",
         overrides=("schedule.epochs=50", f"dist.hang_timeout_min={hang_min}"),
-        SRUN_WAIT="30",
+        SRUN_WAIT="10",
     ).stdout.strip()
     wait_for_step(tmp_path / "hung" / "metrics.jsonl", 3)
     log_file = next(tmp_path.glob("*.out"))

@@ -4,10 +4,11 @@ validation), the same skipped steps on overflow or NaN, resumable checkpoints.""
 import importlib.util
 import json
 import sys
+from pathlib import Path
 
 import pytest
 import torch
-from conftest import REPO, link_subset, run_cmd, torchrun_cmd
+from conftest import REPO, link_subset, run_cmd, run_statuses, runs_cmd, torchrun_cmd
 from strategy_probe import STRATEGIES  # name -> overrides; DeepSpeed at each ZeRO stage it supports
 
 from dist_bot.checkpoint import list_checkpoints, load_checkpoint, read_file, read_meta
@@ -78,30 +79,60 @@ def epoch_of_ten(digits_dir, tmp_path_factory):
     return link_subset(digits_dir, tmp_path_factory.mktemp("ten") / "digits", {"train": 32, "val": 1000})
 
 
-def train_each(strategies, data, out, *extra) -> dict:
+def train_args(data, out, name: str, strategy: str, *extra: str) -> list[str]:
     """One epoch (10 optimizer steps, then exact evaluation and a checkpoint) of resnet18d with the full recipe
-    (label smoothing, mixup, warmup, no bias decay, Nesterov) under each strategy, 2 processes, fp32, same seed
-    and data: the whole run."""
-    runs = {}
-    for strategy in strategies:
-        if strategy.startswith("zero") and importlib.util.find_spec("deepspeed") is None:
-            continue
-        args = ["train", "configs/demo.yaml", f"data.path={data}", *COMMON, *extra, *STRATEGIES[strategy]]
-        res = run_cmd(torchrun_cmd(2, *args, f"run.out_dir={out}", f"run.name={strategy}"))
-        assert res.returncode == 0, res.stderr[-3000:]
-        runs[strategy] = out / strategy
-    return runs
+    (label smoothing, mixup, warmup, no bias decay, Nesterov) under ``strategy``, 2 processes, fp32: the same seed
+    and data for every strategy."""
+    args = ["train", "configs/demo.yaml", f"data.path={data}", *COMMON, *extra, *STRATEGIES[strategy]]
+    return [*args, f"run.out_dir={out}", f"run.name={name}"]
+
+
+def folder_of(args: list[str]) -> Path:
+    options = dict(a.split("=", 1) for a in args if "=" in a)
+    return Path(options["run.out_dir"]) / options["run.name"]
+
+
+def runnable(names, fp16=False) -> list[str]:
+    return [s for s in names if not unmet_need(s, fp16)]
+
+
+STOP_AT = 4  # the resumed runs' first launch stops after this step
 
 
 @pytest.fixture(scope="module")
-def ten_steps(epoch_of_ten, tmp_path_factory):
-    return train_each(STRATEGIES, epoch_of_ten, tmp_path_factory.mktemp("strategies"))
+def launched(epoch_of_ten, tmp_path_factory) -> dict[str, dict[str, object]]:
+    """One torchrun (2 processes, tests/probes/runs_probe.py) for all of this file's uninterrupted runs and the
+    first halves of its resumed ones, each from the same seed, model and data as it would start alone: one epoch
+    under each strategy with channels_last off ("off"), under DDP, FSDP2 and ZeRO-2 with it on ("on"), and the
+    first STOP_AT steps of each strategy ("stopped": its args, to resume). A start-up per run would cost more
+    than the runs."""
+    out = tmp_path_factory.mktemp("strategies")
+    cases = {("off", s): train_args(epoch_of_ten, out, f"off-{s}", s) for s in runnable(STRATEGIES)}
+    for s in runnable(["ddp", "fsdp", "zero2"]):
+        cases["on", s] = train_args(epoch_of_ten, out, f"on-{s}", s, "model.channels_last=true")
+    for s in runnable(STRATEGIES):
+        cases["stopped", s] = train_args(epoch_of_ten, out, f"resumed-{s}", s)
+    runs = [
+        [*args, f"run.stop_after_steps={STOP_AT}"] if kind == "stopped" else args for (kind, _), args in cases.items()
+    ]
+    res = run_cmd(runs_cmd(2, *runs), timeout=1200)
+    assert res.returncode == 0, res.stderr[-3000:]
+    want = {i: [75 if kind == "stopped" else 0] * 2 for i, (kind, _) in enumerate(cases)}
+    assert run_statuses(res.stdout) == want, res.stdout[-3000:]
+    found: dict[str, dict[str, object]] = {"off": {}, "on": {}, "stopped": {}}
+    for (kind, strategy), args in cases.items():
+        found[kind][strategy] = args if kind == "stopped" else folder_of(args)
+    return found
 
 
 @pytest.fixture(scope="module")
-def ten_steps_channels_last(epoch_of_ten, tmp_path_factory):
-    out = tmp_path_factory.mktemp("channels_last")
-    return train_each(["ddp", "fsdp", "zero2"], epoch_of_ten, out, "model.channels_last=true")
+def ten_steps(launched):
+    return launched["off"]
+
+
+@pytest.fixture(scope="module")
+def ten_steps_channels_last(launched):
+    return launched["on"]
 
 
 def metrics(run_dir, split):
@@ -200,46 +231,48 @@ def test_same_training_within_a_measured_tolerance_at_the_default_memory_format(
     assert all(found[k] <= DEFAULT_FORMAT_TOLERANCE[k] for k in DEFAULT_FORMAT_TOLERANCE), found
 
 
-def run_probe(case: str, strategies: list[str], out) -> dict[str, list[dict]]:
-    """One torchrun of the probe for all ``strategies`` in turn: each one's record on rank 0 and 1."""
-    probe = str(REPO / "tests" / "probes" / "strategy_probe.py")
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", probe, str(out), case]
-    res = run_cmd([*cmd, *strategies])
-    assert res.returncode == 0, res.stderr[-3000:]
-    return {s: [json.loads((out / f"{s}-rank{r}.json").read_text()) for r in range(2)] for s in strategies}
-
-
 FP16_OVERFLOW = ["ddp", "fsdp", "zero1", "zero2"]  # DeepSpeed fp16 needs ZeRO >= 1
 NAN_DATA = ["ddp", "fsdp", "zero0"]  # ZeRO 1-2 also skip a non-finite grad norm
 
 
 @pytest.fixture(scope="module")
-def fp16_overflow(tmp_path_factory):
-    runnable = [s for s in FP16_OVERFLOW if not unmet_need(s, fp16=True)]
-    return run_probe("fp16-overflow", runnable, tmp_path_factory.mktemp("fp16_overflow"))
-
-
-@pytest.fixture(scope="module")
-def nan_data(tmp_path_factory):
-    runnable = [s for s in NAN_DATA if not unmet_need(s)]
-    return run_probe("nan-data", runnable, tmp_path_factory.mktemp("nan_data"))
+def probed(tmp_path_factory):
+    """One torchrun (2 processes) of tests/probes/strategy_probe.py for its three cases, each under every strategy
+    that can run it here: the fp16 overflow and the NaN in one rank's data (each rank's record), ten LARS steps
+    (rank 0's parameters). A start-up per case would cost more than its steps."""
+    out = tmp_path_factory.mktemp("probed")
+    jobs = {
+        "fp16-overflow": runnable(FP16_OVERFLOW, fp16=True),
+        "nan-data": runnable(NAN_DATA),
+        "lars": runnable(STRATEGIES),
+    }
+    probe = str(REPO / "tests" / "probes" / "strategy_probe.py")
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", probe, str(out)]
+    res = run_cmd([*cmd, *(f"{case}:{','.join(names)}" for case, names in jobs.items())])
+    assert res.returncode == 0, res.stderr[-3000:]
+    records = {
+        case: {s: [json.loads((out / f"{case}-{s}-rank{r}.json").read_text()) for r in range(2)] for s in names}
+        for case, names in jobs.items()
+        if case != "lars"
+    }
+    return records | {"lars": {s: torch.load(out / f"lars-{s}.pt", weights_only=True) for s in jobs["lars"]}}
 
 
 @pytest.mark.parametrize("strategy", FP16_OVERFLOW)
-def test_fp16_overflow_on_one_rank_skips_the_step_on_all(strategy, request):
+def test_fp16_overflow_on_one_rank_skips_the_step_on_all(strategy, probed):
     needs(strategy, fp16=True)
-    for got in request.getfixturevalue("fp16_overflow")[strategy]:
+    for got in probed["fp16-overflow"][strategy]:
         assert got["steps"] == [False, True]  # skipped on both ranks, then a clean step
         assert got["scales"] == [512.0, 512.0]  # halved once, not yet grown back
         assert got["changed"] == got["ema_changed"] == [False, True]  # no parameter nor EMA moved in the skip
 
 
 @pytest.mark.parametrize("strategy", NAN_DATA)
-def test_nan_in_one_ranks_data_skips_the_step_on_all_in_fp32(strategy, request):
+def test_nan_in_one_ranks_data_skips_the_step_on_all_in_fp32(strategy, probed):
     """A NaN pixel in rank 1's images: no parameter changes on any rank (fp32 has no loss scaler to skip it);
     under FSDP2 also one NaN in rank 1's gradient shard alone, which the ranks must agree on."""
     needs(strategy)
-    for got in request.getfixturevalue("nan_data")[strategy]:
+    for got in probed["nan-data"][strategy]:
         if strategy == "fsdp":
             assert got["steps"] == got["changed"] == got["ema_changed"] == [False, True, False, True]
         else:
@@ -247,18 +280,13 @@ def test_nan_in_one_ranks_data_skips_the_step_on_all_in_fp32(strategy, request):
         assert got["scales"] == [1.0] * len(got["steps"])
 
 
-@pytest.mark.slow  # one torchrun for all five strategies: ~80 s on 2 busy CPU cores, most of it DeepSpeed's start
-def test_lars_takes_norms_over_whole_parameters_under_every_strategy(tmp_path):
+@pytest.mark.slow
+def test_lars_takes_norms_over_whole_parameters_under_every_strategy(probed):
     """Ten LARS steps give DDP's weights under FSDP2 (DTensor shards) and ZeRO 0-2 (flat partitions): each
     parameter's trust ratio uses the norms of the whole tensor, its pieces' squared norms summed over the ranks.
     Measured: fsdp 5.5e-7, zero1-2 (a flat fp32 copy, rounded differently) about the same, zero0 exactly; a
     trust ratio from each rank's own piece alone is off by 8e-3 to 9e-3 (the tolerance lies between)."""
-    names = [s for s in STRATEGIES if not s.startswith("zero") or importlib.util.find_spec("deepspeed")]
-    probe = str(REPO / "tests" / "probes" / "strategy_probe.py")
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", probe]
-    res = run_cmd([*cmd, str(tmp_path), "lars", *names])
-    assert res.returncode == 0, res.stderr[-3000:]
-    got = {name: torch.load(tmp_path / f"{name}.pt", weights_only=True) for name in names}
+    got = dict(probed["lars"])
     torch.manual_seed(0)
     init = dict(build_model("resnet18d", num_classes=10, zero_init_last=False).named_parameters())
     ddp = got.pop("ddp")
@@ -269,30 +297,29 @@ def test_lars_takes_norms_over_whole_parameters_under_every_strategy(tmp_path):
         assert worst <= (0.0 if name == "zero0" else 1e-5), name
 
 
+@pytest.fixture(scope="module")
+def resumed(launched) -> dict[str, object]:
+    """The second launch of the stopped runs: each strategy's steps 5-10, evaluation and final checkpoint, one
+    torchrun for all of them."""
+    stopped = launched["stopped"]
+    res = run_cmd(runs_cmd(2, *stopped.values()), timeout=1200)
+    assert res.returncode == 0, res.stderr[-3000:]
+    assert run_statuses(res.stdout) == {i: [0, 0] for i in range(len(stopped))}, res.stdout[-3000:]
+    assert res.stderr.count("resumed from") == len(stopped), res.stderr[-3000:]  # every run (rank 0 logs it)
+    return {s: folder_of(args) for s, args in stopped.items()}
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("strategy", STRATEGIES)  # ddp also in tests/system/test_train.py (stops at an epoch's end)
-def test_resume_equals_the_uninterrupted_run(ten_steps, epoch_of_ten, tmp_path, strategy):
+def test_resume_equals_the_uninterrupted_run(ten_steps, resumed, strategy):
     needs(strategy)
-    args = [
-        "train",
-        "configs/demo.yaml",
-        f"data.path={epoch_of_ten}",
-        *COMMON,
-        *STRATEGIES[strategy],
-        f"run.out_dir={tmp_path}",
-        f"run.name={strategy}",
-    ]
-    first = run_cmd(torchrun_cmd(2, *args, "run.stop_after_steps=4"))
-    assert "exiting with status 75" in first.stdout, first.stderr[-3000:]
-    second = run_cmd(torchrun_cmd(2, *args))  # steps 5-10, the evaluation and the final checkpoint
-    assert second.returncode == 0 and "resumed from" in second.stderr, second.stderr[-3000:]
-    straight = ten_steps[strategy]
-    assert train_losses(tmp_path / strategy) == pytest.approx(train_losses(straight), rel=1e-6)
+    straight, again = ten_steps[strategy], resumed[strategy]
+    assert train_losses(again) == pytest.approx(train_losses(straight), rel=1e-6)
     a = load_checkpoint(list_checkpoints(straight / "checkpoints")[-1])["model"]
-    b = load_checkpoint(list_checkpoints(tmp_path / strategy / "checkpoints")[-1])["model"]
+    b = load_checkpoint(list_checkpoints(again / "checkpoints")[-1])["model"]
     assert max((a[k].double() - b[k].double()).abs().max().item() for k in a if a[k].is_floating_point()) <= 1e-6
     # the EMA too: each rank's share went into ema.pt at the stop and came back out of it
-    a, b = (read_file(list_checkpoints(run / "checkpoints")[-1] / "ema.pt") for run in (straight, tmp_path / strategy))
+    a, b = (read_file(list_checkpoints(run / "checkpoints")[-1] / "ema.pt") for run in (straight, again))
     assert max((a[k].double() - b[k].double()).abs().max().item() for k in a if a[k].is_floating_point()) <= 1e-6
 
 

@@ -1,5 +1,6 @@
 """Training end to end: 2-process DDP runs under torchrun, exact evaluation, resume equality, preemption."""
 
+import importlib.util
 import json
 import os
 import signal
@@ -10,7 +11,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import REPO, link_subset, run_cmd, torchrun_cmd
+from conftest import REPO, link_subset, run_cmd, run_statuses, runs_cmd, torchrun_cmd
 
 from dist_bot.checkpoint import list_checkpoints, load_checkpoint, read_file
 
@@ -107,8 +108,10 @@ def test_two_processes_every_trick_on_imagenette_subset(imagenette_subset, tmp_p
 
 # -- resume gives the same result as not stopping ---------------------------------------------------
 
+LOADERS = ["torch", "dali"]
 
-@pytest.fixture(scope="module", params=["torch", "dali"])
+
+@pytest.fixture(scope="module", params=LOADERS)
 def loader(request):
     if request.param == "dali":
         pytest.importorskip("nvidia.dali", reason="DALI is not installed (pip install -e '.[dali]')")
@@ -126,12 +129,24 @@ STEPS_PER_EPOCH = 10
 
 
 @pytest.fixture(scope="module")
-def straight_run(resume_digits, tmp_path_factory, loader):
-    """2 epochs, fp32, 2 processes, uninterrupted: the reference for the resume tests."""
-    out = tmp_path_factory.mktemp("straight")
-    res = run_cmd(torchrun_cmd(2, *resume_args(resume_digits, loader, out)))
-    assert res.returncode == 0, res.stderr[-3000:]
-    return out / "r"
+def first_launch(resume_digits, tmp_path_factory) -> Path:
+    """One torchrun (2 processes, runs_probe.py) for each loader's straight run, FOLDER/<loader>/straight/r (2
+    epochs, fp32, uninterrupted: the reference of the resume tests), and its run stopped at the end of epoch 1,
+    FOLDER/<loader>/stopped/r: a start-up would cost more than each of these runs."""
+    out = tmp_path_factory.mktemp("resume_runs")
+    loaders = [x for x in LOADERS if x != "dali" or importlib.util.find_spec("nvidia.dali")]
+    runs = []
+    for x in loaders:
+        runs.append(resume_args(resume_digits, x, out / x / "straight"))
+        runs.append([*resume_args(resume_digits, x, out / x / "stopped"), f"run.stop_after_steps={STEPS_PER_EPOCH}"])
+    res = run_cmd(runs_cmd(2, *runs))
+    assert run_statuses(res.stdout) == {i: [75 * (i % 2)] * 2 for i in range(len(runs))}, res.stderr[-3000:]
+    return out
+
+
+@pytest.fixture(scope="module")
+def straight_run(first_launch, loader) -> Path:
+    return first_launch / loader / "straight" / "r"
 
 
 # log (and agree on a stop) every 2 steps: a signal then stops the run mid-epoch, not at the end of one
@@ -152,11 +167,10 @@ def resume_args(data: Path, loader: str, out_dir: Path) -> list[str]:
 
 
 @pytest.mark.slow
-def test_stop_after_one_epoch_and_resume_equals_straight_run(straight_run, resume_digits, tmp_path, loader):
-    args = resume_args(resume_digits, loader, tmp_path)
-    first = run_cmd(torchrun_cmd(2, *args, f"run.stop_after_steps={STEPS_PER_EPOCH}"))
-    assert first.returncode != 0 and "exiting with status 75" in first.stdout  # torchrun reports the requeue
-    stopped = load_checkpoint(list_checkpoints(tmp_path / "r" / "checkpoints")[-1])
+def test_stop_after_one_epoch_and_resume_equals_straight_run(first_launch, straight_run, resume_digits, loader):
+    folder = first_launch / loader / "stopped"  # stopped after the last step of epoch 1 (exit 75)
+    args = resume_args(resume_digits, loader, folder)
+    stopped = load_checkpoint(list_checkpoints(folder / "r" / "checkpoints")[-1])
     # a stop at the last step of an epoch checkpoints BEFORE the evaluation (Slurm's KillWait is short): the
     # epoch is done, its evaluation pending, and nothing was evaluated yet
     assert (stopped["epoch"], stopped["epoch_step"], stopped["global_step"], stopped["pending_eval"]) == (
@@ -165,14 +179,14 @@ def test_stop_after_one_epoch_and_resume_equals_straight_run(straight_run, resum
         STEPS_PER_EPOCH,
         True,
     )
-    assert not [m for m in read_metrics(tmp_path / "r") if m["split"] == "val"]
+    assert not [m for m in read_metrics(folder / "r") if m["split"] == "val"]
 
     second = run_cmd(torchrun_cmd(2, *args))
     assert second.returncode == 0, second.stderr[-3000:]
-    assert max_diff(final_weights(tmp_path / "r"), final_weights(straight_run)) <= 1e-6
-    assert max_diff(final_ema(tmp_path / "r"), final_ema(straight_run)) <= 1e-6
+    assert max_diff(final_weights(folder / "r"), final_weights(straight_run)) <= 1e-6
+    assert max_diff(final_ema(folder / "r"), final_ema(straight_run)) <= 1e-6
     # the requeued run evaluated epoch 1 first, with the BN statistics the straight run evaluated with
-    val = [m for m in read_metrics(tmp_path / "r") if m["split"] == "val"]
+    val = [m for m in read_metrics(folder / "r") if m["split"] == "val"]
     ref = [m for m in read_metrics(straight_run) if m["split"] == "val"]
     assert [(m["epoch"], m["step"], m["samples"]) for m in val] == [(m["epoch"], m["step"], 360) for m in ref]
     for got, want in zip(val, ref, strict=True):
