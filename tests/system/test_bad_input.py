@@ -97,6 +97,7 @@ def test_num_classes_checked_against_the_data(capsys, tiny_digits, tmp_path):
     assert code == 2 and "model.num_classes=1000 but" in err and "has 10 class folders" in err
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("loader", ["torch", "dali"])
 def test_corrupt_image_is_named_or_skipped_and_counted(capsys, caplog, tiny_digits, tmp_path, loader):
     if loader == "dali":
@@ -137,6 +138,7 @@ def test_global_batch_that_does_not_split_over_processes(capsys, tiny_digits, tm
     assert code == 2 and "data.global_batch_size=15 does not split evenly over 1 processes x 2" in err
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("precision", ["fp32", "bf16"])
 def test_nan_in_the_data_is_never_applied_and_the_last_good_checkpoint_is_kept(
     tiny_digits, tmp_path, monkeypatch, precision
@@ -176,6 +178,7 @@ def test_nan_in_the_data_is_never_applied_and_the_last_good_checkpoint_is_kept(
     assert all(torch.equal(state["model"][k], before[k]) for k in before)
 
 
+@pytest.mark.slow
 def test_run_folder_of_another_run_is_never_overwritten(capsys, tiny_digits, tmp_path):
     common = [f"data.path={tiny_digits}", f"run.out_dir={tmp_path}", "schedule.epochs=1", "schedule.warmup_epochs=0"]
     assert train(capsys, *common)[0] == 0
@@ -191,6 +194,7 @@ def test_run_folder_of_another_run_is_never_overwritten(capsys, tiny_digits, tmp
     assert code == 2 and "is not a dist_bot run folder" in err
 
 
+@pytest.mark.slow
 def test_checkpoint_of_another_model_is_refused(capsys, tiny_digits, tmp_path):
     common = [f"data.path={tiny_digits}", f"run.out_dir={tmp_path}", "schedule.epochs=1", "schedule.warmup_epochs=0"]
     assert train(capsys, *common, "run.name=a")[0] == 0
@@ -201,6 +205,7 @@ def test_checkpoint_of_another_model_is_refused(capsys, tiny_digits, tmp_path):
     assert code == 2 and "is of resnet18d with 10 classes, but this run builds resnet18c" in err
 
 
+@pytest.mark.slow
 def test_fp16_overflow_backs_off_the_logged_loss_scale_then_it_grows(capsys, tiny_digits, tmp_path, monkeypatch):
     """An inf in one gradient at step 2: the logged scale goes from S to S * loss_scale.backoff_factor there and
     skipped_steps counts exactly that step; after loss_scale.growth_interval clean steps the scale doubles."""

@@ -120,6 +120,7 @@ def assert_names_the_file_and_the_fix(text: str) -> None:
     assert "cannot read image" in text and "Remove or replace the file" in text and "Traceback" not in text, text
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("loader", ["torch", "dali"])
 def test_a_bad_image_ends_the_run_with_its_workers(tiny_digits, tmp_path, marker, loader):
     needs(loader)
@@ -131,6 +132,7 @@ def test_a_bad_image_ends_the_run_with_its_workers(tiny_digits, tmp_path, marker
     assert run.seconds_from("cannot read image") < EXIT_AFTER_ERROR_S
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("loader", ["torch", "dali"])
 def test_a_bad_image_on_one_process_ends_every_process_with_status_2(tiny_digits, tmp_path, marker, loader):
     """Two processes as srun starts them (each its own exit status): process 1 fails at its first step;

@@ -118,6 +118,7 @@ def resume_in_process(run: Path, data: Path) -> Trainer:
     return Trainer(cfg, DistEnv())
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("how", ["truncated", "missing"])
 @pytest.mark.parametrize("name", ["meta.pt", "model.pt", "train_state.pt"])
 def test_a_damaged_newest_checkpoint_falls_back_to_the_previous_whole(
@@ -136,6 +137,7 @@ def test_a_damaged_newest_checkpoint_falls_back_to_the_previous_whole(
     assert f"checkpoint {newest} cannot be used (rank 0: " in caplog.text and name in caplog.text
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", ["meta.pt", "model.pt", "train_state.pt"])
 def test_the_only_checkpoint_damaged_stops_with_its_name_and_never_starts_fresh(
     straight, tiny_digits, tmp_path, capsys, name
@@ -156,6 +158,7 @@ def test_the_only_checkpoint_damaged_stops_with_its_name_and_never_starts_fresh(
         resume_in_process(run, tiny_digits)
 
 
+@pytest.mark.slow
 def test_a_checkpoint_unreadable_on_one_rank_only_is_skipped_by_every_rank(straight, tiny_digits, tmp_path):
     run = copy_run(straight, tmp_path)
     res = run_cmd(probe_cmd(2, f"unreadable:{2 * S}:1", *train_args(tiny_digits, tmp_path, "schedule.epochs=2")))
@@ -266,6 +269,7 @@ def test_fp16_preempted_and_resumed_equals_uninterrupted_with_the_loss_scale(fir
 # -- another world size --------------------------------------------------------------------------------------
 
 
+@pytest.mark.slow
 def test_another_world_size_without_a_global_batch_stops_and_says_how(tiny_digits, tmp_path):
     args = [a for a in train_args(tiny_digits, tmp_path) if not a.startswith("data.global_batch_size")]
     args += ["data.batch_size=8"]  # per process: the global batch follows the number of processes

@@ -70,6 +70,7 @@ def test_rehearsal_runs_every_part_of_the_matrix(tmp_path):
     assert made["longest_side"] > 500 and sum(made["modes"].values()) == made["train"] + made["val"]
 
 
+@pytest.mark.slow
 def test_the_summary_names_what_the_deadline_cut_off(tmp_path):
     """A deadline long enough for the tests part on a loaded machine, too short for the matrix (its compiled
     runs alone take minutes on a CPU): what was cut is named, with the deadline as the reason."""

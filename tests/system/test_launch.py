@@ -135,6 +135,7 @@ def test_a_global_batch_that_cannot_be_split_is_refused():
         split_global_batch(cfg, 3)
 
 
+@pytest.mark.slow
 def test_local_cluster_runs_the_job_without_slurm(tiny_digits, tmp_path):
     """`--cluster local`: the same TrainJob as 2 local processes (gloo), result back as JSON."""
     out = run_cmd(

@@ -256,6 +256,7 @@ def test_submitit_preempted_mid_epoch_requeues_and_resumes_exactly(
     report(f"submitit preempted at step {at}, requeued, done: {time.monotonic() - t0:.1f} s")
 
 
+@pytest.mark.slow
 def test_sweep_runs_as_a_job_array(slurm_env, imagenette_subset, tmp_path):
     cmd = submitit_cmd(tmp_path, imagenette_subset, "sweep", "--sweep", "optim.base_lr_per_256=0.25,1.0", "--wait")
     cmd[cmd.index(f"schedule.epochs={EPOCHS}")] = "schedule.epochs=1"

@@ -258,6 +258,7 @@ def probed(tmp_path_factory):
     return records | {"lars": {s: torch.load(out / f"lars-{s}.pt", weights_only=True) for s in jobs["lars"]}}
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("strategy", FP16_OVERFLOW)
 def test_fp16_overflow_on_one_rank_skips_the_step_on_all(strategy, probed):
     needs(strategy, fp16=True)
@@ -267,6 +268,7 @@ def test_fp16_overflow_on_one_rank_skips_the_step_on_all(strategy, probed):
         assert got["changed"] == got["ema_changed"] == [False, True]  # no parameter nor EMA moved in the skip
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("strategy", NAN_DATA)
 def test_nan_in_one_ranks_data_skips_the_step_on_all_in_fp32(strategy, probed):
     """A NaN pixel in rank 1's images: no parameter changes on any rank (fp32 has no loss scaler to skip it);

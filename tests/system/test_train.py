@@ -220,6 +220,7 @@ def test_signal_to_one_rank_mid_epoch_checkpoints_all_and_resumes_exactly(
     assert max_diff(final_ema(tmp_path / "r"), final_ema(straight_run)) <= 1e-6
 
 
+@pytest.mark.slow
 def test_sigterm_to_every_process_exits_75_with_a_resumable_checkpoint(tiny_digits, tmp_path):
     """As Slurm does at preemption: SIGTERM to the training process AND its helpers (DataLoader worker and
     forkserver); the helpers must not die of it before the last step and the checkpoint."""
@@ -307,6 +308,7 @@ def test_gradient_accumulation_trains_like_more_processes(tiny_digits, tmp_path)
     assert max_diff({k: a[k] for k in params}, {k: b[k] for k in params}) <= 1e-5
 
 
+@pytest.mark.slow
 def test_teacher_sees_exactly_the_students_mixed_input(tiny_digits, tmp_path):
     from dist_bot.config import load_config
     from dist_bot.distributed.env import DistEnv

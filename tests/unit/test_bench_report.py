@@ -12,6 +12,7 @@ from dist_bot.report import fractional_epochs, load_run, report
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 
 
+@pytest.mark.slow
 def test_bench_train_prints_both_sides_and_their_ratio():
     out = run_cmd(
         [
@@ -43,6 +44,7 @@ def test_bench_train_prints_both_sides_and_their_ratio():
         assert (r["launcher"], r["strategy"], r["compile_mode"], r["loader"]) == ("process", "ddp", None, "synthetic")
 
 
+@pytest.mark.slow
 def test_bench_train_times_a_loader_side_alone_after_twice_its_prefetch_depth(tiny_digits):
     """--sides data: the loader-fed Trainer in a run of its own (no other side's blocks let the loader refill),
     warmed up over at least twice the batches the loader makes ahead, with the step's wait for data."""

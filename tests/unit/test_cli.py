@@ -17,6 +17,7 @@ def run(*args: str, entry: tuple[str, ...] = (str(DIST_BOT),)) -> subprocess.Com
     return subprocess.run([*entry, *args], capture_output=True, text=True, cwd=REPO, timeout=120)
 
 
+@pytest.mark.slow
 def test_models_table_lists_every_variant_with_measured_size_and_cost():
     if not DIST_BOT.exists():
         pytest.fail(f"console script {DIST_BOT} is missing: run `bash scripts/setup.sh` (pip install -e .)")
@@ -86,6 +87,7 @@ def test_data_check_reports_planted_problems_and_exits_1(tmp_path):
     assert report["counts"]["train"] == {"a": 2, "b": 2} and report["counts"]["val"] == {"a": 2, "b": 3}
 
 
+@pytest.mark.slow
 def test_bench_data_prints_one_json_line_per_loader(tmp_path):
     from dist_bot.datasets import write_digits
 

@@ -24,6 +24,7 @@ def check_report(report: dict, world: int) -> None:
     assert {r["status"] for r in report["rows"]} <= {"ok", "info", "warn", "fail"}
 
 
+@pytest.mark.slow
 def test_doctor_under_torchrun_measures_every_process_and_writes_the_report(tiny_digits, tmp_path):
     args = ["doctor", "configs/demo.yaml", f"data.path={tiny_digits}", *ARGS, f"run.out_dir={tmp_path}", "run.name=d"]
     res = run_cmd(torchrun_cmd(2, *args))

@@ -50,6 +50,7 @@ def test_a_bad_window_is_one_line_and_status_2(capsys):
     assert err.count("\n") == 1 and "1 <= A < B" in err and "Traceback" not in err
 
 
+@pytest.mark.slow
 def test_a_resumed_run_traces_the_window_by_global_step_with_accumulation(tiny_digits, tmp_path, caplog):
     args = ["train", "configs/demo.yaml", *TINY, f"data.path={tiny_digits}", f"run.out_dir={tmp_path}"]
     args += ["optim.grad_accum_steps=2", "data.batch_size=8"]

@@ -118,6 +118,7 @@ def tracker(tmp_path, mode: str) -> Tracker:
     return Tracker(cfg, tmp_path, enabled=True, config_dict={"a": 1})
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(("mode", "address"), [("auto", "silent_server"), ("online", "closed_port")])
 def test_unreachable_w_and_b_starts_an_offline_run_with_one_warning(
     wandb_env, capsys, caplog, request, tmp_path, mode, address
@@ -169,6 +170,7 @@ def test_finish_failing_does_not_fail_the_run(caplog, tmp_path):
     assert len(w_and_b_warnings(caplog)) == 1 and t.wandb_run is None
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(("mode", "address"), [("auto", "silent_server"), ("online", "closed_port")])
 def test_train_finishes_when_w_and_b_is_unreachable(
     wandb_env, capsys, caplog, request, tiny_digits, tmp_path, mode, address

@@ -196,6 +196,7 @@ if __name__ == "__main__":  # DALI's workers are spawned: they import this modul
 """
 
 
+@pytest.mark.slow
 def test_python_workers_outlive_preemption_signals_and_die_with_their_trainer(tiny_digits, tmp_path):
     from dist_bot.signals import PREEMPT_SIGNALS
 

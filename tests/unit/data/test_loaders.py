@@ -35,6 +35,7 @@ def needs(loader):
         pytest.importorskip("nvidia.dali", reason="DALI is not installed (pip install -e '.[dali]')")
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("loader", ["dali", "torch"])
 def test_two_ranks_read_every_sample_exactly_once(loader, one_image_per_class, one_image_per_class_pack, tmp_path):
     """A folder and its pack, in one launch of 2 processes."""

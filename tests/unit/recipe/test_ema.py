@@ -77,6 +77,7 @@ def test_ema_decay_must_lie_in_0_1():
         load_config(None, ["model.ema_decay=1"])
 
 
+@pytest.mark.slow
 def test_a_short_run_keeps_timms_ema_and_evaluates_it_each_epoch(tiny_digits, tmp_path, capsys):
     """One process (DDP's code path): the EMA saved in ema.pt equals timm's ModelEmaV3 (warmup on) updated
     after every step with the same weights; the val line carries the EMA's exact evaluation."""
@@ -114,6 +115,7 @@ def test_a_short_run_keeps_timms_ema_and_evaluates_it_each_epoch(tiny_digits, tm
     assert f"| ema top1 {val['ema_top1']:.2f} top5 {val['ema_top5']:.2f}" in capsys.readouterr().out
 
 
+@pytest.mark.slow
 def test_the_ema_never_changes_training(tiny_digits, tmp_path):
     """A run with an EMA ends with exactly the raw weights and raw val metrics of the same run without one: the
     EMA only reads the weights, so one run measures both (docs/results.md's Imagenette EMA row relies on this)."""

@@ -160,6 +160,7 @@ def test_fp16_gradients_are_unscaled_before_the_norms():
     torch.testing.assert_close(run("fp16"), run("fp32"))
 
 
+@pytest.mark.slow
 def test_a_run_trains_with_lars_and_poly_decay(tiny_digits, tmp_path):
     """`optim.name=lars schedule.decay=poly` through the CLI: the engine builds LARS over the no-bias-decay groups
     (checkpointed with them) and sets the poly lr of every step."""
