@@ -15,7 +15,4 @@ if bash scripts/install_slurm.sh; then
     export DIST_BOT_SLURM_DIR
     trap '.venv/bin/python tests/system/slurm/cluster.py down "$DIST_BOT_SLURM_DIR" --remove' EXIT
 fi
-# Two pytest workers, each taking whole files (a file's module fixtures run once): most tests launch processes
-# that leave a core idle part of the time (start-up, waits), so two of them at once use CI's 2 cores better.
-# PYTEST_WORKERS=0 runs them in this process.
-.venv/bin/python -m pytest -n "${PYTEST_WORKERS:-2}" --dist loadfile "$@"
+.venv/bin/python -m pytest "$@"
