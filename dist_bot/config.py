@@ -56,7 +56,7 @@ def param(default: Any, *, range: str | None = None, resumable: bool = False) ->
 
 @dataclass
 class ModelConfig:
-    name: str = "resnet50d"  # resnet{18,34,50,101,152}{a,b,c,d}; `dist-bot models` lists them
+    name: str = "resnet50d"  # resnet{10,18,34,50,101,152}{a,b,c,d}; `dist-bot models` lists them
     num_classes: int | None = param(None, range="[1, inf)")  # None: the number of class folders in data.path (checked
     # when set)
     zero_gamma: bool = True  # last BN of every residual block starts at gamma 0 (paper 3.1)

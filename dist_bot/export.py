@@ -80,7 +80,7 @@ def twin_name(fmt: str, model_name: str) -> str | None:
         works = [f for f in FORMATS if f == "onnx" or (timm_name if f == "timm" else torchvision_name)(model_name)]
         why = {
             "timm": "timm has no model of this architecture (ResNet-50/101/152-A strides in the first 1x1 conv, "
-            "and timm has no resnet18c/resnet34c)",
+            "timm has no resnet18c/resnet34c, and no ResNet-10 but resnet10t, whose stem differs)",
             "torchvision": "torchvision's ResNets are ResNet-B only (resnet{18,34,50,101,152}b; A too for 18/34)",
         }[fmt]
         raise ExportError(

@@ -2,6 +2,7 @@
 
     dist_bot          timm                      torchvision
     resnet{N}b        resnet{N}                 resnet{N}        (ResNet-B: the stride on the 3x3 conv)
+    resnet10{a..d}    -                         -                (timm's resnet10t has another stem)
     resnet{18,34}a    resnet{18,34}             resnet{18,34}    (basic blocks: A and B are one network)
     resnet{N}c        resnet{50,101,152}c       -
     resnet{N}d        resnet{N}d                -
@@ -27,6 +28,8 @@ def _basic(depth: int) -> bool:
 def timm_name(name: str) -> str | None:
     """timm's model of the same architecture as dist_bot's ``name``, or None where timm has none."""
     depth, variant = parse_name(name)
+    if depth == 10:  # timm's resnet10t has a narrower, tiered deep stem; timm has no resnet10 or resnet10d
+        return None
     if variant == "b" or (variant == "a" and _basic(depth)):
         return f"resnet{depth}"
     if variant == "d" or (variant == "c" and not _basic(depth)):  # timm has no resnet18c / resnet34c
@@ -37,6 +40,8 @@ def timm_name(name: str) -> str | None:
 def torchvision_name(name: str) -> str | None:
     """torchvision's model of the same architecture (its ResNets are ResNet-B), or None."""
     depth, variant = parse_name(name)
+    if depth == 10:  # torchvision starts at resnet18
+        return None
     return f"resnet{depth}" if variant == "b" or (variant == "a" and _basic(depth)) else None
 
 

@@ -6,7 +6,7 @@
     c        3x3 conv               three 3x3 convs 32-32-64, first /2  1x1/2 conv + BN
     d        3x3 conv               three 3x3 convs 32-32-64, first /2  2x2/2 avg-pool, 1x1/1 conv + BN
 
-ResNet-18/34 use the basic block, whose only stride sits in its first 3x3 conv, so for them "a" and "b"
+ResNet-10/18/34 use the basic block, whose only stride sits in its first 3x3 conv, so for them "a" and "b"
 are the same network. Inside the stages, names follow torchvision (``layer1.0.conv1``, ``bn3``,
 ``downsample``, ``fc``); the stem, 7x7 or deep, is one ``stem`` module.
 """
@@ -46,7 +46,7 @@ def conv1x1(cin: int, cout: int, stride: int = 1) -> nn.Conv2d:
 
 
 class BasicBlock(nn.Module):
-    """Two 3x3 convs (ResNet-18/34). The stride always sits in the first one."""
+    """Two 3x3 convs (ResNet-10/18/34). The stride always sits in the first one."""
 
     expansion = 1
 

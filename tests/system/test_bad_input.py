@@ -16,7 +16,7 @@ from dist_bot.distributed.env import DistEnv
 from dist_bot.errors import RunError
 from dist_bot.train import Trainer
 
-TINY = ["model.name=resnet18d", "data.workers=0", "data.batch_size=8", "wandb.mode=disabled", "schedule.epochs=2"]
+TINY = ["model.name=resnet10d", "data.workers=0", "data.batch_size=8", "wandb.mode=disabled", "schedule.epochs=2"]
 # fp32 unless a test's subject is the precision (it overrides it: bf16/fp16 autocast is ~10x slower on a CPU),
 # and 16 px: no check here depends on the image size
 TINY += ["precision=fp32", "data.image_size=16"]
@@ -47,7 +47,7 @@ def test_unknown_model_name(capsys, tiny_digits, tmp_path):
 
 def test_yaml_syntax_errors_name_the_file_and_the_place(capsys, tmp_path):
     recipe = tmp_path / "broken.yaml"
-    recipe.write_text("model:\n  name: resnet18d\ndata:\n  batch_size: [8\n  workers: 1\n")
+    recipe.write_text("model:\n  name: resnet10d\ndata:\n  batch_size: [8\n  workers: 1\n")
     assert main(["train", str(recipe)]) == 2
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and f"recipe {recipe} is not valid YAML: line 5, column 10: expected ','" in err
@@ -183,8 +183,8 @@ def test_run_folder_of_another_run_is_never_overwritten(capsys, tiny_digits, tmp
     common = [f"data.path={tiny_digits}", f"run.out_dir={tmp_path}", "schedule.epochs=1", "schedule.warmup_epochs=0"]
     assert train(capsys, *common)[0] == 0
     before = (tmp_path / "demo" / "metrics.jsonl").read_text()
-    code, err = train(capsys, *common, "model.name=resnet18c")
-    assert code == 2 and "holds a run with a different config (model.name: 'resnet18d' -> 'resnet18c')" in err
+    code, err = train(capsys, *common, "model.name=resnet10c")
+    assert code == 2 and "holds a run with a different config (model.name: 'resnet10d' -> 'resnet10c')" in err
     code, err = train(capsys, *common, "run.resume=never")
     assert code == 2 and "already exists and run.resume=never" in err
     assert (tmp_path / "demo" / "metrics.jsonl").read_text() == before
@@ -198,11 +198,11 @@ def test_run_folder_of_another_run_is_never_overwritten(capsys, tiny_digits, tmp
 def test_checkpoint_of_another_model_is_refused(capsys, tiny_digits, tmp_path):
     common = [f"data.path={tiny_digits}", f"run.out_dir={tmp_path}", "schedule.epochs=1", "schedule.warmup_epochs=0"]
     assert train(capsys, *common, "run.name=a")[0] == 0
-    assert train(capsys, *common, "run.name=b", "model.name=resnet18c", "run.stop_after_steps=1")[0] == 75
+    assert train(capsys, *common, "run.name=b", "model.name=resnet10c", "run.stop_after_steps=1")[0] == 75
     foreign = list_checkpoints(tmp_path / "a" / "checkpoints")[-1]
     shutil.copytree(foreign, tmp_path / "b" / "checkpoints" / "step_001000000")  # planted as b's newest
-    code, err = train(capsys, *common, "run.name=b", "model.name=resnet18c")
-    assert code == 2 and "is of resnet18d with 10 classes, but this run builds resnet18c" in err
+    code, err = train(capsys, *common, "run.name=b", "model.name=resnet10c")
+    assert code == 2 and "is of resnet10d with 10 classes, but this run builds resnet10c" in err
 
 
 @pytest.mark.slow

@@ -24,7 +24,7 @@ from dist_bot.config import load_config
 from dist_bot.data.plan import plan_epoch
 from dist_bot.data.source import scan_dataset
 
-ARGS = ["model.name=resnet18d", "data.batch_size=8", "wandb.mode=disabled", "schedule.epochs=1", "data.workers=null"]
+ARGS = ["model.name=resnet10d", "data.batch_size=8", "wandb.mode=disabled", "schedule.epochs=1", "data.workers=null"]
 RUN_TIMEOUT_S = 300  # start (imports, forkserver, model, data) + first step + exit, on 2 busy CPU cores
 EXIT_AFTER_ERROR_S = 30  # from the error's line in the output to the end of the output (every process gone)
 MARKER = "DIST_BOT_FATAL_TEST_RUN"  # in the environment of every process of a run, helpers included

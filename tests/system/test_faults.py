@@ -1,6 +1,6 @@
 """The fault matrix: each fault injected into a real run, nothing lost, the outcome asserted exactly.
 
-Runs are tiny (100 digits, resnet18d, 2 processes x 8 images, fp32 unless said) so that the whole matrix is a
+Runs are tiny (100 digits, resnet10d, 2 processes x 8 images, fp32 unless said) so that the whole matrix is a
 few minutes; tests/probes/fault_probe.py injects the faults that cannot be made from outside (a full disk, a read error
 on one node, a signal at a chosen moment of start-up). docs/reliability.md lists the same cases.
 """
@@ -27,7 +27,7 @@ from dist_bot.train import Trainer
 PROBE = str(REPO / "tests" / "probes" / "fault_probe.py")
 # the global batch is fixed, so a run may resume at any number of processes (here also a single in-process one)
 ARGS = [
-    "model.name=resnet18d",
+    "model.name=resnet10d",
     "data.global_batch_size=16",
     "precision=fp32",
     "schedule.epochs=2",

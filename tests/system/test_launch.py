@@ -146,7 +146,7 @@ def test_local_cluster_runs_the_job_without_slurm(tiny_digits, tmp_path):
             "configs/demo.yaml",
             f"data.path={tiny_digits}",
             f"run.out_dir={tmp_path}",
-            "model.name=resnet18d",
+            "model.name=resnet10d",
             "data.batch_size=8",
             "data.loader=torch",
             "data.workers=0",
@@ -182,7 +182,7 @@ def test_several_runs_one_after_another_in_one_torchrun_start_and_finish(tmp_pat
     """cli.main(["train", ...]) three times in each process of one torchrun (2 processes, gloo): every run forms
     its process group, trains and ends; each group has key spaces of its own in torchrun's store, which outlives
     it (a second group reading the first one's rendezvous keys hung once in three tries)."""
-    args = ["train", "configs/demo.yaml", "data.loader=synthetic", "model.name=resnet18d", "precision=fp32"]
+    args = ["train", "configs/demo.yaml", "data.loader=synthetic", "model.name=resnet10d", "precision=fp32"]
     args += ["schedule.epochs=1", "data.image_size=16", "wandb.mode=disabled", f"run.out_dir={tmp_path}"]
     res = run_cmd(runs_cmd(2, *([*args, f"run.name=s-{i}"] for i in range(3))), timeout=300)
     assert res.returncode == 0, res.stderr[-3000:]

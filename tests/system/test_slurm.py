@@ -1,7 +1,7 @@
 """Against a REAL two-node Slurm cluster (tests/system/slurm/cluster.py): the sbatch script, the submitit launcher,
 preemption with requeue through both, and a sweep as a job array.
 
-Every job trains a ResNet-18-D on a 200-image Imagenette subset at 64 px, 2 epochs of 13 steps, with 2
+Every job trains a ResNet-10-D on a 200-image Imagenette subset at 64 px, 2 epochs of 13 steps, with 2
 processes (2 nodes x 1 task) and the torchvision loader with a worker process, so Slurm's signals also reach
 DataLoader workers, as on a real cluster. In fp32, not the config's bf16: the subject here is Slurm, and on
 CPUs without AMX bf16 autocast is ~10x slower (bf16 has its own end-to-end tests). An uninterrupted sbatch run
@@ -31,7 +31,7 @@ pytestmark = pytest.mark.slurm
 
 STEPS_PER_EPOCH, EPOCHS = 13, 2
 SMALL = [
-    "model.name=resnet18d",
+    "model.name=resnet10d",
     "data.image_size=64",
     "data.batch_size=8",
     "data.loader=torch",
@@ -205,19 +205,6 @@ def test_sbatch_cpu_script_trains_and_evaluates_on_two_nodes(straight):
 
 
 @pytest.mark.slow
-def test_submitit_launcher_on_two_nodes_returns_the_same_result(slurm_env, straight, imagenette_subset, tmp_path):
-    done = run(submitit_cmd(tmp_path, imagenette_subset, "launched", "--nodes", "2", "--wait"), slurm_env)
-    lines = [json.loads(x) for x in done.stdout.splitlines() if x.startswith("{")]
-    assert done.returncode == 0 and lines[-1]["state"] == "done", done.stdout + done.stderr[-3000:]
-    result = lines[-1]["result"]
-    assert {k: result[k] for k in straight["val"]} == straight["val"]  # same world size and seed: same run
-    assert Path(result["run_dir"]) == tmp_path / "launched"
-    # submitit's srun line passes no CPU count of its own: launch.submit adds it (--cpus-per-task 2 here)
-    logs = "\n".join(p.read_text() for p in sorted((tmp_path / "submitit_logs").glob("*/*_log.err")))
-    assert_cpus(logs, {0: ("0-1", 2), 1: ("0-1", 2)})
-
-
-@pytest.mark.slow
 def test_sbatch_preempted_mid_epoch_requeues_and_resumes_exactly(slurm_env, straight, imagenette_subset, tmp_path):
     """Slurm's --signal=B:USR1 warning, sent by hand: checkpoint on every rank, requeue, resume."""
     t0 = time.monotonic()
@@ -233,26 +220,35 @@ def test_sbatch_preempted_mid_epoch_requeues_and_resumes_exactly(slurm_env, stra
 
 
 @pytest.mark.slow
-def test_submitit_preempted_mid_epoch_requeues_and_resumes_exactly(
-    slurm_env, straight, imagenette_subset, tmp_path, monkeypatch
+def test_submitit_launcher_on_two_nodes_preempted_mid_epoch_requeues_and_resumes_exactly(
+    slurm_env, straight, imagenette_subset, tmp_path
 ):
-    """submitit's own preemption (SIGTERM then SIGUSR2 to every process): Checkpointable requeue, resume."""
-    for k in ("SLURM_CONF", "PATH"):
-        monkeypatch.setenv(k, slurm_env[k])
-    sys.path.insert(0, str(REPO))
-    from launch.submit import TrainJob, build_parser, make_executor, plan_runs
-
-    args = build_parser().parse_args(submitit_cmd(tmp_path, imagenette_subset, "preempted", "--nodes", "2")[3:])
-    (spec,) = plan_runs(args.config, args.overrides, args.name, [])
+    """`python -m launch.submit ... --nodes 2 --wait`, preempted as Slurm preempts (what submitit's own
+    `job._interrupt()` sends: SIGTERM, then its SIGUSR2, to every process): Checkpointable requeue, resume, and the
+    result printed at the end is the sbatch script's (same world size and seed: the same run). One job for the
+    launcher and its preemption: a job's start-up is most of its cost."""
+    cmd = submitit_cmd(tmp_path, imagenette_subset, "preempted", "--nodes", "2", "--wait")
     t0 = time.monotonic()
-    job = make_executor(args, tmp_path / "submitit" / "%j").submit(TrainJob(), spec.config, spec.overrides)
-    wait_for_step(tmp_path / "preempted" / "metrics.jsonl", 3)
-    job._interrupt()  # what Slurm does when it preempts a job: SIGTERM, then submitit's SIGUSR2
-    result = job.results()[0]
-    logs = "\n".join(p.read_text() for p in sorted((tmp_path / "submitit").glob("*/*_0_log.*")))
+    proc = subprocess.Popen(cmd, cwd=REPO, env=slurm_env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        job = json.loads(proc.stdout.readline())["job_id"]  # printed (and flushed) before it waits
+        wait_for_step(tmp_path / "preempted" / "metrics.jsonl", 3)
+        for sig in ("SIGTERM", "USR2"):
+            assert run(["scancel", job, "--signal", sig], slurm_env).returncode == 0
+        stdout, stderr = proc.communicate(timeout=300)
+    finally:
+        proc.kill()
+    lines = [json.loads(x) for x in stdout.splitlines() if x.startswith("{")]
+    assert proc.returncode == 0 and lines[-1]["state"] == "done", stdout + stderr[-3000:]
+    result = lines[-1]["result"]
+    logs = "\n".join(p.read_text() for p in sorted((tmp_path / "submitit_logs").glob("*/*_0_log.*")))
     assert {k: result[k] for k in straight["val"]} == straight["val"], logs[-3000:]
+    assert Path(result["run_dir"]) == tmp_path / "preempted"
     assert "requeueing through submitit" in logs and "Requeued job" in logs
     at = assert_resumed_exactly(tmp_path / "preempted", straight["val"], logs)
+    # submitit's srun line passes no CPU count of its own: launch.submit adds it (--cpus-per-task 2 here)
+    errs = [p.read_text() for p in sorted((tmp_path / "submitit_logs").glob("*/*_log.err"))]
+    assert_cpus("\n".join(errs), {0: ("0-1", 2), 1: ("0-1", 2)})
     report(f"submitit preempted at step {at}, requeued, done: {time.monotonic() - t0:.1f} s")
 
 

@@ -15,7 +15,7 @@ from conftest import REPO, link_subset, run_cmd, run_statuses, runs_cmd, torchru
 
 from dist_bot.checkpoint import list_checkpoints, load_checkpoint, read_file
 
-TINY_MODEL = ["model.name=resnet18d", "data.workers=1", "wandb.mode=disabled"]
+TINY_MODEL = ["model.name=resnet10d", "data.workers=1", "wandb.mode=disabled"]
 
 
 def read_metrics(run_dir: Path) -> list[dict]:
@@ -61,7 +61,7 @@ def test_two_processes_every_trick_on_imagenette_subset(imagenette_subset, tmp_p
             "train",
             "configs/demo.yaml",
             *common,
-            "model.name=resnet18c",
+            "model.name=resnet10c",
             "run.name=teacher",
             "schedule.epochs=1",
             "schedule.warmup_epochs=0",
@@ -76,7 +76,7 @@ def test_two_processes_every_trick_on_imagenette_subset(imagenette_subset, tmp_p
             "train",
             "configs/demo.yaml",
             *common,
-            "model.name=resnet18d",
+            "model.name=resnet10d",
             "run.name=student",
             "schedule.epochs=2",
             "schedule.warmup_epochs=0.5",
@@ -277,7 +277,7 @@ def test_checkpoint_holds_everything_resume_needs(straight_run):
     ema = read_file(path / "ema.pt")  # read like model.pt: the same keys, shapes and dtypes
     assert [(k, v.shape, v.dtype) for k, v in ema.items()] == [(k, v.shape, v.dtype) for k, v in state["model"].items()]
     assert {"epoch", "epoch_step", "global_step", "rng", "config", "wandb_id", "model_name", "guard"} <= state.keys()
-    assert state["config"]["model"]["name"] == "resnet18d" and state["num_classes"] == 10
+    assert state["config"]["model"]["name"] == "resnet10d" and state["num_classes"] == 10
     assert state["class_names"] == [str(d) for d in range(10)]  # the class folders, in label order
     train_state = torch.load(path / "train_state.pt", weights_only=True)
     assert {"optimizer", "scaler"} <= train_state.keys()
@@ -327,7 +327,7 @@ def test_teacher_sees_exactly_the_students_mixed_input(tiny_digits, tmp_path):
         "schedule.epochs=1",
         "schedule.warmup_epochs=0",
     ]
-    Trainer(load_config("configs/demo.yaml", [*common, "run.name=teacher", "model.name=resnet18c"]), DistEnv()).fit()
+    Trainer(load_config("configs/demo.yaml", [*common, "run.name=teacher", "model.name=resnet10c"]), DistEnv()).fit()
     teacher_ckpt = list_checkpoints(tmp_path / "teacher" / "checkpoints")[-1]
     # the teacher trained without an EMA (model.ema_decay=0, the default): no ema.pt, no ema_ metrics
     assert not (teacher_ckpt / "ema.pt").exists()

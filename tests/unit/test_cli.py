@@ -148,7 +148,7 @@ def test_training_from_python_leaves_the_callers_environment_as_it_was(tiny_digi
 
     monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
     before = dict(os.environ)
-    args = ["train", "configs/demo.yaml", f"data.path={tiny_digits}", "model.name=resnet18d", "precision=fp32"]
+    args = ["train", "configs/demo.yaml", f"data.path={tiny_digits}", "model.name=resnet10d", "precision=fp32"]
     args += ["schedule.epochs=1", "data.loader=torch", "data.workers=0", "wandb.mode=disabled"]
     assert main([*args, f"run.out_dir={tmp_path}"]) == 0
     changed = {k for k in before.keys() | os.environ.keys() if before.get(k) != os.environ.get(k)}

@@ -9,7 +9,7 @@ from conftest import run_cmd, torchrun_cmd
 from dist_bot.config import load_config
 from dist_bot.doctor import judge
 
-ARGS = ["model.name=resnet18d", "precision=fp32", "data.batch_size=16", "data.workers=1", "wandb.mode=disabled"]
+ARGS = ["model.name=resnet10d", "precision=fp32", "data.batch_size=16", "data.workers=1", "wandb.mode=disabled"]
 
 
 def check_report(report: dict, world: int) -> None:

@@ -16,7 +16,7 @@ from dist_bot.errors import ConfigError
 
 # fp32 (bf16 is emulated, so slow, on many CPUs); 100 tiny digits at batch 16: 7 steps an epoch
 TINY = [
-    "model.name=resnet18d",
+    "model.name=resnet10d",
     "data.workers=0",
     "data.batch_size=16",
     "precision=fp32",

@@ -97,6 +97,16 @@ def test_only_true_twins_have_timm_names():
     # ResNet-50-A strides in its first 1x1 conv: timm's resnet50 is ResNet-B; timm has no resnet18c/34c.
     assert timm_name("resnet50a") is None and timm_name("resnet18c") is None and timm_name("resnet34c") is None
     assert timm_name("resnet18a") == timm_name("resnet18b") == "resnet18"  # basic blocks: A and B are one net
+    assert all(timm_name(f"resnet10{v}") is None for v in "abcd")  # timm's resnet10t has a tiered stem
+
+
+def test_resnet10_is_resnet18_with_one_block_per_stage():
+    """The smallest member (the tests' model): ResNet-18-D's stem, stage widths and head, one block a stage."""
+    small, big = build_model("resnet10d"), build_model("resnet18d")
+    assert [len(getattr(small, f"layer{i}")) for i in range(1, 5)] == [1, 1, 1, 1]
+    first_blocks = {k: v.shape for k, v in big.state_dict().items() if ".1." not in k}
+    assert {k: v.shape for k, v in small.state_dict().items()} == first_blocks
+    assert count_params(small) == 5_438_024
 
 
 def strides_2(model: nn.Module) -> list[str]:

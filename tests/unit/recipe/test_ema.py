@@ -84,7 +84,7 @@ def test_a_short_run_keeps_timms_ema_and_evaluates_it_each_epoch(tiny_digits, tm
     from dist_bot.distributed.env import DistEnv
     from dist_bot.train import Trainer, evaluate
 
-    overrides = [f"data.path={tiny_digits}", "model.name=resnet18d", "data.workers=0", "data.batch_size=16"]
+    overrides = [f"data.path={tiny_digits}", "model.name=resnet10d", "data.workers=0", "data.batch_size=16"]
     overrides += ["schedule.epochs=1", "model.ema_decay=0.9998", f"run.out_dir={tmp_path}", "run.name=r"]
     trainer = Trainer(load_config("configs/demo.yaml", overrides), DistEnv())
     timm = ModelEmaV3(trainer.strategy.module, decay=0.9998, use_warmup=True)
@@ -122,7 +122,7 @@ def test_the_ema_never_changes_training(tiny_digits, tmp_path):
     from dist_bot.distributed.env import DistEnv
     from dist_bot.train import Trainer
 
-    base = [f"data.path={tiny_digits}", "model.name=resnet18d", "data.workers=0", "data.batch_size=16"]
+    base = [f"data.path={tiny_digits}", "model.name=resnet10d", "data.workers=0", "data.batch_size=16"]
     base += ["schedule.epochs=1", "precision=fp32", f"run.out_dir={tmp_path}"]
     runs = {}
     for name, ema in (("raw", "0"), ("ema", "0.99")):

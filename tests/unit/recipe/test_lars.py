@@ -169,7 +169,7 @@ def test_a_run_trains_with_lars_and_poly_decay(tiny_digits, tmp_path):
     from dist_bot.checkpoint import list_checkpoints, read_file
     from dist_bot.cli import main
 
-    args = ["train", "configs/demo.yaml", f"data.path={tiny_digits}", "model.name=resnet18d", "data.workers=1"]
+    args = ["train", "configs/demo.yaml", f"data.path={tiny_digits}", "model.name=resnet10d", "data.workers=1"]
     args += [
         "wandb.mode=disabled",
         "precision=fp32",
