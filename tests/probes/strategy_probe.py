@@ -63,11 +63,14 @@ STRATEGIES = {
 }
 
 
+MODEL = "resnet10d"  # the strategies' tests' model (test_strategies.py too): the smallest of the family
+
+
 def lars_steps(out: str, env, strategies: list[str]) -> None:
     for name in strategies:
         cfg = load_config(None, [*STRATEGIES[name], "optim.name=lars", "model.channels_last=false"])
         torch.manual_seed(0)
-        model = build_model("resnet18d", num_classes=10, zero_init_last=False)
+        model = build_model(MODEL, num_classes=10, zero_init_last=False)
         s = build_strategy(
             cfg.strategy, model, lambda m: make_lars(param_groups(m, 1e-4), 0.9, True, 0.01, 0.0), env, cfg
         )
@@ -93,7 +96,7 @@ def poison_steps(out: str, env, case: str, strategies: list[str]) -> None:
 
 def poisoned_steps(cfg, env, poisons: list[str | None]) -> dict:
     torch.manual_seed(0)
-    model = build_model("resnet18d", num_classes=10, zero_init_last=False)
+    model = build_model(MODEL, num_classes=10, zero_init_last=False)
     s = build_strategy(cfg.strategy, model, lambda m: make_sgd([{"params": list(m.parameters())}], 0.9, True), env, cfg)
     s.set_lr(0.1)
     ema = ModelEma(*s.ema_source(), decay=0.5, warmup=False)

@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 import torch
 from conftest import REPO, link_subset, run_cmd, run_statuses, runs_cmd, torchrun_cmd
-from strategy_probe import STRATEGIES  # name -> overrides; DeepSpeed at each ZeRO stage it supports
+from strategy_probe import MODEL, STRATEGIES  # the model; strategy -> overrides (ZeRO at each stage it supports)
 
 from dist_bot.checkpoint import list_checkpoints, load_checkpoint, read_file, read_meta
 from dist_bot.errors import UserError
@@ -37,7 +37,7 @@ def needs(name, fp16=False):
 # at the default, channels_last on, within a measured tolerance (test_..._at_the_default_memory_format).
 COMMON = [
     "model.channels_last=false",
-    "model.name=resnet18d",
+    f"model.name={MODEL}",
     "data.workers=1",
     "wandb.mode=disabled",
     "precision=fp32",
@@ -80,7 +80,7 @@ def epoch_of_ten(digits_dir, tmp_path_factory):
 
 
 def train_args(data, out, name: str, strategy: str, *extra: str) -> list[str]:
-    """One epoch (10 optimizer steps, then exact evaluation and a checkpoint) of resnet18d with the full recipe
+    """One epoch (10 optimizer steps, then exact evaluation and a checkpoint) of MODEL with the full recipe
     (label smoothing, mixup, warmup, no bias decay, Nesterov) under ``strategy``, 2 processes, fp32: the same seed
     and data for every strategy."""
     args = ["train", "configs/demo.yaml", f"data.path={data}", *COMMON, *extra, *STRATEGIES[strategy]]
@@ -153,7 +153,7 @@ def differences(ref, got) -> dict:
     b = load_checkpoint(list_checkpoints(got / "checkpoints")[-1])["model"]
     ema_a, ema_b = (read_file(list_checkpoints(run / "checkpoints")[-1] / "ema.pt") for run in (ref, got))
     assert a.keys() == b.keys() == ema_a.keys() == ema_b.keys()
-    names = dict(build_model("resnet18d", num_classes=10).named_parameters())
+    names = dict(build_model(MODEL, num_classes=10).named_parameters())
 
     def worst(keys, a=a, b=b):
         return max((a[k].double() - b[k].double()).abs().max().item() for k in keys if a[k].is_floating_point())
@@ -290,7 +290,7 @@ def test_lars_takes_norms_over_whole_parameters_under_every_strategy(probed):
     trust ratio from each rank's own piece alone is off by 8e-3 to 9e-3 (the tolerance lies between)."""
     got = dict(probed["lars"])
     torch.manual_seed(0)
-    init = dict(build_model("resnet18d", num_classes=10, zero_init_last=False).named_parameters())
+    init = dict(build_model(MODEL, num_classes=10, zero_init_last=False).named_parameters())
     ddp = got.pop("ddp")
     assert max((ddp[k] - init[k]).abs().max().item() for k in init) > 0.1  # the steps moved the weights
     for name, params in got.items():

@@ -21,7 +21,7 @@ def test_bench_train_prints_both_sides_and_their_ratio():
             "dist_bot",
             "bench",
             "train",
-            "model.name=resnet18d",
+            "model.name=resnet10d",
             "model.num_classes=10",
             "data.image_size=32",
             "data.batch_size=4",
@@ -39,7 +39,7 @@ def test_bench_train_prints_both_sides_and_their_ratio():
     assert dist_bot["img_per_s"] == pytest.approx(4 / dist_bot["step_s"])
     assert ratio["ratio"] == pytest.approx(dist_bot["img_per_s"] / bare["img_per_s"])
     assert ratio["overhead_pct"] == pytest.approx(100 * (bare["img_per_s"] / dist_bot["img_per_s"] - 1))
-    assert ratio["model"] == "resnet18d" and ratio["precision"] == "bf16" and ratio["channels_last"] is True
+    assert ratio["model"] == "resnet10d" and ratio["precision"] == "bf16" and ratio["channels_last"] is True
     for r in (dist_bot, bare):
         assert (r["launcher"], r["strategy"], r["compile_mode"], r["loader"]) == ("process", "ddp", None, "synthetic")
 
@@ -48,7 +48,7 @@ def test_bench_train_prints_both_sides_and_their_ratio():
 def test_bench_train_times_a_loader_side_alone_after_twice_its_prefetch_depth(tiny_digits):
     """--sides data: the loader-fed Trainer in a run of its own (no other side's blocks let the loader refill),
     warmed up over at least twice the batches the loader makes ahead, with the step's wait for data."""
-    args = ["bench", "train", "model.name=resnet18d", "data.image_size=32", "data.batch_size=4", "precision=fp32"]
+    args = ["bench", "train", "model.name=resnet10d", "data.image_size=32", "data.batch_size=4", "precision=fp32"]
     args += [f"data.path={tiny_digits}", "data.loader=torch", "data.workers=2", "--steps=3", "--warmup=1"]
     out = run_cmd([sys.executable, "-m", "dist_bot", *args, "--repeats=2", "--sides=data"])
     assert out.returncode == 0, out.stderr[-3000:]
