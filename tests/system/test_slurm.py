@@ -312,7 +312,7 @@ def test_a_stopped_task_under_the_sbatch_script_is_a_hang_that_ends_the_job(slur
     """SIGSTOP of rank 1 (node2) mid-epoch: rank 0 writes its stacks to the run's hang/ folder and exits 3 within
     dist.hang_timeout_min and seconds; srun ends the stopped task after its --wait (10 s here); the job FAILS
     and is not requeued."""
-    hang_min = 0.5
+    hang_min = 0.3  # 18 s: well above the longest gap between beats of these runs (a few seconds)
     job = sbatch_cpu(
         slurm_env,
         imagenette_subset,
