@@ -21,6 +21,7 @@ from .distributed.env import DistEnv, local_peak_memory_mb
 from .distributed.strategy import DTYPES, make_grad_scaler
 from .errors import UserError
 from .models import build_model
+from .models.interop import timm_twin
 from .recipe.sgd import make_sgd
 from .train import Trainer
 
@@ -219,14 +220,16 @@ def _bare_loop(cfg: Config, env: DistEnv, model: torch.nn.Module | None = None) 
 
 
 def timm_model(cfg: Config) -> torch.nn.Module | str:
-    """timm's model of the same name, or why there is none."""
+    """timm's model of the same architecture, or why there is none."""
     try:
         import timm
     except ImportError:
         return "timm is not installed"
-    if cfg.model.name not in timm.list_models():
-        return f"timm has no {cfg.model.name}"
-    return timm.create_model(cfg.model.name, num_classes=cfg.model.num_classes or 1000)
+    twin = timm_twin(cfg.model.name)
+    if twin is None:
+        return f"timm has no model of {cfg.model.name}'s architecture"
+    name, kwargs = twin
+    return timm.create_model(name, num_classes=cfg.model.num_classes or 1000, **kwargs)
 
 
 class BlockTimer:

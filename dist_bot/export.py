@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import logging
 import os
 from pathlib import Path
 
@@ -32,6 +33,7 @@ from .models.interop import timm_name, to_timm, torchvision_name
 FORMATS = ("timm", "torchvision", "onnx")
 SUFFIXES = {"timm": (".safetensors",), "torchvision": (".pth", ".pt"), "onnx": (".onnx",)}
 ONNX_OPSET = 20  # the torch.export-based exporter's own default in torch 2.14: no version conversion pass
+ONNX_LOGGERS = ("onnxscript", "onnx_ir")  # the exporter's passes
 NEEDS = {"timm": ("safetensors",), "onnx": ("onnx", "onnxscript", "onnxruntime")}
 CHECK_ATOL = 1e-4  # an export's logits vs dist_bot's model, float32 on CPU (observed: ~1e-6)
 
@@ -122,6 +124,8 @@ def write_onnx(model: torch.nn.Module, info: dict, out: Path) -> None:
     """torch.onnx.export with dynamo=True (the torch.export-based exporter): the default and maintained one in
     torch 2.14, where the TorchScript exporter is deprecated; these ResNets export without graph breaks."""
     x = torch.randn(2, 3, info["image_size"], info["image_size"])
+    for name in ONNX_LOGGERS:  # they log each pass at INFO: dozens of lines in a training job's log
+        logging.getLogger(name).setLevel(logging.WARNING)
     program = torch.onnx.export(
         model,
         (x,),

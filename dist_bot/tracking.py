@@ -10,9 +10,10 @@ W&B never stops or hangs training. wandb.init may take INIT_TIMEOUT_S (30 s; WAN
 it; W&B's own look-up of the key's user adds up to 10 s before it) and run.finish FINISH_TIMEOUT_S (120 s;
 WANDB_FINISH_TIMEOUT overrides it; what is left stays on disk for `wandb sync`). If online init fails (auto
 or online mode), the run goes on as an offline W&B run, or with metrics.jsonl alone if that fails too, after
-one warning; if W&B fails mid-run (log, finish) the run goes on with metrics.jsonl. After an online init
-failed against a server that takes connections but never answers, wandb's exit hook spends about 20 s more
-on its own telemetry when the process ends.
+one warning; if W&B fails mid-run (log, finish) the run goes on with metrics.jsonl. An offline run ends at
+once: W&B's own telemetry, which it would send to its server at exit, stays off. Only after an online init
+failed against a server that takes connections but never answers has that telemetry started, and wandb's
+exit hook then spends about 20 s on it when the process ends.
 
 The W&B run id is stored in every checkpoint, so a resumed or requeued run continues the same W&B run. Keys
 are never logged or written: W&B reads them itself, and warnings that quote W&B's errors blank the key out.
@@ -217,6 +218,9 @@ class Tracker:
         return run, fallback
 
     def _init_wandb(self, wandb, cfg, run_dir: Path, mode: str, config_dict):
+        if mode == "offline":  # W&B's process-wide settings too: else W&B still sends its own telemetry to the
+            # server at exit (each request waiting up to 10 s where the server never answers)
+            wandb.setup(settings=wandb.Settings(mode="offline"))
         return wandb.init(
             project=cfg.wandb.project,
             entity=cfg.wandb.entity,

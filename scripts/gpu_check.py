@@ -49,7 +49,7 @@ def bench_runs(mode: str, data: Path) -> list[tuple[str, str, list[str], list[st
     else:
         # batch 8 over 16 training images: epochs of 2 steps, shorter than a timed block; 16 px, as bf16 and fp16
         # are ~10x slower than fp32 on a CPU (CI runs this)
-        base = ["model.name=resnet18d", "model.num_classes=4", "data.image_size=16", "data.batch_size=8"]
+        base = ["model.name=resnet10d", "model.num_classes=4", "data.image_size=16", "data.batch_size=8"]
         base.append("data.workers=1")
         flags = ["--steps", "3", "--repeats", "2", "--warmup", "1"]
     base.append("model.channels_last=true")

@@ -1,4 +1,5 @@
-"""Shared fixtures: small real datasets (digits from scikit-learn, an Imagenette subset) and a torchrun helper."""
+"""Shared fixtures (small real datasets: digits from scikit-learn, an Imagenette subset) and helpers (torchrun
+launches, what their output says)."""
 
 import json
 import os
@@ -130,3 +131,16 @@ def alive(pid: int) -> bool:
         return Path(f"/proc/{pid}/stat").read_text().split(") ")[1][0] not in "ZX"
     except (OSError, IndexError):
         return False
+
+
+def check_doctor_report(report: dict, world: int) -> None:
+    """What every doctor.json holds, under torchrun or Slurm: each process's record with its all-reduce bus
+    bandwidth and data rates."""
+    procs = report["processes"]
+    assert [p["rank"] for p in procs] == list(range(world))
+    for p in procs:
+        assert {"host", "device", "cpus", "torch", "dali", "step_img_per_s"} <= p.keys()
+        assert p["decode_img_per_s"] > 0 and p["read_mb_s"] > 0
+        if world > 1:
+            assert all(v > 0 for scope in p["busbw_gb_s"].values() for v in scope.values()), p["busbw_gb_s"]
+    assert {r["status"] for r in report["rows"]} <= {"ok", "info", "warn", "fail"}

@@ -37,6 +37,18 @@ def timm_name(name: str) -> str | None:
     return None
 
 
+def timm_twin(name: str) -> tuple[str, dict] | None:
+    """``timm.create_model``'s name and keyword arguments for ``name``'s architecture, or None. timm names no
+    ResNet-10, but its ResNet-18 of the same variant with one block per stage is the same network (the benchmark's
+    timm side for the small models the CPU rehearsals run)."""
+    depth, variant = parse_name(name)
+    if depth == 10:
+        twin = timm_name(f"resnet18{variant}")
+        return (twin, {"layers": (1, 1, 1, 1)}) if twin else None
+    twin = timm_name(name)
+    return (twin, {}) if twin else None
+
+
 def torchvision_name(name: str) -> str | None:
     """torchvision's model of the same architecture (its ResNets are ResNet-B), or None."""
     depth, variant = parse_name(name)

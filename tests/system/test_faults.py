@@ -389,7 +389,7 @@ def check_hang_report(hang: Path, ranks: list[int]) -> dict[int, str]:
     return stacks
 
 
-HANG_MIN = 0.3  # the watchdog's timeout in these tests (18 s): well above their longest gap between beats (seconds)
+HANG_MIN = 0.2  # the watchdog's timeout in these tests (12 s): well above their longest gap between beats (seconds)
 
 
 @pytest.mark.slow

@@ -4,24 +4,12 @@ prints a table and writes doctor.json; fatal rows exit 1, slow ones warn. (On 2 
 import json
 
 import pytest
-from conftest import run_cmd, torchrun_cmd
+from conftest import check_doctor_report, run_cmd, torchrun_cmd
 
 from dist_bot.config import load_config
 from dist_bot.doctor import judge
 
 ARGS = ["model.name=resnet10d", "precision=fp32", "data.batch_size=16", "data.workers=1", "wandb.mode=disabled"]
-
-
-def check_report(report: dict, world: int) -> None:
-    """What every doctor.json holds: each process's record with its all-reduce bus bandwidth and data rates."""
-    procs = report["processes"]
-    assert [p["rank"] for p in procs] == list(range(world))
-    for p in procs:
-        assert {"host", "device", "cpus", "torch", "dali", "step_img_per_s"} <= p.keys()
-        assert p["decode_img_per_s"] > 0 and p["read_mb_s"] > 0
-        if world > 1:
-            assert all(v > 0 for scope in p["busbw_gb_s"].values() for v in scope.values()), p["busbw_gb_s"]
-    assert {r["status"] for r in report["rows"]} <= {"ok", "info", "warn", "fail"}
 
 
 @pytest.mark.slow
@@ -30,7 +18,7 @@ def test_doctor_under_torchrun_measures_every_process_and_writes_the_report(tiny
     res = run_cmd(torchrun_cmd(2, *args))
     assert res.returncode == 0, res.stderr[-3000:]
     report = json.loads((tmp_path / "d" / "doctor.json").read_text())  # by default in the run folder
-    check_report(report, 2)
+    check_doctor_report(report, 2)
     assert all("node" in p["busbw_gb_s"] for p in report["processes"])  # 2 processes of one node
     assert report["status"] in ("ok", "warn") and "doctor: " in res.stdout
     assert "all-reduce busbw inside the node" in res.stdout and "data loader" in res.stdout

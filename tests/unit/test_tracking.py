@@ -4,9 +4,11 @@ continued on resume, and training that goes on (with one warning) whenever W&B f
 import http.server
 import json
 import logging
+import os
 import socket
 import struct
 import subprocess
+import sys
 import threading
 import time
 from pathlib import Path
@@ -171,22 +173,49 @@ def test_finish_failing_does_not_fail_the_run(caplog, tmp_path):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize(("mode", "address"), [("auto", "silent_server"), ("online", "closed_port")])
-def test_train_finishes_when_w_and_b_is_unreachable(
-    wandb_env, capsys, caplog, request, tiny_digits, tmp_path, mode, address
-):
-    unreachable(wandb_env, request.getfixturevalue(address))
+def test_train_finishes_when_w_and_b_is_unreachable(wandb_env, capsys, caplog, silent_server, tiny_digits, tmp_path):
+    """A whole run around the tracker; each mode's way to an offline run is the tracker's (tested above)."""
+    unreachable(wandb_env, silent_server)
     wandb_env.setenv("WANDB_INIT_TIMEOUT", "3")
-    args = [f"data.path={tiny_digits}", f"run.out_dir={tmp_path}", "model.name=resnet18d", "data.workers=0"]
+    args = [f"data.path={tiny_digits}", f"run.out_dir={tmp_path}", "model.name=resnet10d", "data.workers=0"]
     args += ["data.batch_size=32", "precision=fp32", "schedule.epochs=1", "run.log_every_steps=1"]  # 4 steps
     with caplog.at_level(logging.WARNING):
-        assert main(["train", "configs/demo.yaml", *args, f"wandb.mode={mode}"]) == 0
+        assert main(["train", "configs/demo.yaml", *args, "wandb.mode=auto"]) == 0
     assert len(w_and_b_warnings(caplog)) == 1
     assert "Traceback" not in capsys.readouterr().err
     run_dir = tmp_path / "demo"
     splits = [json.loads(line)["split"] for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
     assert "train" in splits and "val" in splits
     assert len(list((run_dir / "wandb").glob("offline-run-*"))) == 1
+
+
+OFFLINE_RUN = """
+import sys, time
+from pathlib import Path
+from dist_bot.config import load_config
+from dist_bot.tracking import Tracker
+run = Path(sys.argv[1])
+cfg = load_config("configs/demo.yaml", ["wandb.mode=auto", f"run.out_dir={run}"])  # the default mode
+t = Tracker(cfg, run, enabled=True, config_dict={})
+t.log({"split": "train", "epoch": 0, "step": 1, "loss": 2.0})
+t.close()
+print(t.wandb_id, time.time(), flush=True)
+"""
+
+
+@pytest.mark.slow
+def test_an_offline_run_ends_without_waiting_for_a_server_that_never_answers(wandb_env, silent_server, tmp_path):
+    """The default mode (auto) with a key and a server that takes connections but never answers (a firewall that
+    drops, a hung proxy): the run tracks offline, and its process ends at once. W&B would otherwise send its own
+    telemetry there at exit, each request waiting 10 s for an answer."""
+    unreachable(wandb_env, silent_server)
+    cmd = [sys.executable, "-c", OFFLINE_RUN, str(tmp_path)]
+    res = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=120, env=os.environ)
+    ended = time.time()
+    assert res.returncode == 0, res.stderr[-3000:]
+    wandb_id, closed = res.stdout.split()
+    assert len(list((tmp_path / "wandb").glob(f"offline-run-*-{wandb_id}"))) == 1
+    assert ended - float(closed) < 5, f"the process took {ended - float(closed):.1f} s to end after the run closed"
 
 
 def test_offline_run_is_resumed_under_the_same_id(wandb_env, tiny_digits, tmp_path):

@@ -11,6 +11,8 @@ CPUs it was given; it runs in this container, task/cgroup was not tried), so a l
 CPUs shows here. Both nodes have this machine's CPUs (at least 2).
 MinJobAge=4 keeps finished jobs visible for a few seconds only: `sbatch --wait` then polls every 2 s (with
 Slurm's default of 300 s it sleeps 2, 8, then 32 s between polls, which cost a test up to half a minute).
+cred_expire=5 (a job step's credential lifetime, 120 s by default) is also how long a requeued job waits before
+it may start again (cred_expire + 1 s: PENDING, Reason=BeginTime), which the preemption tests pay.
 """
 
 from __future__ import annotations
@@ -51,7 +53,7 @@ ClusterName=distbot
 SlurmctldHost=localhost
 SlurmctldPort={CTLD_PORT}
 AuthType=auth/munge
-AuthInfo=socket={d}/munge.sock,cred_expire=10
+AuthInfo=socket={d}/munge.sock,cred_expire=5
 CredType=cred/munge
 SlurmUser=root
 SlurmdUser=root

@@ -5,7 +5,7 @@ import torch
 from torch import nn
 
 from dist_bot.models import MODEL_NAMES, build_model
-from dist_bot.models.interop import from_timm, timm_name, to_timm
+from dist_bot.models.interop import from_timm, timm_name, timm_twin, to_timm
 from dist_bot.models.profile import count_params, profile
 
 EXPECTED_PARAMS = {
@@ -91,6 +91,22 @@ def test_every_key_maps_to_timms_twin_and_back(ours):
     mapped = to_timm(state, ours)
     assert {k: v.shape for k, v in mapped.items()} == {k: v.shape for k, v in theirs.items()}
     assert list(from_timm(mapped, ours)) == list(state)
+
+
+@pytest.mark.parametrize("ours", ["resnet10b", "resnet10d", "resnet50d"])
+def test_timms_twin_built_from_its_arguments_gives_the_same_logits(ours):
+    """timm names no ResNet-10, but builds one: its ResNet-18 of the variant with one block per stage (the bench's
+    timm side of the CPU rehearsals' model)."""
+    timm = pytest.importorskip("timm", reason="timm is the test-only reference (pip install -e '.[dev]')")
+    name, kwargs = timm_twin(ours)
+    ref = timm.create_model(name, pretrained=False, num_classes=10, **kwargs)
+    randomize_bn(ref, torch.Generator().manual_seed(1))
+    model = build_model(ours, num_classes=10)
+    model.load_state_dict(from_timm(ref.state_dict(), ours), strict=True)
+    x = torch.randn(2, 3, 64, 64, generator=torch.Generator().manual_seed(2))
+    with torch.no_grad():
+        torch.testing.assert_close(model.eval()(x), ref.eval()(x), atol=1e-5, rtol=1e-5)
+    assert timm_twin("resnet10c") is None and timm_twin("resnet50a") is None  # timm has no resnet18c, no v1
 
 
 def test_only_true_twins_have_timm_names():
