@@ -22,7 +22,7 @@ import signal
 import sys
 from pathlib import Path
 
-import torch
+# torch is imported where a fault needs it: DALI's spawned workers import this module, and would import it too
 
 
 def rank() -> int:
@@ -32,6 +32,7 @@ def rank() -> int:
 def full_disk(step: int, on_rank: int) -> None:
     if rank() != on_rank:
         return
+    import torch
     import torch.distributed.checkpoint as dcp
 
     def saving_step(path) -> bool:
@@ -89,6 +90,8 @@ def startup_signal(name: str) -> None:
 
 
 def dump(path: str) -> None:
+    import torch
+
     from dist_bot.train import Trainer
 
     real_init = Trainer.__init__

@@ -12,9 +12,8 @@ import json
 import sys
 from pathlib import Path
 
-from dist_bot.config import load_config
-from dist_bot.data import make_loaders
-from dist_bot.distributed.env import init_distributed, shutdown
+# dist_bot (and torch) are imported in the functions: DALI's spawned workers import this module, and would import
+# them too
 
 
 def steps_of(loader) -> list[list[int]]:
@@ -24,6 +23,9 @@ def steps_of(loader) -> list[list[int]]:
 
 
 def record(data: str, loader: str, batch: str, env) -> dict:
+    from dist_bot.config import load_config
+    from dist_bot.data import make_loaders
+
     cfg = load_config(
         None,
         [
@@ -47,6 +49,8 @@ def record(data: str, loader: str, batch: str, env) -> dict:
 
 
 def main(datas: str, loader: str, batch: str, out: str) -> None:
+    from dist_bot.distributed.env import init_distributed, shutdown
+
     env = init_distributed("gloo")
     for i, data in enumerate(datas.split(",")):
         Path(out, str(i)).mkdir(parents=True, exist_ok=True)

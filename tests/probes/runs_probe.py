@@ -13,11 +13,12 @@ import json
 import sys
 import time
 
-from dist_bot.cli import main
-from dist_bot.train.loop import REQUEUE_EXIT_CODE
-
 
 def main_of_runs(runs: list[list[str]]) -> None:
+    # imported here, not above: DALI's spawned workers import this module, and each would import torch with them
+    from dist_bot.cli import main
+    from dist_bot.train.loop import REQUEUE_EXIT_CODE
+
     for i, run in enumerate(runs):
         t = time.monotonic()
         status = main(run)

@@ -16,12 +16,8 @@ import sys
 import traceback
 from pathlib import Path
 
-import torch
-import torch.distributed as dist
-
-from dist_bot.config import load_config
-from dist_bot.distributed.env import init_distributed, shutdown
-from dist_bot.train import Preempted, Trainer
+# torch and dist_bot are imported in the functions: DALI's spawned workers import this module, and would import
+# them too
 
 READS = ("item", "tolist", "__bool__", "__float__", "__int__", "__index__", "numpy")
 COLLECTIVES = (
@@ -78,6 +74,11 @@ class Recorder:
 
 
 def install(rec: Recorder) -> None:
+    import torch
+    import torch.distributed as dist
+
+    from dist_bot.train import Trainer
+
     for name in READS:
         rec.wrap(torch.Tensor, name, f"Tensor.{name}")
     rec.wrap(torch.amp.GradScaler, "get_scale", "GradScaler.get_scale")
@@ -89,6 +90,10 @@ def install(rec: Recorder) -> None:
 
 
 def main(out: str, *overrides: str) -> None:
+    from dist_bot.config import load_config
+    from dist_bot.distributed.env import init_distributed, shutdown
+    from dist_bot.train import Preempted, Trainer
+
     cfg = load_config("configs/demo.yaml", list(overrides))
     env = init_distributed("gloo")
     trainer = Trainer(cfg, env)
