@@ -291,6 +291,7 @@ def test_another_world_size_with_a_global_batch_continues_the_same_plan(
     args = world_size_args(tiny_digits, folder, strategy, global_batch)
     reference = straight if strategy == "ddp" else folder / "ref"
     (saved,) = list_checkpoints(folder / "r" / "checkpoints")
+    assert (saved / "dcp").is_dir() == (strategy == "fsdp")  # FSDP2: sharded, torch.distributed.checkpoint
     # what the new world size holds right after resuming is exactly what was saved (FSDP: resharded 2 -> 3);
     # the probe writes it, then the same launch trains on to the end
     dump = tmp_path / "resumed.pt"
@@ -395,8 +396,11 @@ HANG_MIN = 0.2  # the watchdog's timeout in these tests (12 s): well above their
 @pytest.mark.slow
 def test_a_stopped_rank_is_a_hang_every_other_rank_dumps_its_stacks_and_the_job_ends(tiny_digits, tmp_path):
     """SIGSTOP of rank 1 mid-epoch under torchrun (2 processes): rank 0 sees no step complete for
-    dist.hang_timeout_min, writes its stacks to <run>/hang/rank0.txt and stderr, and exits with status 3;
-    torchrun then ends the stopped rank. Nothing waits for the collectives' 30-minute timeout."""
+    dist.hang_timeout_min, writes its stacks to <run>/hang/rank0.txt and stderr, and exits with status 3. Nothing
+    waits for the collectives' 30-minute timeout. Then the stopped rank is continued, as a stalled process that
+    recovers would be: it writes its stacks too (for its own watchdog's finding or rank 0's, whichever it reads
+    first) and ends at once (left stopped, it is torchrun's to end: SIGKILL after its shutdown timeout, 30 s;
+    tests/system/test_slurm.py leaves it to srun)."""
     from test_fatal_errors import MARKER, processes_of
 
     run, err, mark = tmp_path / "r", tmp_path / "stderr.txt", f"hang-{os.getpid()}-{time.time()}"
@@ -406,21 +410,30 @@ def test_a_stopped_rank_is_a_hang_every_other_rank_dumps_its_stacks_and_the_job_
         proc = subprocess.Popen(torchrun_cmd(2, *args), cwd=REPO, stdout=subprocess.DEVNULL, stderr=stderr, env=env)
     try:
         wait_for_steps(run, 3, proc)
-        victim = int(startup_fields(err.read_text())[1]["pid"])
+        fields = startup_fields(err.read_text())
+        finder, victim = int(fields[0]["pid"]), int(fields[1]["pid"])
         os.kill(victim, signal.SIGSTOP)
         stopped = time.monotonic()
-        status = proc.wait(timeout=HANG_MIN * 60 + 120)
+        while alive(finder) and time.monotonic() < stopped + HANG_MIN * 60 + 60:
+            time.sleep(0.1)
+        found = time.monotonic() - stopped
+        os.kill(victim, signal.SIGCONT)
+        status = proc.wait(timeout=120)
         ended = time.monotonic() - stopped
     finally:
         proc.kill()
     text = err.read_text()
-    stacks = check_hang_report(run / "hang", [0])
+    stacks = check_hang_report(run / "hang", [0, 1])
     dumped = (run / "hang" / "rank0.txt").stat().st_mtime - (time.time() - (time.monotonic() - stopped))
-    print(f"stopped rank 1: rank 0 dumped its stacks {dumped:.1f} s later, the job ended after {ended:.1f} s")
+    print(
+        f"stopped rank 1: rank 0 dumped its stacks {dumped:.1f} s later and ended after {found:.1f} s; "
+        f"continued, rank 1 ended {ended - found:.1f} s after that"
+    )
     assert status != 0 and ("exitcode  : 3" in text or "exitcode: 3" in text), text[-3000:]
     assert "a hang; every process's stacks are in" in text and "Thread" in text  # on stderr too
     assert not alive(victim)
-    assert ended < HANG_MIN * 60 + 60, ended
+    assert found < HANG_MIN * 60 + 30, found
+    assert ended - found < 15, ended - found  # by itself: torchrun would end it after 30 s
     assert stacks[0].startswith("rank 0: nothing completed for")  # its own finding, not read back as news
     assert "in fit" in stacks[0] and "in train_epoch" in stacks[0]  # where training waited: in a step's collective
     deadline = time.monotonic() + 10  # nothing of the run left behind: loader workers end with their trainer

@@ -74,7 +74,7 @@ def test_rehearsal_runs_every_part_of_the_matrix(tmp_path):
 def test_the_summary_names_what_the_deadline_cut_off(tmp_path):
     """A deadline long enough for the tests part on a loaded machine, too short for the matrix (its compiled
     runs alone take minutes on a CPU): what was cut is named, with the deadline as the reason."""
-    res, summary = check(tmp_path / "check", deadline_s=40)
+    res, summary = check(tmp_path / "check", deadline_s=30)
     assert summary["passed"] is False
     assert summary["parts"]["tests"]["status"] == "ok"
     cut = {k: v for k, v in summary["not_measured"].items() if not k.startswith("mark ")}

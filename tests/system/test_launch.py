@@ -178,12 +178,13 @@ def test_sbatch_scripts_refuse_a_task_count_that_does_not_match_the_gpus():
 
 
 @pytest.mark.slow
-def test_several_runs_one_after_another_in_one_torchrun_start_and_finish(tmp_path):
+def test_several_runs_one_after_another_in_one_torchrun_start_and_finish(tiny_digits, tmp_path):
     """cli.main(["train", ...]) three times in each process of one torchrun (2 processes, gloo): every run forms
     its process group, trains and ends; each group has key spaces of its own in torchrun's store, which outlives
     it (a second group reading the first one's rendezvous keys hung once in three tries)."""
-    args = ["train", "configs/demo.yaml", "data.loader=synthetic", "model.name=resnet10d", "precision=fp32"]
-    args += ["schedule.epochs=1", "data.image_size=16", "wandb.mode=disabled", f"run.out_dir={tmp_path}"]
+    args = ["train", "configs/demo.yaml", f"data.path={tiny_digits}", "data.loader=torch", "data.workers=0"]
+    args += ["model.name=resnet10d", "precision=fp32", "schedule.epochs=1", "wandb.mode=disabled"]
+    args += [f"run.out_dir={tmp_path}"]
     res = run_cmd(runs_cmd(2, *([*args, f"run.name=s-{i}"] for i in range(3))), timeout=300)
     assert res.returncode == 0, res.stderr[-3000:]
     assert run_statuses(res.stdout) == {i: [0, 0] for i in range(3)}

@@ -285,7 +285,7 @@ def test_deepspeed_through_the_sbatch_script_on_two_tasks_of_one_cpu_each_and_a_
 ):
     """strategy=deepspeed under srun: DeepSpeed asserts LOCAL_RANK, which srun does not set; the start-up path
     exports it (and RANK, WORLD_SIZE, ...) for every launcher. 1 node x 2 tasks x 1 CPU: Slurm binds each task
-    to a CPU of its own. And rank 0's end-of-run work takes 12 s (tests/system/slurm/slow_end) with srun --wait=5:
+    to a CPU of its own. And rank 0's end-of-run work takes 8 s (tests/system/slurm/slow_end) with srun --wait=3:
     the ranks end together, so the finished run is COMPLETED (rank 1 exiting first, srun would end rank 0)."""
     done = sbatch_cpu(
         slurm_env,
@@ -297,8 +297,8 @@ def test_deepspeed_through_the_sbatch_script_on_two_tasks_of_one_cpu_each_and_a_
         "--ntasks-per-node=2",
         "--cpus-per-task=1",
         overrides=("strategy=deepspeed", "dist.zero_stage=1", "schedule.epochs=1"),
-        SRUN_WAIT="5",
-        DIST_BOT_SLOW_END_S="12",
+        SRUN_WAIT="3",
+        DIST_BOT_SLOW_END_S="8",
         PYTHONPATH=str(REPO / "tests" / "system" / "slurm" / "slow_end"),
     )
     log = "\n".join(p.read_text() for p in tmp_path.glob("*.out"))

@@ -38,60 +38,58 @@ def max_diff(a: dict, b: dict) -> float:
 # -- the full recipe on real ImageNet images, 2 processes -------------------------------------------
 
 
-@pytest.mark.slow
-@pytest.mark.parametrize("loader", ["torch", "dali"])
-def test_two_processes_every_trick_on_imagenette_subset(imagenette_subset, tmp_path, loader):
-    if loader == "dali":
-        pytest.importorskip("nvidia.dali", reason="DALI is not installed (pip install -e '.[dali]')")
-    common = [
+def every_trick_args(data: Path, out: Path, loader: str, *extra: str) -> list[str]:
+    return [
+        "train",
+        "configs/demo.yaml",
         f"data.loader={loader}",
-        f"data.path={imagenette_subset}",
+        f"data.path={data}",
         "data.image_size=64",
         "data.batch_size=16",
         "data.workers=1",
-        f"run.out_dir={tmp_path}",
+        f"run.out_dir={out}",
         "wandb.mode=disabled",
         # fp32: bf16/fp16 autocast is ~10x slower on a CPU, and the precision is not this test's subject
         # (test_sync_free.py runs every trick end to end in bf16 and in fp16)
         "precision=fp32",
+        *extra,
     ]
-    teacher = run_cmd(
-        torchrun_cmd(
-            1,
-            "train",
-            "configs/demo.yaml",
-            *common,
-            "model.name=resnet10c",
-            "run.name=teacher",
-            "schedule.epochs=1",
-            "schedule.warmup_epochs=0",
-        )
-    )
-    assert teacher.returncode == 0, teacher.stderr[-3000:]
-    teacher_ckpt = list_checkpoints(tmp_path / "teacher" / "checkpoints")[-1]
 
-    student = run_cmd(
-        torchrun_cmd(
-            2,
-            "train",
-            "configs/demo.yaml",
-            *common,
-            "model.name=resnet10d",
-            "run.name=student",
-            "schedule.epochs=2",
-            "schedule.warmup_epochs=0.5",
-            "optim.base_lr_per_256=0.4",
-            "run.log_every_steps=1",
-            "loss.label_smoothing=0.1",
-            "loss.mixup_alpha=0.2",
-            f"loss.distill.teacher={teacher_ckpt}",
-            "loss.distill.temperature=20",
-            "data.hflip=true",
-            "data.min_crop_area=0.08",
-        )
-    )
-    assert student.returncode == 0, student.stderr[-3000:]
-    run_dir = tmp_path / "student"
+
+@pytest.fixture(scope="module")
+def every_trick(imagenette_subset, tmp_path_factory) -> Path:
+    """A teacher (ResNet-10-C, 1 process, 1 epoch), then in one torchrun (2 processes, runs_probe.py) a ResNet-10-D
+    student distilled from it with every trick, under each loader: FOLDER/student-<loader>."""
+    out = tmp_path_factory.mktemp("every_trick")
+    teacher = ["model.name=resnet10c", "run.name=teacher", "schedule.epochs=1", "schedule.warmup_epochs=0"]
+    res = run_cmd(torchrun_cmd(1, *every_trick_args(imagenette_subset, out, "torch", *teacher)))
+    assert res.returncode == 0, res.stderr[-3000:]
+    student = [
+        "model.name=resnet10d",
+        "schedule.epochs=2",
+        "schedule.warmup_epochs=0.5",
+        "optim.base_lr_per_256=0.4",
+        "run.log_every_steps=1",
+        "loss.label_smoothing=0.1",
+        "loss.mixup_alpha=0.2",
+        f"loss.distill.teacher={list_checkpoints(out / 'teacher' / 'checkpoints')[-1]}",
+        "loss.distill.temperature=20",
+        "data.hflip=true",
+        "data.min_crop_area=0.08",
+    ]
+    loaders = [x for x in ("torch", "dali") if x != "dali" or importlib.util.find_spec("nvidia.dali")]
+    runs = [every_trick_args(imagenette_subset, out, x, *student, f"run.name=student-{x}") for x in loaders]
+    res = run_cmd(runs_cmd(2, *runs))
+    assert run_statuses(res.stdout) == {i: [0, 0] for i in range(len(runs))}, res.stderr[-3000:]
+    return out
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("loader", ["torch", "dali"])
+def test_two_processes_every_trick_on_imagenette_subset(every_trick, loader):
+    if loader == "dali":
+        pytest.importorskip("nvidia.dali", reason="DALI is not installed (pip install -e '.[dali]')")
+    run_dir = every_trick / f"student-{loader}"
     metrics = read_metrics(run_dir)
     train = [m for m in metrics if m["split"] == "train"]
     val = [m for m in metrics if m["split"] == "val"]
