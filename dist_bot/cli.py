@@ -11,6 +11,8 @@
     dist-bot data fake OUT_DIR [--images 2000]  random JPEGs of ImageNet's size, for loader and GPU benchmarks
     dist-bot data check DIR [--workers N]       scan a dataset or pack for unreadable files, empty classes, leakage
     dist-bot data pack SRC DST [--shard-size 1GB]  a folder dataset as tar shards (WebDataset layout) + index
+    dist-bot data imagenet TRAIN_TAR VAL_TAR DEVKIT DST  a pack straight from ImageNet's official archives
+    dist-bot data archives SRC OUT_DIR          a WNID-named folder dataset as ImageNet's archives (to try the above)
     dist-bot bench data CONFIG [key=value ...]  images/s of each data loader, side by side (JSON lines)
     dist-bot bench train [CONFIG] [key=value ...]  training step vs a bare PyTorch loop (and fed by data.path)
     dist-bot doctor CONFIG [key=value ...] [--out FILE]  a preflight of every process: CPUs, disk, data, network
@@ -275,15 +277,18 @@ def cmd_predict(args: argparse.Namespace) -> int:
     if args.topk < 1 or args.batch_size < 1:
         raise ConfigError(f"--topk and --batch-size must be at least 1, got {args.topk} and {args.batch_size}")
     predictor = load_predictor(args.source, ema=args.ema)
+    words = predictor.info.get("class_descriptions") or {}  # e.g. ImageNet's for its WNIDs
     failed = 0
     for path, result in predict_files(predictor, args.images, args.topk, args.batch_size):
         if isinstance(result, Exception):
             failed += 1
             print(f"dist-bot predict: {result}", file=sys.stderr, flush=True)
         elif args.json:
-            print(json.dumps({"image": path, "top": [{"class": c, "prob": p} for c, p in result]}), flush=True)
+            top = [{"class": c, "prob": p} | ({"description": words[c]} if c in words else {}) for c, p in result]
+            print(json.dumps({"image": path, "top": top}), flush=True)
         else:
-            print(path + "".join(f"\n  {p:.4f}  {c}" for c, p in result), flush=True)
+            lines = (f"\n  {p:.4f}  {c}" + (f"  {words[c]}" if c in words else "") for c, p in result)
+            print(path + "".join(lines), flush=True)
     if failed:
         print(f"dist-bot predict: {failed} of {len(args.images)} images could not be read", file=sys.stderr)
     return 1 if failed else 0
@@ -329,21 +334,38 @@ def parse_size(text: str) -> int:
 def cmd_data_pack(args: argparse.Namespace) -> int:
     from dist_bot.data.pack import write_pack
 
-    summary = write_pack(args.src, args.dst, shard_size=args.shard_size, workers=args.workers)
+    return report_pack(write_pack(args.src, args.dst, shard_size=args.shard_size, workers=args.workers))
+
+
+def cmd_data_imagenet(args: argparse.Namespace) -> int:
+    from dist_bot.data.imagenet import write_imagenet_pack
+
+    summary = write_imagenet_pack(
+        args.train_tar, args.val_tar, args.devkit, args.dst, shard_size=args.shard_size, workers=args.workers
+    )
+    return report_pack(summary)
+
+
+def report_pack(summary) -> int:
+    """A pack's bad files on stderr, one line each, and its summary as one JSON line."""
     for path, error in summary.bad:
         print(f"not packed: {path}: {error}", file=sys.stderr)
-    print(
-        json.dumps(
-            {
-                "pack": summary.dst,
-                "samples": summary.samples,
-                "shards": summary.shards,
-                "bad_files": len(summary.bad),
-                "resumed_shards": summary.resumed_shards,
-                "seconds": round(summary.seconds, 1),
-            }
-        )
-    )
+    record = {
+        "pack": summary.dst,
+        "samples": summary.samples,
+        "shards": summary.shards,
+        "bad_files": len(summary.bad),
+        "resumed_shards": summary.resumed_shards,
+        "seconds": round(summary.seconds, 1),
+    }
+    print(json.dumps(record | summary.rates()))
+    return 0
+
+
+def cmd_data_archives(args: argparse.Namespace) -> int:
+    from dist_bot.datasets import write_ilsvrc_archives
+
+    print(json.dumps(write_ilsvrc_archives(args.src, args.out_dir)))
     return 0
 
 
@@ -425,7 +447,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--batch-size", type=int, default=32, help="images per forward pass (default 32)")
     p.set_defaults(func=cmd_predict)
 
-    p = sub.add_parser("data", help="make demo datasets, check or pack a dataset")
+    p = sub.add_parser("data", help="make demo datasets, check or pack a dataset (from folders or ImageNet's archives)")
     dsub = p.add_subparsers(dest="data_command", required=True, metavar="DATASET")
     d = dsub.add_parser("digits", help="scikit-learn's handwritten digits as JPEG class folders (train/ and val/)")
     d.add_argument("out_dir", help="new folder to write")
@@ -454,6 +476,22 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--shard-size", type=parse_size, default="1GB", help="bytes per shard, e.g. 1GB (default), 256MB")
     d.add_argument("--workers", type=int, default=8, help="parallel readers and decoders (default 8)")
     d.set_defaults(func=cmd_data_pack)
+    d = dsub.add_parser(
+        "imagenet", help="a pack straight from ImageNet's official archives (ILSVRC2012), nothing extracted to disk"
+    )
+    d.add_argument("train_tar", help="ILSVRC2012_img_train.tar (one tar per synset)")
+    d.add_argument("val_tar", help="ILSVRC2012_img_val.tar (50,000 JPEGs, flat)")
+    d.add_argument("devkit", help="ILSVRC2012_devkit_t12.tar.gz (meta.mat, the val ground truth)")
+    d.add_argument("dst", help="new folder for the pack (or an unfinished one of these archives, to finish it)")
+    d.add_argument("--shard-size", type=parse_size, default="1GB", help="bytes per shard, e.g. 1GB (default), 256MB")
+    d.add_argument("--workers", type=int, default=8, help="parallel readers and decoders (default 8)")
+    d.set_defaults(func=cmd_data_imagenet)
+    d = dsub.add_parser(
+        "archives", help="a folder dataset named by WNIDs as ImageNet's three archives (to try `data imagenet`)"
+    )
+    d.add_argument("src", help="dataset folder holding train/ and val/, class folders named by WNID")
+    d.add_argument("out_dir", help="new folder for ILSVRC2012_img_train.tar, _img_val.tar and _devkit_t12.tar.gz")
+    d.set_defaults(func=cmd_data_archives)
 
     p = sub.add_parser("bench", help="benchmarks (JSON lines)")
     bsub = p.add_subparsers(dest="bench_command", required=True, metavar="WHAT")

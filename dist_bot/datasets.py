@@ -104,3 +104,67 @@ def write_fake_jpegs(
     modes = {m: sum(j[4] == m for j in jobs) for m in ("RGB", "L", "CMYK")}
     longest = max(max(j[1], j[2]) for j in jobs)
     return counts | {"mean_kb": round(sum(sizes) / len(sizes) / 1024, 1), "modes": modes, "longest_side": longest}
+
+
+def write_ilsvrc_archives(src: str | Path, out_dir: str | Path, words: dict[str, str] | None = None) -> dict:
+    """An ImageNet-layout folder whose classes are WNIDs (Imagenette's are) as ImageNet's three official archives in
+    ``out_dir``, to try and to measure `dist-bot data imagenet` on: ILSVRC2012_img_train.tar (one tar per synset,
+    each holding that class's files under their own names), ILSVRC2012_img_val.tar (flat, the val files renumbered
+    ILSVRC2012_val_00000001.JPEG ... in a shuffled order of classes) and ILSVRC2012_devkit_t12.tar.gz
+    (data/meta.mat: the classes as leaf synsets with ILSVRC2012_IDs in a shuffled order, as ImageNet's are not in
+    WNID order, and two parent synsets; data/ILSVRC2012_validation_ground_truth.txt). ``words``: wnid -> the
+    description meta.mat gives it (default: the WNID). Returns the three paths (train_tar, val_tar, devkit) and the
+    image counts (train, val)."""
+    import io
+    import tarfile
+
+    try:
+        import scipy.io
+    except ImportError:
+        raise UserError("writing a devkit's meta.mat needs scipy: pip install 'dist-bot[imagenet]'") from None
+    src, out = Path(src), Path(out_dir)
+    if out.exists() and any(out.iterdir()):
+        raise UserError(f"{out} is not empty: choose a new folder for the archives")
+    out.mkdir(parents=True, exist_ok=True)
+    wnids = sorted(p.name for p in (src / "train").iterdir() if p.is_dir())
+    rng = np.random.default_rng(0)
+    paths = {k: out / n for k, n in (("train", "ILSVRC2012_img_train.tar"), ("val", "ILSVRC2012_img_val.tar"))}
+    paths["devkit"] = out / "ILSVRC2012_devkit_t12.tar.gz"
+
+    def add(tar: tarfile.TarFile, name: str, data: bytes) -> None:
+        info = tarfile.TarInfo(name)
+        info.size = len(data)
+        tar.addfile(info, io.BytesIO(data))
+
+    train_counts = {}
+    with tarfile.open(paths["train"], "w") as outer:
+        for wnid in wnids:
+            files = sorted((src / "train" / wnid).iterdir())
+            inner = io.BytesIO()
+            with tarfile.open(fileobj=inner, mode="w") as tar:
+                for f in files:
+                    add(tar, f.name, f.read_bytes())
+            add(outer, f"{wnid}.tar", inner.getvalue())
+            train_counts[wnid] = len(files)
+    val_files = [(f, wnid) for wnid in wnids for f in sorted((src / "val" / wnid).iterdir())]
+    val_files = [val_files[i] for i in rng.permutation(len(val_files))]
+    ids = {wnid: int(i) + 1 for wnid, i in zip(wnids, rng.permutation(len(wnids)), strict=True)}
+    with tarfile.open(paths["val"], "w") as tar:
+        for k, (f, _) in enumerate(val_files, 1):
+            add(tar, f"ILSVRC2012_val_{k:08d}.JPEG", f.read_bytes())
+    fields = ["ILSVRC2012_ID", "WNID", "words", "gloss", "num_children", "children", "wordnet_height"]
+    synsets = np.zeros(len(wnids) + 2, dtype=[(f, "O") for f in [*fields, "num_train_images"]])
+    for i, wnid in enumerate(wnids):
+        synsets[i] = (ids[wnid], wnid, (words or {}).get(wnid, wnid), "", 0, np.zeros(0), 0, train_counts[wnid])
+    leaves = np.array(sorted(ids.values()), dtype=float)
+    n = len(wnids)
+    synsets[n] = (n + 1, "n00001740", "entity", "", 1, np.array([n + 2.0]), 2, 0)  # parents: num_children > 0
+    synsets[n + 1] = (n + 2, "n00002684", "object", "", n, leaves, 1, 0)
+    meta = io.BytesIO()
+    scipy.io.savemat(meta, {"synsets": synsets})
+    truth = "".join(f"{ids[wnid]}\n" for _, wnid in val_files).encode()
+    with tarfile.open(paths["devkit"], "w:gz") as tar:
+        add(tar, "ILSVRC2012_devkit_t12/data/meta.mat", meta.getvalue())
+        add(tar, "ILSVRC2012_devkit_t12/data/ILSVRC2012_validation_ground_truth.txt", truth)
+    archives = {"train_tar": str(paths["train"]), "val_tar": str(paths["val"]), "devkit": str(paths["devkit"])}
+    return archives | {"train": sum(train_counts.values()), "val": len(val_files)}

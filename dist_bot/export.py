@@ -46,6 +46,7 @@ def export_info(path: Path, meta: dict, ema: bool) -> dict:
         "model_name": meta["model_name"],
         "num_classes": meta["num_classes"],
         "class_names": class_names(meta),
+        "class_descriptions": meta.get("class_descriptions"),  # e.g. ImageNet's words for its WNIDs
         "image_size": data["image_size"],
         "val_resize_ratio": data["val_resize_ratio"],  # resize the shorter side to image_size / this, center crop
         "mean": list(data["mean"]),  # of RGB in [0, 1]
@@ -60,7 +61,7 @@ def export_info(path: Path, meta: dict, ema: bool) -> dict:
 def timm_pretrained_cfg(info: dict, architecture: str) -> dict:
     """timm's PretrainedCfg fields for this export: pass it as ``pretrained_cfg_overlay`` (with ``file``), and
     timm's own data config (``resolve_data_config``) gives dist_bot's validation transform."""
-    return {
+    cfg = {
         "architecture": architecture,
         "num_classes": info["num_classes"],
         "label_names": info["class_names"],
@@ -71,6 +72,9 @@ def timm_pretrained_cfg(info: dict, architecture: str) -> dict:
         "mean": info["mean"],
         "std": info["std"],
     }
+    if info.get("class_descriptions"):
+        cfg["label_descriptions"] = info["class_descriptions"]  # timm's ImageNetInfo reads it (name -> words)
+    return cfg
 
 
 def twin_name(fmt: str, model_name: str) -> str | None:

@@ -29,6 +29,7 @@ class Loader(Protocol):
     train: bool
     num_classes: int
     class_names: list[str]
+    class_descriptions: dict[str, str] | None  # class name -> description, where the data has them (ImageNet's)
     num_samples: int  # images in the split, over all processes
     samples: int  # images this process reads in one pass
     prefetch_batches: int  # batches made ahead of the training thread
@@ -149,6 +150,10 @@ class PlannedLoader:
     def class_names(self) -> list[str]:
         """Label i's class folder name."""
         return list(self.images.classes)
+
+    @property
+    def class_descriptions(self) -> dict[str, str] | None:
+        return self.images.class_descriptions
 
     @property
     def num_samples(self) -> int:

@@ -25,7 +25,7 @@ import numpy as np
 
 from ..errors import BadImageError, DataError
 from .check import check_bytes
-from .source import FORMAT_VERSION, INDEX_DTYPE, PACK_FILE, ImageList, scan_dataset
+from .source import FORMAT_VERSION, INDEX_DTYPE, PACK_FILE, ImageList, scan_dataset, split_source
 
 PROGRESS = ".pack-progress"
 MIN_SHARD_SIZE = 10**6  # bytes; smaller shards would be many small files again
@@ -40,6 +40,13 @@ class PackSummary:
     bad: list[tuple[str, str]] = field(default_factory=list)  # (source path, why it does not decode): not packed
     resumed_shards: int = 0  # complete shards of an interrupted run, kept
     seconds: float = 0.0
+    written: int = 0  # images this run read, decoded and wrote (a resumed run: not those of the kept shards)
+    written_bytes: int = 0  # their bytes
+
+    def rates(self) -> dict[str, float]:
+        """images/s and MB/s of this run's reading, checking and writing."""
+        s = max(self.seconds, 1e-9)
+        return {"images_per_s": round(self.written / s, 1), "mb_per_s": round(self.written_bytes / s / 1e6, 1)}
 
 
 def write_json(path: Path, obj) -> None:
@@ -63,6 +70,7 @@ class SplitPacker:
         self.prefix = str(images.root) + os.sep
         self.done: list[dict] = []
         self.kept = 0  # complete shards of an earlier run, kept
+        self.written, self.written_bytes = 0, 0  # by this run
 
     def rel(self, i: int) -> str:
         return self.images.samples[i][0][len(self.prefix) :]
@@ -133,6 +141,7 @@ class SplitPacker:
                         add_member(tar, f"{key}.cls", str(label).encode())
                         rec["samples"].append([rel, label])
                         packed += 1
+                        self.written, self.written_bytes = self.written + 1, self.written_bytes + len(data)
                     item = next(files, None)
             self.close_shard(tmp, rec)
 
@@ -173,21 +182,48 @@ def add_member(tar: tarfile.TarFile, name: str, data: bytes) -> None:
 
 def write_pack(src: str | Path, dst: str | Path, shard_size: int = 1 << 30, workers: int = 8) -> PackSummary:
     """Pack ``src`` (train/ and val/ class folders) into ``dst``; resumes an interrupted pack of the same source."""
-    t0 = time.perf_counter()
-    src, dst = Path(src).expanduser().resolve(), Path(dst).expanduser()
+    check_shard_size(shard_size)  # before scanning a large folder
+    src = Path(src).expanduser().resolve()
+    train, val = scan_dataset(str(src))
+    return pack_splits(train, val, dst, str(src), shard_size, workers)
+
+
+def check_shard_size(shard_size: int) -> None:
     if shard_size < MIN_SHARD_SIZE:
         raise DataError(f"--shard-size {shard_size} bytes is too small: use at least 1MB (e.g. 1GB)")
-    train, val = scan_dataset(str(src))
+
+
+def describe(source: str | dict) -> str:
+    """A pack's source for messages: its folder, or its archives (``dist-bot data imagenet``)."""
+    return source if isinstance(source, str) else " ".join(source.values())
+
+
+def pack_splits(
+    train: ImageList,
+    val: ImageList,
+    dst: str | Path,
+    source: str | dict[str, str],
+    shard_size: int = 1 << 30,
+    workers: int = 8,
+    class_descriptions: dict[str, str] | None = None,
+) -> PackSummary:
+    """Pack two image lists into ``dst``: their bytes (read through ``ImageList.read``, from files or from an
+    archive), each checked by a full decode. ``source`` is what they came from: a folder (its train/ and val/
+    hold the files the pack's names.txt lists) or one path per split and {"devkit": ...} (archives); the
+    same ``source`` and ``shard_size`` resume an interrupted pack."""
+    t0 = time.perf_counter()
+    dst = Path(dst).expanduser()
+    check_shard_size(shard_size)
     if (dst / PACK_FILE).exists():
         raise DataError(f"{dst} is already a finished pack: delete it, or pack into another folder")
     progress = dst / PROGRESS
-    params = {"source": str(src), "shard_size": shard_size}
+    params = {"source": source, "shard_size": shard_size}
     if progress.is_dir():
         before = json.loads((progress / "params.json").read_text())
         if before != params:
             raise DataError(
-                f"{dst} holds an unfinished pack of {before['source']} with --shard-size {before['shard_size']}: "
-                "rerun with those arguments to finish it, or delete the folder"
+                f"{dst} holds an unfinished pack of {describe(before['source'])} with --shard-size "
+                f"{before['shard_size']}: rerun with those arguments to finish it, or delete the folder"
             )
     elif dst.exists() and any(dst.iterdir()):
         raise DataError(f"{dst} exists and is not empty: pack into a new folder")
@@ -203,23 +239,29 @@ def write_pack(src: str | Path, dst: str | Path, shard_size: int = 1 << 30, work
             packer = SplitPacker(images, dst / split, progress, split, shard_size, pool)
             packer.run()
             summary.resumed_shards += packer.kept
+            summary.written += packer.written
+            summary.written_bytes += packer.written_bytes
             splits[split] = packer
     manifest = {
         "format": "dist-bot-pack",
         "version": FORMAT_VERSION,
         "classes": list(train.classes),
-        "source": str(src),
+        "source": source,
         "shard_size": shard_size,
         "splits": {},
         "bad_files": [],
     }
+    if class_descriptions:
+        manifest["class_descriptions"] = class_descriptions
     for split, packer in splits.items():
         manifest["splits"][split] = packer.write_index()
         manifest["bad_files"] += [b for r in packer.done for b in r["bad"]]
         summary.samples[split] = manifest["splits"][split]["samples"]
         summary.shards[split] = len(packer.done)
         if not summary.samples[split]:
-            raise DataError(f"no readable image in {src / split}: nothing to pack (see the bad files above)")
+            raise DataError(
+                f"no readable image in {split_source(source, split)}: nothing to pack (see the bad files above)"
+            )
     summary.bad = [tuple(b) for b in manifest["bad_files"]]
     write_json(dst / PACK_FILE, manifest)  # last: from here on, dst is a pack
     shutil.rmtree(progress)

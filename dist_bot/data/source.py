@@ -124,6 +124,7 @@ class ImageList:
     classes: tuple[str, ...]  # class folder names, sorted: the label of classes[i] is i
     samples: tuple[tuple[str, int], ...]  # (path, label), sorted by path: a fixed order every run
     reader: SampleReader | None = None  # a pack's: samples[i][0] then only names the packed file in messages
+    class_descriptions: dict[str, str] | None = None  # class name -> description (ImageNet's: the devkit's words)
 
     def __len__(self) -> int:
         return len(self.samples)
@@ -290,7 +291,10 @@ def read_manifest(root: Path) -> dict:
     """pack.json of a finished pack; a clear error for an unfinished or foreign one."""
     file = root / PACK_FILE
     if not file.is_file():
-        raise DataError(f"{root} is an unfinished pack (no {PACK_FILE}): rerun `dist-bot data pack SRC {root}`")
+        raise DataError(
+            f"{root} is an unfinished pack (no {PACK_FILE}): rerun `dist-bot data pack SRC {root}` (or the "
+            f"`dist-bot data imagenet ... {root}` that started it)"
+        )
     manifest = json.loads(file.read_text())
     if manifest.get("format") != "dist-bot-pack" or manifest.get("version") != FORMAT_VERSION:
         raise DataError(
@@ -298,6 +302,12 @@ def read_manifest(root: Path) -> dict:
             "version of dist-bot"
         )
     return manifest
+
+
+def split_source(source: str | dict[str, str], split: str) -> str:
+    """Where a pack's split came from: <folder>/<split>, or the split's archive (``dist-bot data imagenet``, whose
+    names.txt then holds <class>/<file> inside it)."""
+    return source[split] if isinstance(source, dict) else os.path.join(source, split)
 
 
 def open_split(root: Path, split: str, manifest: dict) -> ImageList:
@@ -317,9 +327,9 @@ def open_split(root: Path, split: str, manifest: dict) -> ImageList:
     if not len(index):
         raise DataError(f"{d} has no samples: a pack needs images in both train/ and val/")
     reader = ShardReader(d, info["shards"], index)
-    src = os.path.join(manifest["source"], split)  # names are the source files' paths: errors name the original
+    src = split_source(manifest["source"], split)  # names are the source files' paths: errors name the original
     samples = tuple((os.path.join(src, n), label) for n, label in zip(names, index["label"].tolist(), strict=True))
-    return ImageList(d, tuple(manifest["classes"]), samples, reader)
+    return ImageList(d, tuple(manifest["classes"]), samples, reader, manifest.get("class_descriptions"))
 
 
 def open_dataset(path: str | None) -> tuple[ImageList, ImageList]:

@@ -23,6 +23,7 @@ class SyntheticLoader:
         self.cfg, self.env, self.train = cfg, env, train
         self.num_classes = num_classes
         self.class_names = [f"class_{i}" for i in range(num_classes)]  # random labels: no names to give
+        self.class_descriptions = None
         d = cfg.data
         self.batch = d.batch_size if train else eval_batch_size(d)
         g = torch.Generator().manual_seed(cfg.run.seed + env.rank)

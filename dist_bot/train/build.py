@@ -88,6 +88,7 @@ class Model:
     ema_module: torch.nn.Module | None
     num_classes: int
     class_names: list[str]
+    class_descriptions: dict[str, str] | None
 
 
 def check_num_classes(cfg: Config, found: int) -> int:
@@ -99,11 +100,13 @@ def check_num_classes(cfg: Config, found: int) -> int:
     return found
 
 
-def create_model(cfg: Config, env: DistEnv, class_names: list[str]) -> Model:
+def create_model(
+    cfg: Config, env: DistEnv, class_names: list[str], class_descriptions: dict[str, str] | None = None
+) -> Model:
     num_classes = check_num_classes(cfg, len(class_names))
     strategy = create_strategy(cfg, env, num_classes)  # model (zero gamma, channels_last, compiled), optimizer
     ema, ema_module = create_ema(cfg, env, strategy, num_classes)
-    return Model(strategy, ema, ema_module, num_classes, list(class_names))
+    return Model(strategy, ema, ema_module, num_classes, list(class_names), class_descriptions)
 
 
 def create_strategy(cfg: Config, env: DistEnv, num_classes: int) -> Strategy:

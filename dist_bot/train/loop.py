@@ -111,7 +111,8 @@ class Trainer:
         self.env, self.run_dir = env, Path(cfg.run.out_dir) / cfg.run.name
         check_run_dir(cfg, self.run_dir)
         self.train_loader, self.val_loader = make_loaders(cfg, env)
-        self.model = create_model(cfg, env, self.train_loader.class_names)  # strategy, optimizer, EMA
+        classes = self.train_loader.class_names, self.train_loader.class_descriptions
+        self.model = create_model(cfg, env, *classes)  # strategy, optimizer, EMA
         self.num_classes = self.model.num_classes
         self.loss_fn, self.teacher = create_loss(cfg), create_teacher(cfg, env, self.num_classes)
         self.layout = create_layout(cfg, env, len(self.train_loader))

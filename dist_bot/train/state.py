@@ -140,6 +140,7 @@ def run_identity(cfg: Config, model) -> dict:
         "model_name": cfg.model.name,
         "num_classes": model.num_classes,
         "class_names": model.class_names,  # label i's class folder: exports and predict name them
+        "class_descriptions": model.class_descriptions,  # name -> description, where the data has them
     }
 
 

@@ -54,7 +54,7 @@ def test_wheel_metadata_names_version_ranges_and_the_command(wheel):
     assert not pinned, f"exact pins in Requires-Dist (they belong in requirements.lock): {pinned}"
     assert re.fullmatch(r"torch>=2\.\d+", core["torch"]) and re.fullmatch(r"torchvision>=0\.\d+", core["torchvision"])
     extras = set(fields["Provides-Extra"])
-    assert {"dali", "deepspeed", "wandb", "slurm", "demo", "report", "all", "dev"} <= extras
+    assert {"dali", "deepspeed", "wandb", "slurm", "demo", "report", "imagenet", "all", "dev"} <= extras
     assert any(r.startswith("timm") and 'extra == "dev"' in r for r in requires)  # the test-only reference
     assert re.search(r"^\[console_scripts\]\s*\ndist-bot = dist_bot\.cli:main$", entry_points, re.M)
 
