@@ -215,6 +215,12 @@ class WandbConfig:
 
 
 @dataclass
+class TensorBoardConfig:
+    enabled: bool = param(False, resumable=True)  # rank 0 also writes metrics.jsonl's scalars as TensorBoard event
+    # files in <run dir>/tensorboard/ (`tensorboard --logdir runs`), beside W&B or without it
+
+
+@dataclass
 class Config:
     model: ModelConfig = field(default_factory=ModelConfig)
     data: DataConfig = field(default_factory=DataConfig)
@@ -227,6 +233,7 @@ class Config:
     dist: DistConfig = field(default_factory=DistConfig)
     run: RunConfig = field(default_factory=RunConfig)
     wandb: WandbConfig = field(default_factory=WandbConfig)
+    tensorboard: TensorBoardConfig = field(default_factory=TensorBoardConfig)
 
     def __post_init__(self) -> None:
         check_ranges(self)

@@ -157,18 +157,23 @@ def write_json_atomically(obj, path: Path) -> None:
 class Tracker:
     """Writes metrics from the main process; every other process gets a tracker that does nothing."""
 
-    def __init__(self, cfg, run_dir: Path, enabled: bool, wandb_id: str | None = None, config_dict=None):
+    def __init__(
+        self, cfg, run_dir: Path, enabled: bool, wandb_id: str | None = None, config_dict=None, start_step: int = 0
+    ):
         self.enabled = enabled
         self.wandb_run = None
         self.wandb_id = wandb_id
         self.run_dir = Path(run_dir)
         self._file = None
+        self.tensorboard = None  # torch's SummaryWriter, with tensorboard.enabled
         self.log_models = False  # wandb.log_model
         if not enabled:
             return
         self.log_models = cfg.wandb.log_model
         # line-buffered, open for the run's life (closed in close()): every line is on disk when written
         self._file = open(run_dir / "metrics.jsonl", "a", buffering=1)  # noqa: SIM115
+        if cfg.tensorboard.enabled:
+            self.tensorboard = self._start_tensorboard(start_step)
         if cfg.wandb.mode == "disabled":
             return
         try:
@@ -235,6 +240,15 @@ class Tracker:
             settings=wandb.Settings(**timeouts()),
         )
 
+    def _start_tensorboard(self, start_step: int):
+        try:
+            from torch.utils.tensorboard import SummaryWriter
+        except ImportError:
+            raise UserError("tensorboard.enabled=true needs TensorBoard: pip install 'dist-bot[tensorboard]'") from None
+        # A resumed run: TensorBoard drops what an earlier attempt logged after the checkpoint (a crash's lost
+        # steps, logged again now) from the earlier event files.
+        return SummaryWriter(str(self.run_dir / "tensorboard"), purge_step=start_step + 1 if start_step else None)
+
     def _wandb_failed(self, e: Exception) -> None:
         """W&B broke mid-run (its service died, the network went): keep training, keep metrics.jsonl."""
         log.warning(
@@ -251,6 +265,10 @@ class Tracker:
         if not self.enabled:
             return
         self._file.write(json.dumps(record) + "\n")
+        if self.tensorboard is not None:  # the numbers, as W&B gets them: <split>/<key> at the optimizer step
+            for k, v in record.items():
+                if k not in ("split", "step") and isinstance(v, int | float) and not isinstance(v, bool):
+                    self.tensorboard.add_scalar(f"{record['split']}/{k}", v, record["step"])
         if self.wandb_run is not None:
             split = record["split"]
             try:
@@ -321,6 +339,8 @@ class Tracker:
     def close(self) -> None:
         if self._file:
             self._file.close()
+        if self.tensorboard is not None:
+            self.tensorboard.close()  # flushes the event file
         if self.wandb_run is not None:
             try:
                 self.wandb_run.finish()

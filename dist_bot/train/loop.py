@@ -124,7 +124,9 @@ class Trainer:
             self.run_dir.mkdir(parents=True, exist_ok=True)
             (self.run_dir / "config.yaml").write_text(config_header() + to_yaml(cfg))
         wandb_config = to_dict(cfg) | {"dist_bot": source_info()}
-        self.tracker = Tracker(cfg, self.run_dir, env.is_main, self.state.wandb_id, wandb_config)
+        self.tracker = Tracker(
+            cfg, self.run_dir, env.is_main, self.state.wandb_id, wandb_config, start_step=self.state.global_step
+        )
         self.tracker.summarize(self.state.summary)  # a resumed run: its new W&B segment starts with the best so far
         self.state.wandb_id = self.tracker.wandb_id
         self.profiler = StepProfiler(profile_window(cfg.run.profile_steps), self.run_dir, env.rank, env.device)

@@ -410,3 +410,28 @@ def test_log_artifact_without_w_and_b_does_nothing(tmp_path):
     (tmp_path / "f").write_text("x")
     assert tracker(tmp_path, "disabled").log_artifact(tmp_path / "f", "f", "model") is None
     assert Tracker(None, tmp_path, enabled=False).log_artifact(tmp_path / "missing", "f", "model") is None
+
+
+@pytest.mark.slow  # a run stopped and resumed
+def test_tensorboard_holds_the_scalars_of_metrics_jsonl_without_w_and_b_across_a_resume(tiny_digits, tmp_path):
+    pytest.importorskip("tensorboard", reason="TensorBoard is not installed (pip install -e '.[tensorboard]')")
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    args = ["train", "configs/demo.yaml", f"data.path={tiny_digits}", f"run.out_dir={tmp_path}", *TINY]
+    args += ["schedule.epochs=2", "run.log_every_steps=1", "wandb.mode=disabled", "tensorboard.enabled=true"]
+    assert main([*args, "run.stop_after_steps=3"]) == 75
+    assert main(args) == 0
+    run_dir = tmp_path / "demo"
+    events = EventAccumulator(str(run_dir / "tensorboard"))
+    events.Reload()
+    records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    for split, key in (("train", "loss"), ("train", "lr"), ("val", "top1"), ("val", "loss")):
+        want = [(r["step"], r[key]) for r in records if r["split"] == split]
+        got = [(e.step, e.value) for e in events.Scalars(f"{split}/{key}")]
+        assert [s for s, _ in got] == [s for s, _ in want] and len(want) > 1  # every step once, across the resume
+        assert [v for _, v in got] == pytest.approx([v for _, v in want], rel=1e-6)  # float32 in the event file
+    assert not (run_dir / "wandb").exists()
+    off = Tracker(load_config("configs/demo.yaml", ["tensorboard.enabled=true"]), tmp_path / "r1", enabled=False)
+    off.log({"split": "train", "epoch": 0, "step": 1, "loss": 2.0})
+    off.close()
+    assert not (tmp_path / "r1").exists()  # the other processes write nothing
