@@ -362,6 +362,7 @@ EXPECTED_RESUMABLE = {
     "wandb.mode",
     "wandb.tags",
     "wandb.log_model",
+    "tensorboard.enabled",
     "dist.timeout_min",
     "dist.hang_timeout_min",
     "model.compile",
