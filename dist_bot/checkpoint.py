@@ -41,6 +41,7 @@ log = logging.getLogger(__name__)
 FORMAT_VERSION = 2
 # A checkpoint's files, named here once (the docstring above says what each holds)
 META_FILE, MODEL_FILE, EMA_FILE, TRAIN_STATE_FILE = "meta.pt", "model.pt", "ema.pt", "train_state.pt"
+CHECKPOINTS = "checkpoints"  # a run folder's checkpoints: <run dir>/checkpoints/step_<N>/
 _NAME = re.compile(r"step_(\d+)$")
 
 
@@ -238,13 +239,13 @@ def resolve_checkpoint(path: str | Path) -> Path:
     path = Path(path)
     if (path / META_FILE).is_file():
         return path
-    if (path / "checkpoints").is_dir():
+    if (path / CHECKPOINTS).is_dir():
 
         def check(step: Path) -> dict:
             verify_file(step / MODEL_FILE)
             return read_meta(step)
 
-        found = load_latest_good(path / "checkpoints", check)
+        found = load_latest_good(path / CHECKPOINTS, check)
         if found is None:
             raise CheckpointError(
                 f"run folder {path} has no readable checkpoint in {path / 'checkpoints'}: train it (checkpoints are "

@@ -70,6 +70,12 @@ class ModelConfig:
     ema_decay: float = param(0.0, range="[0, 1)")  # EMA of the weights, evaluated beside them each epoch and saved as
     # ema.pt; 0: off (not resumable: an EMA is a function of every past step's decay)
     ema_warmup: bool = True  # timm's warmup of the EMA decay: 1 - (1 + step)^(-2/3), capped at ema_decay
+    init_from: str | None = param(None, resumable=True)  # fine-tuning: a fresh run's weights from a dist_bot run or
+    # checkpoint folder, a timm .safetensors or a torchvision .pth; the classifier is re-initialised when the class
+    # count differs (a run with checkpoints resumes from them instead)
+    init_from_ema: bool = param(False, resumable=True)  # init_from a dist_bot run's EMA weights (its ema.pt)
+    freeze: Literal["none", "stem", "backbone"] = "none"  # no gradients and fixed BN statistics for the stem, or for
+    # every layer but the classifier (backbone)
 
 
 @dataclass
@@ -122,6 +128,8 @@ class OptimConfig:
     # no clipping
     lars_eta: float = param(0.001, range="(0, inf)")  # LARS trust coefficient eta (the LARS paper and MLPerf: 0.001)
     lars_eps: float = param(0.0, range="[0, inf)")  # LARS: added to the trust ratio's denominator (MLPerf logs 0)
+    backbone_lr_scale: float = param(1.0, range="[0, inf)")  # fine-tuning: every layer but the classifier trains at
+    # this fraction of the lr (e.g. 0.1)
 
 
 @dataclass
@@ -267,6 +275,8 @@ def check_ranges(cfg: Config) -> None:
             "the collectives' timeout would end a hang before the watchdog reports it; lower the first (0: off) "
             "or raise the second"
         )
+    if cfg.model.init_from_ema and not cfg.model.init_from:
+        raise ConfigError("model.init_from_ema=true needs model.init_from (a dist_bot run or checkpoint folder)")
     if len(cfg.data.mean) != 3 or len(cfg.data.std) != 3:
         raise ConfigError("data.mean and data.std need one value per RGB channel, e.g. data.std=[0.229,0.224,0.225]")
 

@@ -32,7 +32,7 @@ from ..errors import CheckpointError, UserError
 from ..recipe.ema import balanced_owners
 from ..recipe.lars import LARS, FlatPartition
 from .env import DistEnv, average_buffers, broadcast_buffers
-from .strategy import fused, skip_flag, zero_momentum
+from .strategy import fused, set_lr, skip_flag, zero_momentum
 
 
 def deepspeed_config(cfg, world_size: int) -> dict:
@@ -167,8 +167,7 @@ class DeepSpeedStrategy:
             self._boundary = True
 
     def set_lr(self, lr: float) -> None:
-        for group in self.engine.optimizer.param_groups:
-            group["lr"] = lr
+        set_lr(self.engine.optimizer.param_groups, lr)
 
     @property
     def loss_scale(self) -> float:

@@ -125,6 +125,12 @@ def make_grad_scaler(precision: str, device: torch.device, cfg) -> torch.amp.Gra
     )
 
 
+def set_lr(param_groups: list[dict], lr: float) -> None:
+    """The step's lr into every group, times the group's "lr_scale" where it has one (optim.backbone_lr_scale)."""
+    for group in param_groups:
+        group["lr"] = lr * group.get("lr_scale", 1.0)
+
+
 def zero_momentum(optimizer: torch.optim.Optimizer) -> None:
     """Create SGD's momentum buffers as zeros before the first step. The first step then computes
     0 * momentum + grad, exactly what torch's first step stores, but a first step skipped for a non-finite
@@ -226,8 +232,7 @@ class ScaledOptimizer:
         return found_inf == 0
 
     def set_lr(self, lr: float) -> None:
-        for group in self.optimizer.param_groups:
-            group["lr"] = lr
+        set_lr(self.optimizer.param_groups, lr)
 
     @property
     def loss_scale(self) -> float:

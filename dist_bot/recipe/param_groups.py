@@ -10,9 +10,31 @@ from torch import nn
 DECAYED = (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.Linear)
 
 
-def param_groups(model: nn.Module, weight_decay: float, no_bias_decay: bool = True) -> list[dict]:
+def param_groups(
+    model: nn.Module,
+    weight_decay: float,
+    no_bias_decay: bool = True,
+    backbone_lr_scale: float = 1.0,
+    classifier: nn.Module | None = None,
+) -> list[dict]:
     """Two optimizer groups: conv/linear weights with ``weight_decay``; everything else (biases, BN gamma and
-    beta) with none. ``no_bias_decay=False`` gives the baseline: one group, every parameter decayed."""
+    beta) with none. ``no_bias_decay=False`` gives the baseline: one group, every parameter decayed. Frozen
+    parameters (requires_grad False) are in none. With ``backbone_lr_scale`` other than 1 (fine-tuning), each group
+    splits into the ``classifier``'s parameters and the rest, whose "lr_scale" the lr is multiplied by."""
+    groups = _decay_groups(model, weight_decay, no_bias_decay)
+    if backbone_lr_scale == 1.0:
+        return groups  # the same groups as ever: checkpoints of earlier runs resume
+    head = {id(p) for p in classifier.parameters()}
+    split = []
+    for g in groups:
+        for part, scale in (("backbone", backbone_lr_scale), ("classifier", 1.0)):
+            params = [p for p in g["params"] if (id(p) in head) == (part == "classifier")]
+            if params:
+                split.append(g | {"params": params, "name": f"{g['name']}_{part}", "lr_scale": scale})
+    return split
+
+
+def _decay_groups(model: nn.Module, weight_decay: float, no_bias_decay: bool) -> list[dict]:
     params = [p for p in model.parameters() if p.requires_grad]
     if not no_bias_decay:
         return [{"params": params, "weight_decay": weight_decay, "name": "all"}]

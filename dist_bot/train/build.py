@@ -4,6 +4,7 @@ under its strategy with its optimizer, the EMA, the loss, the teacher."""
 from __future__ import annotations
 
 import copy
+import logging
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -22,7 +23,10 @@ from ..recipe.losses import make_loss
 from ..recipe.lr import LRSchedule, build_schedule
 from ..recipe.param_groups import param_groups
 from ..recipe.sgd import make_sgd
+from .finetune import freeze, init_from
 from .state import Layout, ProcessRng, RunState, run_identity
+
+log = logging.getLogger(__name__)
 
 
 def split_global_batch(cfg: Config, world_size: int) -> tuple[int, int]:
@@ -101,29 +105,40 @@ def check_num_classes(cfg: Config, found: int) -> int:
 
 
 def create_model(
-    cfg: Config, env: DistEnv, class_names: list[str], class_descriptions: dict[str, str] | None = None
+    cfg: Config,
+    env: DistEnv,
+    class_names: list[str],
+    class_descriptions: dict[str, str] | None = None,
+    fresh: bool = True,
 ) -> Model:
+    """``fresh``: no checkpoint to resume from, so model.init_from applies."""
     num_classes = check_num_classes(cfg, len(class_names))
-    strategy = create_strategy(cfg, env, num_classes)  # model (zero gamma, channels_last, compiled), optimizer
+    strategy = create_strategy(cfg, env, num_classes, fresh)  # model (init, frozen, channels_last, compiled), optimizer
     ema, ema_module = create_ema(cfg, env, strategy, num_classes)
     return Model(strategy, ema, ema_module, num_classes, list(class_names), class_descriptions)
 
 
-def create_strategy(cfg: Config, env: DistEnv, num_classes: int) -> Strategy:
+def create_strategy(cfg: Config, env: DistEnv, num_classes: int, fresh: bool = True) -> Strategy:
     m, o = cfg.model, cfg.optim
     if env.device.type == "cuda":
         torch.backends.cudnn.benchmark = m.cudnn_benchmark  # time conv algorithms once, keep the fastest
     torch.manual_seed(cfg.run.seed)  # the same initial weights on every process
-    model = build_model(m.name, num_classes, zero_init_last=m.zero_gamma).to(env.device)
+    model = build_model(m.name, num_classes, zero_init_last=m.zero_gamma)
+    if m.init_from and fresh:
+        init_from(model, m.init_from, m.name, m.init_from_ema)
+    elif m.init_from:
+        log.info("model.init_from is not applied: the run resumes from its checkpoint")
+    model = model.to(env.device)
     if m.sync_bn and env.device.type == "cuda" and env.distributed:
         model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)
+    freeze(model, m.freeze)
     if m.channels_last:
         model = model.to(memory_format=torch.channels_last)
     if m.compile:
         model.compile(mode=m.compile_mode)  # in place: state_dict keys stay those of the plain model
 
     def make_optimizer(module: torch.nn.Module) -> torch.optim.Optimizer:  # the lr is set before every step
-        groups = param_groups(module, o.weight_decay, o.no_bias_decay)
+        groups = param_groups(module, o.weight_decay, o.no_bias_decay, o.backbone_lr_scale, module.fc)
         if o.name == "lars":
             return make_lars(groups, o.momentum, o.nesterov, o.lars_eta, o.lars_eps)
         return make_sgd(groups, o.momentum, o.nesterov)

@@ -50,7 +50,7 @@ from .build import (
     create_state,
     create_teacher,
 )
-from .state import RunCheckpoint, check_run_dir
+from .state import RunCheckpoint, check_run_dir, has_checkpoints
 
 log = logging.getLogger(__name__)
 
@@ -112,7 +112,8 @@ class Trainer:
         check_run_dir(cfg, self.run_dir)
         self.train_loader, self.val_loader = make_loaders(cfg, env)
         classes = self.train_loader.class_names, self.train_loader.class_descriptions
-        self.model = create_model(cfg, env, *classes)  # strategy, optimizer, EMA
+        fresh = not has_checkpoints(self.run_dir, env)  # else the checkpoint's weights, not model.init_from's
+        self.model = create_model(cfg, env, *classes, fresh=fresh)  # strategy, optimizer, EMA
         self.num_classes = self.model.num_classes
         self.loss_fn, self.teacher = create_loss(cfg), create_teacher(cfg, env, self.num_classes)
         self.layout = create_layout(cfg, env, len(self.train_loader))
@@ -283,7 +284,7 @@ class Trainer:
                 self.save()
                 raise Preempted(st.global_step, PREEMPTION.received)
             if result and export_model is not None:  # finished here (not "nothing to do")
-                self.tracker.log_model(self.run_dir / "checkpoints", export_model, st.summary)
+                self.tracker.log_model(self.checkpoint.folder, export_model, st.summary)
         finally:
             self.profiler.close()  # a run ending inside the profiled window writes the steps it traced
             self.tracker.close()

@@ -26,11 +26,13 @@ import torch.distributed as dist
 import yaml
 
 from ..checkpoint import (
+    CHECKPOINTS,
     EMA_FILE,
     FORMAT_VERSION,
     META_FILE,
     agree_on_checkpoint,
     check_state_dict,
+    list_checkpoints,
     read_file,
     read_meta,
     remove_stale_temporaries,
@@ -38,6 +40,7 @@ from ..checkpoint import (
     write_file,
 )
 from ..config import Config, resumable_keys, to_dict
+from ..distributed.env import all_reduce_max
 from ..distributed.strategy import LossScaleGuard
 from ..distributed.watchdog import HEARTBEAT
 from ..errors import CheckpointError, RunError
@@ -133,6 +136,11 @@ def device_rng_state(device: torch.device) -> torch.Tensor | None:
     return torch.cuda.get_rng_state(device) if device.type == "cuda" else None
 
 
+def has_checkpoints(run_dir: Path, env) -> bool:
+    """Whether any process sees a checkpoint in the run folder: the run resumes (model.init_from does not apply)."""
+    return all_reduce_max([float(bool(list_checkpoints(run_dir / CHECKPOINTS)))], env)[0] > 0
+
+
 def run_identity(cfg: Config, model) -> dict:
     """What a checkpoint is of: the config, the model's name and classes (``model``: train.build.Model)."""
     return {
@@ -198,7 +206,7 @@ class RunCheckpoint:
 
     def __init__(self, run_dir: Path, cfg: Config, env, model):
         """``model``: the train.build.Model of the run (its strategy, EMA, classes)."""
-        self.folder, self.cfg, self.env, self.model = run_dir / "checkpoints", cfg, env, model
+        self.folder, self.cfg, self.env, self.model = run_dir / CHECKPOINTS, cfg, env, model
 
     def read(self, path: Path, state: RunState) -> tuple[dict, object, dict | None]:
         """A checkpoint's meta, this process's strategy state and EMA share, read and checked, nothing applied."""
