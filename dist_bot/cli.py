@@ -1,7 +1,7 @@
 """The `dist-bot` command.
 
     dist-bot train CONFIG [key=value ...]       train (one process, or every process under torchrun / srun)
-    dist-bot eval CONFIG --checkpoint PATH [--ema] [key=value ...]   top-1/top-5 of a checkpoint on data.path's val/
+    dist-bot eval CONFIG --checkpoint PATH [--ema] [--image-sizes 160,224,288] [key=value ...]   top-1/top-5 on val/
     dist-bot export RUN_OR_CHECKPOINT --format timm|torchvision|onnx --out FILE [--ema]   weights for other tools
     dist-bot predict CHECKPOINT_OR_EXPORT IMAGE ... [--topk 5] [--json]   each image's top classes by name
     dist-bot models [--image-size 224]          every model: parameters and multiply-adds
@@ -227,6 +227,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
 
     from dist_bot.checkpoint import load_checkpoint, resolve_checkpoint
     from dist_bot.data import make_loaders
+    from dist_bot.data.loader import val_size
     from dist_bot.models import build_model
     from dist_bot.train import evaluate
 
@@ -234,34 +235,61 @@ def cmd_eval(args: argparse.Namespace) -> int:
         raise ConfigError("checkpoint=PATH is now an option: dist-bot eval CONFIG --checkpoint PATH")
     if args.checkpoint is None:
         raise ConfigError("dist-bot eval needs --checkpoint PATH: a checkpoint folder, or a run folder")
+    sizes = parse_sizes(args.image_sizes) if args.image_sizes else [None]
     cfg = load_config(args.config, args.overrides)
     path = resolve_checkpoint(args.checkpoint)
     with process_group(cfg, args.command) as env:
         state = load_checkpoint(path, ema=args.ema)
-        _, val = make_loaders(cfg, env)
-        try:
-            if state["num_classes"] != val.num_classes:
-                raise ConfigError(
-                    f"the checkpoint predicts {state['num_classes']} classes, the data has {val.num_classes}"
-                )
-            trained, here = state.get("class_names"), getattr(val, "class_names", None)
-            if trained is not None and here is not None and list(trained) != here:
-                wrong = next(i for i, (a, b) in enumerate(zip(trained, here, strict=True)) if a != b)
-                raise ConfigError(
-                    f"the checkpoint's class {wrong} is {trained[wrong]!r}, the data's is {here[wrong]!r}: its labels "
-                    "would be scored against other classes. Evaluate on data with the training set's class folders"
-                )
-            model = build_model(state["model_name"], state["num_classes"]).to(env.device)
-            model.load_state_dict(state["model"])
-            if cfg.model.channels_last:
-                model = model.to(memory_format=torch.channels_last)
-            result = evaluate(model, val, env, cfg.precision)
-        finally:
-            val.close()  # its workers end now, whatever happened (see Trainer.fit)
-        if env.is_main:
-            weights = "ema" if args.ema else "raw"
-            print(json.dumps({"split": "val", "checkpoint": str(path), "weights": weights, **result}), flush=True)
+        model = None
+        for size in sizes:  # each its own validation loader (the crop and the resize before it follow the size)
+            size_cfg = (
+                cfg if size is None else load_config(args.config, [*args.overrides, f"data.val_image_size={size}"])
+            )
+            _, val = make_loaders(size_cfg, env)
+            try:
+                if model is None:
+                    check_classes(state, val)
+                    model = build_model(state["model_name"], state["num_classes"]).to(env.device)
+                    model.load_state_dict(state["model"])
+                    if cfg.model.channels_last:
+                        model = model.to(memory_format=torch.channels_last)
+                result = evaluate(model, val, env, cfg.precision)
+            finally:
+                val.close()  # its workers end now, whatever happened (see Trainer.fit)
+            if env.is_main:
+                weights = "ema" if args.ema else "raw"
+                record = {
+                    "split": "val",
+                    "checkpoint": str(path),
+                    "weights": weights,
+                    "image_size": val_size(size_cfg.data),
+                }
+                print(json.dumps(record | result), flush=True)
     return 0
+
+
+def parse_sizes(text: str) -> list[int]:
+    """--image-sizes 160,192,224 -> [160, 192, 224]."""
+    try:
+        sizes = [int(s) for s in text.split(",")]
+    except ValueError:
+        sizes = []
+    if not sizes or min(sizes) < 1:
+        raise ConfigError(f"--image-sizes {text}: give sizes in pixels separated by commas, e.g. 160,192,224,256")
+    return sizes
+
+
+def check_classes(state: dict, val) -> None:
+    """The checkpoint's classes are the data's, in the same order: else its labels would be scored against others."""
+    if state["num_classes"] != val.num_classes:
+        raise ConfigError(f"the checkpoint predicts {state['num_classes']} classes, the data has {val.num_classes}")
+    trained, here = state.get("class_names"), getattr(val, "class_names", None)
+    if trained is not None and here is not None and list(trained) != here:
+        wrong = next(i for i, (a, b) in enumerate(zip(trained, here, strict=True)) if a != b)
+        raise ConfigError(
+            f"the checkpoint's class {wrong} is {trained[wrong]!r}, the data's is {here[wrong]!r}: its labels "
+            "would be scored against other classes. Evaluate on data with the training set's class folders"
+        )
 
 
 def cmd_export(args: argparse.Namespace) -> int:
@@ -429,6 +457,9 @@ def build_parser() -> argparse.ArgumentParser:
     # required, but checked in cmd_eval: the old form checkpoint=PATH gets a message saying what replaced it
     p.add_argument("--checkpoint", help="a checkpoint folder, or a run folder (its newest checkpoint); required")
     p.add_argument("--ema", action="store_true", help="the checkpoint's EMA weights (ema.pt) instead of the raw ones")
+    p.add_argument(
+        "--image-sizes", help="evaluate at each of these center crops, a JSON line each (e.g. 160,192,224,256)"
+    )
     p.set_defaults(func=cmd_eval)
 
     p = sub.add_parser("export", help="a checkpoint's weights as timm safetensors, a torchvision state dict, or ONNX")

@@ -79,13 +79,25 @@ class ModelConfig:
 
 
 @dataclass
+class ProgressiveConfig:
+    min_size: int | None = param(None, range="[1, inf)")  # progressive resizing (FFCV's ResNet-50 recipe): training
+    # crops grow from this to data.image_size; None: off
+    start_epoch: int = param(0, range="[0, inf)")  # the last epoch at min_size (counted from 0, as metrics.jsonl's)
+    end_epoch: int | None = param(None, range="[1, inf)")  # the first epoch at data.image_size; None: the last epoch
+    step: int = param(32, range="[1, inf)")  # sizes in between are rounded down to a multiple of this (at least
+    # min_size)
+
+
+@dataclass
 class DataConfig:
     path: str | None = param(None, resumable=True)  # folder holding train/ and val/ in ImageNet layout (class folders
     # of images)
     loader: Literal["auto", "dali", "torch", "synthetic"] = "auto"  # auto: dali when installed, else torch
-    image_size: int = param(224, range="[1, inf)")  # training crop in pixels (validation center crop too)
-    val_resize_ratio: float = param(0.875, range="(0, 1]")  # validation resizes the shorter side to image_size / this,
-    # then crops
+    image_size: int = param(224, range="[1, inf)")  # training crop in pixels (and validation's, unless val_image_size)
+    val_image_size: int | None = param(None, range="[1, inf)", resumable=True)  # validation's center crop; None:
+    # image_size (a larger one often scores better: the train-test resolution discrepancy)
+    val_resize_ratio: float = param(0.875, range="(0, 1]", resumable=True)  # validation resizes the shorter side to
+    # the crop / this, then center crops
     batch_size: int = param(32, range="[1, inf)")  # images per process per step (global batch = this x world size x
     # accumulation)
     global_batch_size: int | None = param(None, range="[1, inf)")  # if set, batch_size = this / (processes x
@@ -110,6 +122,7 @@ class DataConfig:
     mean: tuple[float, ...] = (0.485, 0.456, 0.406)  # per-channel normalisation mean, RGB in [0, 1]
     std: tuple[float, ...] = (0.229, 0.224, 0.225)  # per-channel normalisation std, RGB in [0, 1]
     skip_bad_images: bool = False  # skip (and count) unreadable images instead of stopping on the first
+    progressive: ProgressiveConfig = field(default_factory=ProgressiveConfig)
 
 
 @dataclass
@@ -275,10 +288,34 @@ def check_ranges(cfg: Config) -> None:
             "the collectives' timeout would end a hang before the watchdog reports it; lower the first (0: off) "
             "or raise the second"
         )
+    check_progressive(cfg)
     if cfg.model.init_from_ema and not cfg.model.init_from:
         raise ConfigError("model.init_from_ema=true needs model.init_from (a dist_bot run or checkpoint folder)")
     if len(cfg.data.mean) != 3 or len(cfg.data.std) != 3:
         raise ConfigError("data.mean and data.std need one value per RGB channel, e.g. data.std=[0.229,0.224,0.225]")
+
+
+def check_progressive(cfg: Config) -> None:
+    """A progressive resizing schedule that fits the image size and the epochs."""
+    p, size, epochs = cfg.data.progressive, cfg.data.image_size, cfg.schedule.epochs
+    if p.min_size is None:
+        return
+    end = epochs - 1 if p.end_epoch is None else p.end_epoch
+    problem = None
+    if p.min_size > size:
+        problem = f"data.progressive.min_size={p.min_size} is above data.image_size={size}: it grows up to the latter"
+    elif end >= epochs:
+        problem = (
+            f"data.progressive.end_epoch={end} is past the last epoch ({epochs - 1}; epochs are counted from 0): end "
+            "the ramp earlier or train longer"
+        )
+    elif p.start_epoch >= end:
+        problem = (
+            f"data.progressive.start_epoch={p.start_epoch} is not before end_epoch={end}: the size ramps between the "
+            "two (epochs counted from 0)"
+        )
+    if problem:
+        raise ConfigError(problem)
 
 
 def profile_window(value: str | None) -> tuple[int, int] | None:

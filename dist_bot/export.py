@@ -47,7 +47,7 @@ def export_info(path: Path, meta: dict, ema: bool) -> dict:
         "num_classes": meta["num_classes"],
         "class_names": class_names(meta),
         "class_descriptions": meta.get("class_descriptions"),  # e.g. ImageNet's words for its WNIDs
-        "image_size": data["image_size"],
+        "image_size": data.get("val_image_size") or data["image_size"],  # validation's crop, which predict applies
         "val_resize_ratio": data["val_resize_ratio"],  # resize the shorter side to image_size / this, center crop
         "mean": list(data["mean"]),  # of RGB in [0, 1]
         "std": list(data["std"]),

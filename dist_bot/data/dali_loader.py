@@ -36,7 +36,7 @@ import numpy as np
 
 from ..errors import BadImageError
 from ..signals import helpers_shielded
-from .loader import PlannedLoader, dali_py_workers, decode_workers
+from .loader import PlannedLoader, dali_py_workers, decode_workers, train_sizes, val_size
 from .plan import MIN_PER_MICRO_BATCH, EpochStream, draw, eval_shard, lighting_rgb, serve
 from .source import FileList, ImageList, load_rgb, read_image, unreadable_from
 
@@ -55,6 +55,7 @@ FIELDS = {
     "anchor": "INT32",  # crop corner (x, y) in pixels
     "shape": "INT32",  # crop (width, height)
     "flip": "INT32",  # 1: mirror horizontally
+    "size": "FLOAT",  # the output's (width, height): the epoch's under progressive resizing (data.progressive)
     "twist": "FLOAT",  # brightness, contrast, saturation factors (colour jitter)
     "mean": "FLOAT",  # the normalisation mean, shifted by the image's PCA lighting noise (0-255 units)
     "ok": "UINT8",  # 0: the planned file was unreadable and skipped (data.skip_bad_images)
@@ -64,7 +65,7 @@ FIELDS = {
 def feeder_fields(data) -> list[str]:
     """The fields a config needs: colour jitter's and lighting's only when they are on (DALI warns about unused
     outputs, and a constant mean is cheaper than a per-image one)."""
-    off = {"twist": data.color_jitter <= 0, "mean": data.pca_lighting <= 0}
+    off = {"twist": data.color_jitter <= 0, "mean": data.pca_lighting <= 0, "size": data.progressive.min_size is None}
     return [f for f in FIELDS if not off.get(f, False)]
 
 
@@ -116,6 +117,7 @@ class TrainFeeder:
         self.min_crop_area, self.hflip, self.color_jitter = d.min_crop_area, d.hflip, d.color_jitter
         self.pca_lighting, self.mean = d.pca_lighting, np.asarray(d.mean, dtype=np.float64)
         self.fields = feeder_fields(d)
+        self.sizes = train_sizes(cfg)
         self.parent_pid = os.getpid()
 
     def __call__(self, info) -> list:
@@ -137,7 +139,7 @@ class TrainFeeder:
         # by a per-image mean of 255 (mean - rgb), which the pipeline's crop_mirror_normalize takes as is.
         mean = (255 * (self.mean - lighting_rgb(alpha * self.pca_lighting))).astype(np.float32)
         out = {"jpeg": jpegs, "label": labels, "anchor": anchor, "shape": shape, "flip": flip, "twist": twist}
-        out |= {"mean": mean, "ok": ok}
+        out |= {"mean": mean, "ok": ok, "size": np.full((n, 2), self.sizes(epoch), np.float32)}
         return [out[f] for f in self.fields]
 
     def __setstate__(self, state: dict) -> None:
@@ -211,7 +213,8 @@ def _pipelines(cfg, device_id, max_batch: int, num_threads: int, py_workers: int
         images = fn.decoders.image_slice(
             x["jpeg"], x["anchor"], x["shape"], device=decode_device, output_type=types.RGB, axis_names="WH", **decoder
         )
-        images = fn.resize(images, size=[d.image_size, d.image_size], antialias=True, device=op_device)
+        size = x.get("size", [d.image_size, d.image_size])  # per image under progressive resizing
+        images = fn.resize(images, size=size, antialias=True, device=op_device)
         if "twist" in x:
             t = x["twist"]
             images = fn.color_twist(images, brightness=t[0], contrast=t[1], saturation=t[2])
@@ -223,11 +226,10 @@ def _pipelines(cfg, device_id, max_batch: int, num_threads: int, py_workers: int
 
     def val_images(jpeg):
         images = fn.decoders.image(jpeg, device=decode_device, output_type=types.RGB, **decoder)
-        images = fn.resize(
-            images, resize_shorter=round(d.image_size / d.val_resize_ratio), antialias=True, device=op_device
-        )
+        crop = val_size(d)
+        images = fn.resize(images, resize_shorter=round(crop / d.val_resize_ratio), antialias=True, device=op_device)
         return fn.crop_mirror_normalize(
-            images, dtype=out_dtype, output_layout=layout, mean=mean, std=std, crop=(d.image_size, d.image_size)
+            images, dtype=out_dtype, output_layout=layout, mean=mean, std=std, crop=(crop, crop)
         )
 
     @pipeline_def(batch_size=max_batch, num_threads=num_threads, device_id=device_id, exec_dynamic=True)

@@ -7,13 +7,16 @@ from __future__ import annotations
 
 import functools
 import itertools
+import logging
 import os
 from collections.abc import Iterator
 from typing import Any, Protocol
 
 from ..errors import DataError
-from .plan import Step, StepPlan, plan_epoch, shard_eval
+from .plan import Step, StepPlan, plan_epoch, shard_eval, train_size
 from .source import open_dataset
+
+log = logging.getLogger(__name__)
 
 
 class Loader(Protocol):
@@ -68,6 +71,20 @@ def make_loaders(cfg, env) -> tuple[Loader, Loader]:
     from .torch_loader import TorchLoader
 
     return TorchLoader(train_list, cfg, env, train=True), TorchLoader(val_list, cfg, env, train=False)
+
+
+def train_sizes(cfg) -> functools.partial:
+    """epoch -> the training crop's size (``plan.train_size`` of data.image_size and data.progressive); picklable, for
+    the loaders' workers."""
+    d, p = cfg.data, cfg.data.progressive
+    end = cfg.schedule.epochs - 1 if p.end_epoch is None else p.end_epoch
+    ramp = {"min_size": p.min_size, "start": p.start_epoch, "end": end, "step": p.step}
+    return functools.partial(train_size, size=d.image_size, **ramp)
+
+
+def val_size(data) -> int:
+    """Validation's center crop: data.val_image_size, or (None) data.image_size."""
+    return data.val_image_size or data.image_size
 
 
 def eval_batch_size(data) -> int:
@@ -174,6 +191,8 @@ class PlannedLoader:
         self.epoch, self.start_step = epoch, start_step
         if self.train:
             self.steps = self.planner()(epoch=epoch)
+            if self.cfg.data.progressive.min_size is not None and epoch > 0:  # epoch 0: set at construction
+                log.info("epoch %d trains on %d px crops (data.progressive)", epoch, train_sizes(self.cfg)(epoch))
 
     def planner(self) -> functools.partial:
         """``plan_epoch`` for this process, given the epoch: a small, picklable function of it (DALI's Python

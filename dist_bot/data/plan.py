@@ -173,6 +173,18 @@ class EpochStream:
         return self.__dict__ | {"_cache": {}}  # a worker plans for itself
 
 
+def train_size(epoch: int, size: int, min_size: int | None, start: int, end: int, step: int) -> int:
+    """The training crop of ``epoch`` (from 0): ``size``, or under progressive resizing (data.progressive, FFCV's
+    ResNet-50 recipe) ``min_size`` up to epoch ``start``, ``size`` from epoch ``end``, and in between the straight
+    line from one to the other rounded down to a multiple of ``step`` (never below ``min_size``)."""
+    if min_size is None or epoch >= end:
+        return size
+    if epoch <= start:
+        return min_size
+    exact = min_size + (size - min_size) * (epoch - start) / (end - start)
+    return max(min_size, int(exact // step) * step)
+
+
 def eval_shard(num_samples: int, rank: int, world_size: int) -> tuple[int, int]:
     """[lo, hi) of the validation images process ``rank`` evaluates: contiguous, shares differ by at most one
     (DALI's reader shard, so both loaders and a pack evaluate the same images on each rank)."""

@@ -23,6 +23,7 @@ import logging
 import multiprocessing
 import multiprocessing.forkserver
 import os
+from collections.abc import Callable
 
 import torch
 from PIL import Image
@@ -31,7 +32,7 @@ from torchvision.transforms.functional import pil_to_tensor
 
 from ..errors import BadImageError
 from ..signals import end_with_trainer, helpers_shielded
-from .loader import PlannedLoader, dataloader_workers
+from .loader import PlannedLoader, dataloader_workers, train_sizes, val_size
 from .plan import PCA_EIGVAL as PLAN_EIGVAL
 from .plan import PCA_EIGVEC as PLAN_EIGVEC
 from .plan import EpochStream, draw, serve
@@ -53,14 +54,15 @@ class DrawnCrop:
     uint8 CHW tensor with the draw's colour twist and lighting coefficients, which the trainer's device applies
     to the batch (``color_twist``, ``pca_lighting``)."""
 
-    def __init__(self, seed: int, image_size: int, min_crop_area: float, hflip: bool, jitter: float):
-        self.seed, self.size = seed, image_size
+    def __init__(self, seed: int, sizes: Callable[[int], int], min_crop_area: float, hflip: bool, jitter: float):
+        self.seed, self.sizes = seed, sizes  # epoch -> the crop's size (loader.train_sizes)
         self.min_crop_area, self.hflip, self.jitter = min_crop_area, hflip, jitter
 
     def __call__(self, img: Image.Image, epoch: int, index: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         d = draw(self.seed, epoch, index, *img.size, self.min_crop_area, self.hflip, self.jitter)
         x, y, w, h = d.box
-        img = img.resize((self.size, self.size), Image.Resampling.BILINEAR, box=(x, y, x + w, y + h))
+        size = self.sizes(epoch)
+        img = img.resize((size, size), Image.Resampling.BILINEAR, box=(x, y, x + w, y + h))
         if d.flip:
             img = img.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
         return pil_to_tensor(img), torch.tensor(d.twist), torch.tensor(d.alpha)
@@ -192,11 +194,11 @@ class TorchLoader(PlannedLoader):
     def __init__(self, images: ImageList, cfg, env, train: bool):
         d = cfg.data
         if train:
-            crop = DrawnCrop(cfg.run.seed, d.image_size, d.min_crop_area, d.hflip, d.color_jitter)
+            crop = DrawnCrop(cfg.run.seed, train_sizes(cfg), d.min_crop_area, d.hflip, d.color_jitter)
             self.dataset = ImageDataset(images, d.skip_bad_images, crop=crop)
         else:
             self.dataset = ImageDataset(
-                images, d.skip_bad_images, transform=eval_transform(d.image_size, d.val_resize_ratio)
+                images, d.skip_bad_images, transform=eval_transform(val_size(d), d.val_resize_ratio)
             )
         self.memory_format = torch.channels_last if cfg.model.channels_last else torch.contiguous_format
         self.dtype = torch.float16 if cfg.precision == "fp16" else torch.float32  # as DALI emits: half the bytes
