@@ -191,8 +191,13 @@ class PlannedLoader:
         self.epoch, self.start_step = epoch, start_step
         if self.train:
             self.steps = self.planner()(epoch=epoch)
-            if self.cfg.data.progressive.min_size is not None and epoch > 0:  # epoch 0: set at construction
-                log.info("epoch %d trains on %d px crops (data.progressive)", epoch, train_sizes(self.cfg)(epoch))
+            if self.cfg.data.progressive.min_size is not None:  # numbered as the progress lines are, from 1
+                log.info(
+                    "epoch %d/%d trains on %d px crops (data.progressive)",
+                    epoch + 1,
+                    self.cfg.schedule.epochs,
+                    train_sizes(self.cfg)(epoch),
+                )
 
     def planner(self) -> functools.partial:
         """``plan_epoch`` for this process, given the epoch: a small, picklable function of it (DALI's Python

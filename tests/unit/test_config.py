@@ -306,6 +306,7 @@ EXPECTED_RANGES = {
     "model.num_classes": "[1, inf)",
     "model.ema_decay": "[0, 1)",
     "data.image_size": "[1, inf)",
+    "data.val_image_size": "[1, inf)",
     "data.val_resize_ratio": "(0, 1]",
     "data.batch_size": "[1, inf)",
     "data.val_batch_size": "[1, inf)",
@@ -317,6 +318,10 @@ EXPECTED_RANGES = {
     "data.min_crop_area": "(0, 1]",
     "data.color_jitter": "[0, 1]",
     "data.pca_lighting": "[0, inf)",
+    "data.progressive.min_size": "[1, inf)",
+    "data.progressive.start_epoch": "[0, inf)",
+    "data.progressive.end_epoch": "[1, inf)",
+    "data.progressive.step": "[1, inf)",
     "optim.base_lr_per_256": "[0, inf)",
     "optim.ref_batch": "[1, inf)",
     "optim.momentum": "[0, 1)",
@@ -325,6 +330,7 @@ EXPECTED_RANGES = {
     "optim.grad_clip_norm": "(0, inf)",
     "optim.lars_eta": "(0, inf)",
     "optim.lars_eps": "[0, inf)",
+    "optim.backbone_lr_scale": "[0, inf)",
     "schedule.epochs": "[1, inf)",
     "schedule.warmup_epochs": "[0, inf)",
     "schedule.step_gamma": "(0, 1]",
@@ -351,6 +357,8 @@ EXPECTED_RANGES = {
 }
 EXPECTED_RESUMABLE = {
     "data.path",
+    "data.val_image_size",  # validation only: evaluate a run at another crop when it resumes
+    "data.val_resize_ratio",
     "data.workers",
     "data.dali_py_workers",
     "data.dali_hw_decoder_load",
@@ -368,6 +376,8 @@ EXPECTED_RESUMABLE = {
     "model.compile",
     "model.compile_mode",
     "model.cudnn_benchmark",
+    "model.init_from",  # read only when a run starts fresh
+    "model.init_from_ema",
 }
 
 
