@@ -122,6 +122,19 @@ class DataConfig:
     mean: tuple[float, ...] = (0.485, 0.456, 0.406)  # per-channel normalisation mean, RGB in [0, 1]
     std: tuple[float, ...] = (0.229, 0.224, 0.225)  # per-channel normalisation std, RGB in [0, 1]
     skip_bad_images: bool = False  # skip (and count) unreadable images instead of stopping on the first
+    interpolation: Literal["bilinear", "bicubic", "random"] = "bilinear"  # training's resize; random: one of the
+    # two per image (timm's default)
+    val_interpolation: Literal["bilinear", "bicubic"] = param("bilinear", resumable=True)  # validation's resize
+    # (timm evaluates its ResNets bicubic)
+    auto_augment: Literal["none", "rand", "trivial", "auto"] = "none"  # after the crop and flip: RandAugment,
+    # TrivialAugment Wide, AutoAugment's ImageNet policy (DALI's auto_aug suites, on both loaders)
+    auto_augment_ops: int = param(2, range="[1, inf)")  # RandAugment: operations per image (its N)
+    auto_augment_magnitude: int = param(9, range="[0, 30]")  # RandAugment: the magnitude bin of 31 (its M;
+    # torchvision's default 9; timm's m on its 0-10 scale is about 3 x that)
+    random_erasing: float = param(0.0, range="[0, 1]")  # probability of erasing a rectangle (2-33 % of the crop) to
+    # the mean, after normalisation (torchvision's RandomErasing, value 0); 0: off
+    repeated_aug: int = param(1, range="[1, inf)")  # repeated augmentation: each epoch trains 1/k of the images k
+    # times each, on k different processes, differently augmented (DeiT, "ResNet strikes back": 3); 1: off
     progressive: ProgressiveConfig = field(default_factory=ProgressiveConfig)
 
 
@@ -174,6 +187,8 @@ class LossConfig:
     smoothing_form: Literal["paper", "torch"] = "paper"  # paper: eps/(K-1) per other class; torch: eps/K all
     mixup_alpha: float = param(0.0, range="[0, inf)")  # lambda ~ Beta(alpha, alpha); 0 turns mixup off (the paper: 0.2)
     mixup_pairing: Literal["flip", "permute"] = "flip"  # mix each image with the reversed or a shuffled batch
+    cutmix_alpha: float = param(0.0, range="[0, inf)")  # CutMix: a box of the paired image, area 1 - lambda,
+    # lambda ~ Beta(alpha, alpha); with mixup too, one of the two per batch with even odds (timm's Mixup); 0: off
     distill: DistillConfig = field(default_factory=DistillConfig)
 
 

@@ -36,8 +36,18 @@ import numpy as np
 
 from ..errors import BadImageError
 from ..signals import helpers_shielded
-from .loader import PlannedLoader, dali_py_workers, decode_workers, train_sizes, val_size
-from .plan import MIN_PER_MICRO_BATCH, EpochStream, draw, eval_shard, lighting_rgb, serve
+from .loader import PlannedLoader, dali_py_workers, decode_workers, train_augmentation, train_sizes, val_size
+from .plan import (
+    AUGMENT_BINS,
+    AUGMENT_SUITES,
+    MIN_PER_MICRO_BATCH,
+    EpochStream,
+    augment_slots,
+    draw,
+    eval_shard,
+    lighting_rgb,
+    serve,
+)
 from .source import FileList, ImageList, load_rgb, read_image, unreadable_from
 
 if TYPE_CHECKING:
@@ -56,6 +66,12 @@ FIELDS = {
     "shape": "INT32",  # crop (width, height)
     "flip": "INT32",  # 1: mirror horizontally
     "size": "FLOAT",  # the output's (width, height): the epoch's under progressive resizing (data.progressive)
+    "interp": "INT32",  # the resize's DALIInterpType: 1 linear, 2 cubic (data.interpolation)
+    "aa_op": "INT32",  # data.auto_augment: each slot's operation (its index in plan.AUGMENT_SUITES[suite]) ...
+    "aa_bin": "INT32",  # ... magnitude bin ...
+    "aa_sign": "INT32",  # ... and sign (1: negated)
+    "erase_anchor": "FLOAT",  # random erasing's (y, x) in the output ...
+    "erase_shape": "FLOAT",  # ... and (height, width); 0: none
     "twist": "FLOAT",  # brightness, contrast, saturation factors (colour jitter)
     "mean": "FLOAT",  # the normalisation mean, shifted by the image's PCA lighting noise (0-255 units)
     "ok": "UINT8",  # 0: the planned file was unreadable and skipped (data.skip_bad_images)
@@ -65,8 +81,25 @@ FIELDS = {
 def feeder_fields(data) -> list[str]:
     """The fields a config needs: colour jitter's and lighting's only when they are on (DALI warns about unused
     outputs, and a constant mean is cheaper than a per-image one)."""
+    aa, erase = data.auto_augment == "none", data.random_erasing <= 0
     off = {"twist": data.color_jitter <= 0, "mean": data.pca_lighting <= 0, "size": data.progressive.min_size is None}
+    off |= {"interp": data.interpolation == "bilinear", "aa_op": aa, "aa_bin": aa, "aa_sign": aa}
+    off |= {"erase_anchor": erase, "erase_shape": erase}
     return [f for f in FIELDS if not off.get(f, False)]
+
+
+def dali_suite(name: str) -> list:
+    """DALI's augmentations of data.auto_augment ``name``, in plan.AUGMENT_SUITES's order (its operation indices)."""
+    from nvidia.dali.auto_aug import augmentations, auto_augment, rand_augment, trivial_augment
+
+    if name == "rand":
+        suite = rand_augment.get_rand_augment_suite(use_shape=True)
+    elif name == "trivial":
+        suite = trivial_augment.get_trivial_augment_wide_suite(use_shape=True)
+    else:
+        suite = [*auto_augment.get_image_net_policy(use_shape=True).augmentations.values(), augmentations.identity]
+    by_name = {aug.name: aug for aug in suite}
+    return [by_name[op[0]] for op in AUGMENT_SUITES[name]]
 
 
 class ValFeeder:
@@ -114,7 +147,7 @@ class TrainFeeder:
         self.files = files
         self.stream = EpochStream(planner, first_epoch, first_step)  # planner(epoch=e) -> epoch e's steps
         self.seed, self.skip_bad = cfg.run.seed, d.skip_bad_images
-        self.min_crop_area, self.hflip, self.color_jitter = d.min_crop_area, d.hflip, d.color_jitter
+        self.augmentation = train_augmentation(d)
         self.pca_lighting, self.mean = d.pca_lighting, np.asarray(d.mean, dtype=np.float64)
         self.fields = feeder_fields(d)
         self.sizes = train_sizes(cfg)
@@ -124,22 +157,30 @@ class TrainFeeder:
         return self.batch(*self.stream[info.iteration])
 
     def batch(self, epoch: int, indices: tuple[int, ...]) -> list:
-        n, j = len(indices), self.color_jitter
+        n, size, slots = len(indices), self.sizes(epoch), augment_slots(self.augmentation)
         jpegs, labels, ok = [], np.empty(n, np.int64), np.empty(n, np.uint8)
         anchor, shape, flip = np.empty((n, 2), np.int32), np.empty((n, 2), np.int32), np.zeros(n, np.int32)
-        twist, alpha = np.empty((n, 3), np.float32), np.empty((n, 3))
+        twist, alpha, interp = np.empty((n, 3), np.float32), np.empty((n, 3)), np.empty(n, np.int32)
+        ops, erase = np.zeros((n, slots, 3), np.int32), np.zeros((n, 4), np.float32)
         for k, index in enumerate(indices):
             data, labels[k], (w, h), skipped = read_image(self.files, index, self.skip_bad)
             ok[k] = skipped == 0
             # the draw of the planned index, applied to the image read (the next readable one, if skipped)
-            d = draw(self.seed, epoch, index, w, h, self.min_crop_area, self.hflip, j)
+            d = draw(self.seed, epoch, index, w, h, self.augmentation, size)
             anchor[k], shape[k], flip[k], twist[k], alpha[k] = d.box[:2], d.box[2:], d.flip, d.twist, d.alpha
+            interp[k], erase[k] = 2 if d.bicubic else 1, d.erase  # DALIInterpType: INTERP_CUBIC 2, INTERP_LINEAR 1
+            if slots:
+                ops[k] = d.ops
             jpegs.append(np.frombuffer(data, dtype=np.uint8))
         # Lighting adds rgb to [0, 1] pixels before normalisation: (x / 255 + rgb - mean) / std is normalisation
         # by a per-image mean of 255 (mean - rgb), which the pipeline's crop_mirror_normalize takes as is.
         mean = (255 * (self.mean - lighting_rgb(alpha * self.pca_lighting))).astype(np.float32)
         out = {"jpeg": jpegs, "label": labels, "anchor": anchor, "shape": shape, "flip": flip, "twist": twist}
-        out |= {"mean": mean, "ok": ok, "size": np.full((n, 2), self.sizes(epoch), np.float32)}
+        out |= {"mean": mean, "ok": ok, "size": np.full((n, 2), size, np.float32), "interp": interp}
+        aa_op, aa_bin, aa_sign = (np.ascontiguousarray(ops[:, :, f]) for f in range(3))  # DALI takes dense arrays
+        out |= {"aa_op": aa_op, "aa_bin": aa_bin, "aa_sign": aa_sign}
+        anchor_yx, shape_hw = np.ascontiguousarray(erase[:, [1, 0]]), np.ascontiguousarray(erase[:, [3, 2]])
+        out |= {"erase_anchor": anchor_yx, "erase_shape": shape_hw}  # (x, y, w, h) -> (y, x), (h, w)
         return [out[f] for f in self.fields]
 
     def __setstate__(self, state: dict) -> None:
@@ -196,6 +237,7 @@ def _pipelines(cfg, device_id, max_batch: int, num_threads: int, py_workers: int
         exec_dynamic=True,
         py_num_workers=max(1, py_workers),
         py_start_method="spawn",
+        enable_conditionals=d.auto_augment != "none",  # select() splits the batch by each image's operation
     )
     def train_pipe(feeder: TrainFeeder):
         # Each worker computes whole micro-batches (batch mode: see TrainFeeder); one more in flight than
@@ -209,25 +251,32 @@ def _pipelines(cfg, device_id, max_batch: int, num_threads: int, py_workers: int
             dtype=[getattr(types, FIELDS[f]) for f in feeder.fields],
             **parallel,
         )
-        x = dict(zip(feeder.fields, nodes, strict=True))
+        x = {field: nodes[k] for k, field in enumerate(feeder.fields)}  # (DALI's conditionals' zip takes no strict)
         images = fn.decoders.image_slice(
             x["jpeg"], x["anchor"], x["shape"], device=decode_device, output_type=types.RGB, axis_names="WH", **decoder
         )
         size = x.get("size", [d.image_size, d.image_size])  # per image under progressive resizing
-        images = fn.resize(images, size=size, antialias=True, device=op_device)
+        interp = fn.cast(x["interp"], dtype=types.INTERP_TYPE) if "interp" in x else types.INTERP_LINEAR
+        images = fn.resize(images, size=size, antialias=True, interp_type=interp, device=op_device)
+        if "aa_op" in x:
+            images = auto_augment(images, x, d)
         if "twist" in x:
             t = x["twist"]
             images = fn.color_twist(images, brightness=t[0], contrast=t[1], saturation=t[2])
         images = fn.crop_mirror_normalize(  # a per-image mean when lighting is on (TrainFeeder.batch)
             images, dtype=out_dtype, output_layout=layout, mean=x.get("mean", mean), std=std, mirror=x["flip"]
         )
+        if "erase_shape" in x:  # after normalisation: the mean, as torchvision's RandomErasing(value=0)
+            images = fn.erase(images, anchor=x["erase_anchor"], shape=x["erase_shape"], axis_names="HW", fill_value=0)
         labels = x["label"].gpu() if gpu else x["label"]
         return images, labels, x["ok"]  # ok stays on the CPU: it is counted there, without waiting for the GPU
 
     def val_images(jpeg):
         images = fn.decoders.image(jpeg, device=decode_device, output_type=types.RGB, **decoder)
         crop = val_size(d)
-        images = fn.resize(images, resize_shorter=round(crop / d.val_resize_ratio), antialias=True, device=op_device)
+        interp = types.INTERP_CUBIC if d.val_interpolation == "bicubic" else types.INTERP_LINEAR
+        shorter = round(crop / d.val_resize_ratio)
+        images = fn.resize(images, resize_shorter=shorter, antialias=True, interp_type=interp, device=op_device)
         return fn.crop_mirror_normalize(
             images, dtype=out_dtype, output_layout=layout, mean=mean, std=std, crop=(crop, crop)
         )
@@ -256,6 +305,28 @@ def _pipelines(cfg, device_id, max_batch: int, num_threads: int, py_workers: int
         return val_images(jpeg), label.gpu() if gpu else label
 
     return train_pipe, val_pipe, val_pack_pipe
+
+
+def auto_augment(images, x: dict, data):
+    """data.auto_augment on the resized uint8 HWC crops: each slot applies every image's drawn operation at its
+    drawn magnitude bin and sign (the feeder's aa_op, aa_bin, aa_sign: plan.draw_ops), through DALI's own
+    augmentations and its select(), which splits the batch by operation (DALI's conditionals)."""
+    from nvidia.dali.auto_aug.core import _select, signed_bin
+
+    # (DALI 2.4's suites call fn.experimental.filter and equalize, and warn once per process that those moved)
+    suite, shape = dali_suite(data.auto_augment), images.shape()
+    for k in range(augment_slots(train_augmentation(data))):
+        magnitude = signed_bin(x["aa_bin"][k], random_sign=x["aa_sign"][k])
+        images = _select.select(
+            suite,
+            x["aa_op"][k],
+            images,
+            magnitude_bin=magnitude,
+            num_magnitude_bins=AUGMENT_BINS[data.auto_augment],
+            shape=shape,
+            fill_value=128,
+        )
+    return images
 
 
 @dataclass

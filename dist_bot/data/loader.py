@@ -13,7 +13,7 @@ from collections.abc import Iterator
 from typing import Any, Protocol
 
 from ..errors import DataError
-from .plan import Step, StepPlan, plan_epoch, shard_eval, train_size
+from .plan import Augmentation, Step, StepPlan, plan_epoch, shard_eval, train_size
 from .source import open_dataset
 
 log = logging.getLogger(__name__)
@@ -80,6 +80,20 @@ def train_sizes(cfg) -> functools.partial:
     end = cfg.schedule.epochs - 1 if p.end_epoch is None else p.end_epoch
     ramp = {"min_size": p.min_size, "start": p.start_epoch, "end": end, "step": p.step}
     return functools.partial(train_size, size=d.image_size, **ramp)
+
+
+def train_augmentation(data) -> Augmentation:
+    """The training augmentation's settings that ``plan.draw`` reads, from data.*."""
+    return Augmentation(
+        min_crop_area=data.min_crop_area,
+        hflip=data.hflip,
+        jitter=data.color_jitter,
+        interpolation=data.interpolation,
+        auto_augment=data.auto_augment,
+        aa_ops=data.auto_augment_ops,
+        aa_magnitude=data.auto_augment_magnitude,
+        random_erasing=data.random_erasing,
+    )
 
 
 def val_size(data) -> int:
@@ -204,7 +218,14 @@ class PlannedLoader:
         workers plan each epoch themselves)."""
         d, o, env = self.cfg.data, self.cfg.optim, self.env
         return functools.partial(
-            plan_epoch, len(self.images), d.batch_size, env.rank, env.world_size, o.grad_accum_steps, self.cfg.run.seed
+            plan_epoch,
+            len(self.images),
+            d.batch_size,
+            env.rank,
+            env.world_size,
+            o.grad_accum_steps,
+            self.cfg.run.seed,
+            repeats=d.repeated_aug,
         )
 
     @property

@@ -19,7 +19,16 @@ identically and accumulation mixes exactly as more processes would.
 
 **Augmentation** (the paper's section 2.1): each training image's crop, flip, colour jitter and PCA lighting are
 drawn from a generator seeded by (seed, epoch, index) alone (``draw``); the DALI pipeline and the torch loader
-both apply that draw.
+both apply that draw. So are today's additions, drawn after those (turning one on changes none of the paper's): the
+resize's interpolation (data.interpolation=random), the automatic augmentation's operations and magnitudes
+(data.auto_augment: RandAugment, TrivialAugment, AutoAugment, with DALI's auto_aug suites below) and the random
+erasing box (data.random_erasing), each only when it is on.
+
+**Repeated augmentation** (data.repeated_aug = k, Hoffer et al. 2020, DeiT's and "ResNet strikes back"'s sampler):
+the epoch's permutation with each image k times in a row, cut to the epoch's length, so that an epoch trains N/k
+images k times each, the copies side by side, and so on k different processes (the shard takes every world-th).
+Copy c of image i is planned as the index ``i + c x N``: loaders read image ``index % N`` and draw its
+augmentation from the planned index, so each copy is augmented differently, and with k = 1 nothing changes.
 """
 
 from __future__ import annotations
@@ -100,10 +109,16 @@ def make_step(
     return StepPlan(micro_batches, step_size, world, seeds)
 
 
-def epoch_order(num_samples: int, seed: int, epoch: int, shuffle: bool) -> np.ndarray:
+def epoch_order(num_samples: int, seed: int, epoch: int, shuffle: bool, repeats: int = 1) -> np.ndarray:
+    """The epoch's sample indices in order; with ``repeats`` k > 1 each image k times in a row, copy c planned as
+    index + c x num_samples, cut to num_samples (see the module docstring)."""
     if not shuffle:
         return np.arange(num_samples)
-    return np.random.default_rng([seed, epoch]).permutation(num_samples)
+    order = np.random.default_rng([seed, epoch]).permutation(num_samples)
+    if repeats == 1:
+        return order
+    copies = np.arange(num_samples) % repeats  # position p holds copy p % k of image order[p // k]
+    return np.repeat(order, repeats)[:num_samples] + copies * num_samples
 
 
 def plan_epoch(
@@ -115,10 +130,11 @@ def plan_epoch(
     seed: int,
     epoch: int,
     shuffle=True,
+    repeats: int = 1,
 ) -> list[StepPlan]:
-    """The steps of one training epoch for process ``rank``."""
+    """The steps of one training epoch for process ``rank`` (``repeats``: data.repeated_aug)."""
     per_step = batch_size * world_size * accum
-    order = epoch_order(num_samples, seed, epoch, shuffle)
+    order = epoch_order(num_samples, seed, epoch, shuffle, repeats)
     bounds = [*range(0, num_samples, per_step), num_samples]
     if len(bounds) > 2 and bounds[-1] - bounds[-2] < MIN_PER_MICRO_BATCH * world_size * accum:
         del bounds[-2]  # fold a too-short last step into the previous one
@@ -238,6 +254,126 @@ def lighting_rgb(alpha: np.ndarray) -> np.ndarray:
     return (alpha * PCA_EIGVAL) @ PCA_EIGVEC.T
 
 
+# -- the automatic augmentations (data.auto_augment) ------------------------------------------------------------
+# DALI's nvidia.dali.auto_aug suites (2.4, use_shape=True), written out so that the torch loader applies the same
+# operations without DALI; a test checks them against DALI's own. An operation: (name, magnitude at bin 0, at the
+# last bin, randomly negated); its parameter is the magnitude, of a linspace over the bins in float32 as DALI's, except
+# brightness, contrast, color and sharpness in RandAugment and TrivialAugment, whose enhancement factor is 1 + it
+# (ENHANCE_SHIFT). Translations are fractions of the width (x) or height (y); posterize keeps that many bits (at
+# least 1); solarize inverts pixels at or above the threshold; solarize_add adds it to pixels below 128.
+AugOp = tuple[str, float, float, bool]
+_NONE: tuple[float, float, bool] = (0.0, 0.0, False)  # an operation without magnitude
+AUGMENT_SUITES: dict[str, tuple[AugOp, ...]] = {
+    "rand": (  # RandAugment (Cubuk et al. 2020): data.auto_augment_ops operations at bin data.auto_augment_magnitude
+        ("translate_x", 0.0, 100 / 224, True),
+        ("translate_y", 0.0, 100 / 224, True),
+        ("shear_x", 0.0, 0.3, True),
+        ("shear_y", 0.0, 0.3, True),
+        ("rotate", 0.0, 30.0, True),
+        ("brightness", 0.0, 0.9, True),
+        ("contrast", 0.0, 0.9, True),
+        ("color", 0.0, 0.9, True),
+        ("sharpness", 0.0, 0.9, True),
+        ("posterize", 8.0, 4.0, False),
+        ("solarize", 256.0, 0.0, False),
+        ("equalize", *_NONE),
+        ("auto_contrast", *_NONE),
+        ("identity", *_NONE),
+    ),
+    "trivial": (  # TrivialAugment Wide (Muller & Hutter 2021): one operation at a uniformly drawn bin
+        ("translate_x", 0.0, 1.0, True),
+        ("translate_y", 0.0, 1.0, True),
+        ("shear_x", 0.0, 0.99, True),
+        ("shear_y", 0.0, 0.99, True),
+        ("rotate", 0.0, 135.0, True),
+        ("brightness", 0.01, 0.99, True),
+        ("contrast", 0.01, 0.99, True),
+        ("color", 0.01, 0.99, True),
+        ("sharpness", 0.01, 0.99, True),
+        ("posterize", 8.0, 2.0, False),
+        ("solarize", 256.0, 0.0, False),
+        ("equalize", *_NONE),
+        ("auto_contrast", *_NONE),
+        ("identity", *_NONE),
+    ),
+    "auto": (  # AutoAugment's ImageNet policy (Cubuk et al. 2019): the operations its sub-policies use
+        ("auto_contrast", *_NONE),
+        ("color", 0.1, 1.9, False),
+        ("equalize", *_NONE),
+        ("invert", *_NONE),
+        ("posterize", 0.0, 4.0, False),
+        ("rotate", 0.0, 30.0, True),
+        ("shear_x", 0.0, 0.3, True),
+        ("shear_y", 0.0, 0.3, True),
+        ("solarize", 0.0, 256.0, False),
+        ("solarize_add", 0.0, 110.0, False),
+        ("translate_y", 0.0, 1.0, True),
+        ("identity", *_NONE),
+    ),
+}
+AUGMENT_BINS = {"rand": 31, "trivial": 31, "auto": 11}
+ENHANCE_SHIFT = {"rand": 1.0, "trivial": 1.0, "auto": 0.0}
+# AutoAugment's ImageNet sub-policies: (operation, probability, magnitude bin), applied in order
+AUTO_AUGMENT_POLICY: tuple[tuple[tuple[str, float, int], ...], ...] = (
+    (("equalize", 0.8, 0), ("shear_y", 0.8, 4)),
+    (("color", 0.4, 9), ("equalize", 0.6, 0)),
+    (("color", 0.4, 1), ("rotate", 0.6, 8)),
+    (("solarize", 0.8, 3), ("equalize", 0.4, 0)),
+    (("solarize", 0.4, 2), ("solarize", 0.6, 2)),
+    (("color", 0.2, 0), ("equalize", 0.8, 0)),
+    (("equalize", 0.4, 0), ("solarize_add", 0.8, 3)),
+    (("shear_x", 0.2, 9), ("rotate", 0.6, 8)),
+    (("color", 0.6, 1), ("equalize", 1.0, 0)),
+    (("invert", 0.4, 0), ("rotate", 0.6, 0)),
+    (("equalize", 1.0, 0), ("shear_y", 0.6, 3)),
+    (("color", 0.4, 7), ("equalize", 0.6, 0)),
+    (("posterize", 0.4, 6), ("auto_contrast", 0.4, 0)),
+    (("solarize", 0.6, 8), ("color", 0.6, 9)),
+    (("solarize", 0.2, 4), ("rotate", 0.8, 9)),
+    (("rotate", 1.0, 7), ("translate_y", 0.8, 9)),
+    (("solarize", 0.8, 4),),
+    (("shear_y", 0.8, 0), ("color", 0.6, 4)),
+    (("color", 1.0, 0), ("rotate", 0.6, 2)),
+    (("equalize", 0.8, 0),),
+    (("equalize", 1.0, 0), ("auto_contrast", 0.6, 0)),
+    (("shear_y", 0.4, 7), ("solarize_add", 0.6, 7)),
+    (("posterize", 0.8, 2), ("solarize", 0.6, 10)),
+    (("solarize", 0.6, 8), ("equalize", 0.6, 0)),
+    (("color", 0.8, 6), ("rotate", 0.4, 5)),
+)
+
+
+def augment_slots(settings: Augmentation) -> int:
+    """Operations each image gets under data.auto_augment (identity where one is not applied)."""
+    return {"none": 0, "rand": settings.aa_ops, "trivial": 1, "auto": 2}[settings.auto_augment]
+
+
+def augment_param(suite: str, op: int, bin: int, sign: int) -> tuple[str, float]:
+    """(name, parameter) of operation ``op`` of ``suite`` at magnitude ``bin``, negated when ``sign`` is 1 and the
+    operation is randomly negated; the enhancement operations' parameter is their factor."""
+    name, lo, hi, signed = AUGMENT_SUITES[suite][op]
+    magnitude = float(np.linspace(lo, hi, AUGMENT_BINS[suite], dtype=np.float32)[bin])
+    if signed and sign:
+        magnitude = -magnitude
+    if name in ("brightness", "contrast", "color", "sharpness"):
+        magnitude += ENHANCE_SHIFT[suite]
+    return name, magnitude
+
+
+@dataclass(frozen=True)
+class Augmentation:
+    """The training augmentation's settings (data.*): what ``draw`` needs besides the image and its key."""
+
+    min_crop_area: float = 0.08
+    hflip: bool = True
+    jitter: float = 0.4
+    interpolation: str = "bilinear"  # bilinear | bicubic | random (one of the two per image)
+    auto_augment: str = "none"  # none | rand | trivial | auto
+    aa_ops: int = 2  # RandAugment's operations per image
+    aa_magnitude: int = 9  # RandAugment's magnitude bin (of 31)
+    random_erasing: float = 0.0  # probability
+
+
 @dataclass(frozen=True)
 class Draw:
     """One training image's augmentation."""
@@ -246,16 +382,59 @@ class Draw:
     flip: bool  # mirror horizontally
     twist: tuple[float, float, float]  # colour jitter's brightness, contrast and saturation factors
     alpha: tuple[float, float, float]  # PCA lighting's coefficients / std: N(0, 1), scaled by data.pca_lighting
+    bicubic: bool = False  # resize with bicubic, else bilinear, interpolation
+    ops: tuple[tuple[int, int, int], ...] = ()  # auto_augment: (operation, magnitude bin, sign) per slot
+    erase: tuple[int, int, int, int] = (0, 0, 0, 0)  # random erasing's (x, y, width, height) in the output; 0: none
 
 
-def draw(
-    seed: int, epoch: int, index: int, width: int, height: int, min_crop_area: float, hflip: bool, jitter: float
-) -> Draw:
-    """The augmentation of sample ``index`` in ``epoch`` for an image of width x height: its own generator's draws,
-    always in this order (a resumed run repeats them)."""
+def draw_ops(settings: Augmentation, rng: np.random.Generator) -> tuple[tuple[int, int, int], ...]:
+    """The automatic augmentation's operations for one image, as DALI's rand_augment, trivial_augment_wide and
+    auto_augment draw them: RandAugment n operations with replacement at one bin, TrivialAugment one at a uniform
+    bin, AutoAugment a uniform sub-policy whose operations each apply with their probability (identity if not);
+    every operation with a random sign."""
+    suite = settings.auto_augment
+    names = [op[0] for op in AUGMENT_SUITES[suite]]
+    n = augment_slots(settings)
+    signs = rng.integers(0, 2, size=n)
+    if suite == "rand":
+        ops = rng.integers(0, len(names), size=n)
+        return tuple((int(o), settings.aa_magnitude, int(g)) for o, g in zip(ops, signs, strict=True))
+    if suite == "trivial":
+        return ((int(rng.integers(0, len(names))), int(rng.integers(0, AUGMENT_BINS[suite])), int(signs[0])),)
+    policy = AUTO_AUGMENT_POLICY[int(rng.integers(0, len(AUTO_AUGMENT_POLICY)))]
+    run = rng.random(n)
+    slots = []
+    for k in range(n):
+        name, p, bin = policy[k] if k < len(policy) else ("identity", 0.0, 0)
+        slots.append((names.index(name), bin, int(signs[k])) if run[k] < p else (names.index("identity"), 0, 0))
+    return tuple(slots)
+
+
+def erase_box(size: int, rng: np.random.Generator) -> tuple[int, int, int, int]:
+    """Random erasing's rectangle in a size x size image (torchvision's RandomErasing: 2-33 % of the area, aspect
+    0.3-3.3 log-uniform, ten tries), or (0, 0, 0, 0) when no try fits."""
+    area, log_ratio = size * size, (math.log(0.3), math.log(1 / 0.3))
+    for _ in range(10):
+        target = area * rng.uniform(0.02, 1 / 3)
+        aspect = math.exp(rng.uniform(*log_ratio))
+        h, w = round(math.sqrt(target * aspect)), round(math.sqrt(target / aspect))
+        if 0 < h < size and 0 < w < size:
+            return int(rng.integers(0, size - w + 1)), int(rng.integers(0, size - h + 1)), w, h
+    return 0, 0, 0, 0
+
+
+def draw(seed: int, epoch: int, index: int, width: int, height: int, settings: Augmentation, size: int) -> Draw:
+    """The augmentation of planned sample ``index`` in ``epoch`` for an image of width x height, resized to
+    ``size``: its own generator's draws, always in this order (a resumed run repeats them); those after the paper's
+    only when their setting is on, so that turning one on changes none of the paper's."""
     rng = np.random.default_rng(sample_seed(seed, epoch, index))
-    box = sample_resized_crop(width, height, (min_crop_area, 1.0), (3 / 4, 4 / 3), rng)
-    flip = bool(hflip and rng.random() < 0.5)
-    twist = tuple(float(t) for t in rng.uniform(1 - jitter, 1 + jitter, size=3))
+    box = sample_resized_crop(width, height, (settings.min_crop_area, 1.0), (3 / 4, 4 / 3), rng)
+    flip = bool(settings.hflip and rng.random() < 0.5)
+    twist = tuple(float(t) for t in rng.uniform(1 - settings.jitter, 1 + settings.jitter, size=3))
     alpha = tuple(float(a) for a in rng.standard_normal(3))
-    return Draw(box, flip, twist, alpha)
+    bicubic = settings.interpolation == "bicubic" or (settings.interpolation == "random" and rng.random() < 0.5)
+    ops = draw_ops(settings, rng) if settings.auto_augment != "none" else ()
+    erase = (0, 0, 0, 0)
+    if settings.random_erasing > 0 and rng.random() < settings.random_erasing:
+        erase = erase_box(size, rng)
+    return Draw(box, flip, twist, alpha, bicubic, ops, erase)

@@ -4,13 +4,14 @@ Each sample's augmentation is ``plan.draw(seed, epoch, index)``, the draw the DA
 the same whatever the number of workers, and a resumed run sees exactly the images it would have seen.
 
 **Augmentation** (the paper's section 2.1). Training applies each image's ``plan.draw`` as DALI's pipeline does:
-with PIL, in the DataLoader workers, the crop box resized to image_size (antialiased bilinear) and the flip; on the
-training device, in one batched op, colour jitter with DALI's color_twist formula (brightness, contrast, saturation,
-then rounded to uint8), PCA lighting (AlexNet) and normalisation. The crops are RandomResizedCrop's (8-100 % of the
-area, aspect 3/4-4/3), the jitter coefficients in [1 - x, 1 + x] (x = 0.4: [0.6, 1.4]). The paper names brightness,
-saturation and hue; hue is an angle, not a scale, and GluonCV's ImageNet script that trained the paper's released
-models jitters brightness, contrast and saturation: we do the same. Workers hand over uint8 CHW tensors: 4x less
-host-to-device traffic than float, as DALI and FFCV do.
+with PIL, in the DataLoader workers, the crop box resized to image_size (antialiased bilinear, or bicubic:
+data.interpolation), the automatic augmentation's operations (data.auto_augment) and the flip; on the training
+device, in one batched op, colour jitter with DALI's color_twist formula (brightness, contrast, saturation, then
+rounded to uint8), PCA lighting (AlexNet), normalisation and random erasing (data.random_erasing). The crops are
+RandomResizedCrop's (8-100 % of the area, aspect 3/4-4/3), the jitter coefficients in [1 - x, 1 + x] (x = 0.4: [0.6,
+1.4]). The paper names brightness, saturation and hue; hue is an angle, not a scale, and GluonCV's ImageNet script
+that trained the paper's released models jitters brightness, contrast and saturation: we do the same. Workers hand
+over uint8 CHW tensors: 4x less host-to-device traffic than float, as DALI and FFCV do.
 
 **Evaluation**: resize the shorter side to size / 0.875 (256 for 224), center crop.
 """
@@ -25,6 +26,7 @@ import multiprocessing.forkserver
 import os
 from collections.abc import Callable
 
+import numpy as np
 import torch
 from PIL import Image
 from torchvision import transforms as T
@@ -32,10 +34,10 @@ from torchvision.transforms.functional import pil_to_tensor
 
 from ..errors import BadImageError
 from ..signals import end_with_trainer, helpers_shielded
-from .loader import PlannedLoader, dataloader_workers, train_sizes, val_size
+from .loader import PlannedLoader, dataloader_workers, train_augmentation, train_sizes, val_size
 from .plan import PCA_EIGVAL as PLAN_EIGVAL
 from .plan import PCA_EIGVEC as PLAN_EIGVEC
-from .plan import EpochStream, draw, serve
+from .plan import Augmentation, EpochStream, augment_param, draw, serve
 from .source import ImageList, first_readable, load_rgb
 
 log = logging.getLogger(__name__)
@@ -50,22 +52,110 @@ PCA_EIGVEC = torch.tensor(PLAN_EIGVEC, dtype=torch.float32)
 
 
 class DrawnCrop:
-    """A training image's ``plan.draw`` applied with PIL: crop box resized to image_size, and the flip; returns the
-    uint8 CHW tensor with the draw's colour twist and lighting coefficients, which the trainer's device applies
-    to the batch (``color_twist``, ``pca_lighting``)."""
+    """A training image's ``plan.draw`` applied with PIL: crop box resized to the epoch's size, the automatic
+    augmentation's operations (data.auto_augment) and the flip, in DALI's pipeline's order; returns the uint8 CHW
+    tensor with the draw's colour twist, lighting coefficients and erasing box, which the trainer's device applies to
+    the batch (``color_twist``, ``pca_lighting``, ``erase``)."""
 
-    def __init__(self, seed: int, sizes: Callable[[int], int], min_crop_area: float, hflip: bool, jitter: float):
-        self.seed, self.sizes = seed, sizes  # epoch -> the crop's size (loader.train_sizes)
-        self.min_crop_area, self.hflip, self.jitter = min_crop_area, hflip, jitter
+    def __init__(self, seed: int, sizes: Callable[[int], int], settings: Augmentation):
+        self.seed, self.sizes, self.settings = seed, sizes, settings  # sizes: epoch -> crop size (train_sizes)
 
-    def __call__(self, img: Image.Image, epoch: int, index: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        d = draw(self.seed, epoch, index, *img.size, self.min_crop_area, self.hflip, self.jitter)
-        x, y, w, h = d.box
+    def __call__(self, img: Image.Image, epoch: int, index: int) -> tuple[torch.Tensor, ...]:
         size = self.sizes(epoch)
-        img = img.resize((size, size), Image.Resampling.BILINEAR, box=(x, y, x + w, y + h))
+        d = draw(self.seed, epoch, index, *img.size, self.settings, size)
+        x, y, w, h = d.box
+        resample = Image.Resampling.BICUBIC if d.bicubic else Image.Resampling.BILINEAR
+        img = img.resize((size, size), resample, box=(x, y, x + w, y + h))
+        for op, bin, sign in d.ops:
+            img = apply_op(img, *augment_param(self.settings.auto_augment, op, bin, sign))
         if d.flip:
             img = img.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
-        return pil_to_tensor(img), torch.tensor(d.twist), torch.tensor(d.alpha)
+        return pil_to_tensor(img), torch.tensor(d.twist), torch.tensor(d.alpha), torch.tensor(d.erase)
+
+
+# -- the automatic augmentations' operations, as DALI's nvidia.dali.auto_aug computes them --------------------------
+# (uint8 arithmetic rounded to nearest and saturated as DALI's casts; geometry by PIL's bilinear affine maps, filled
+# with grey 128 as DALI's suites; the loaders' equality test bounds what the two interpolations leave apart)
+
+FILL = (128, 128, 128)
+
+
+def _u8(a: np.ndarray) -> np.ndarray:
+    return np.clip(np.rint(a), 0, 255).astype(np.uint8)
+
+
+def _enhance(img: Image.Image, factor: float, name: str) -> Image.Image:
+    a = np.asarray(img, dtype=np.float32)
+    if name == "brightness":  # fn.brightness: x f
+        return Image.fromarray(_u8(a * factor))
+    if name == "contrast":  # PIL's: about the image's mean luma
+        center = float((a.mean(axis=(0, 1)) * np.asarray(LUMA, np.float32)).sum())
+        return Image.fromarray(_u8(center + (a - center) * factor))
+    if name == "color":  # fn.saturation: x -> f x + (1 - f) Y
+        luma = (a * np.asarray(LUMA, np.float32)).sum(axis=2, keepdims=True)
+        return Image.fromarray(_u8(factor * a + (1 - factor) * luma))
+    # sharpness: the 3x3 kernel f identity - (f - 1) smooth (PIL's), fn.filter's reflect-101 border
+    smooth = np.array([[1, 1, 1], [1, 5, 1], [1, 1, 1]], np.float32) / 13
+    kernel = -(factor - 1) * smooth
+    kernel[1, 1] += factor
+    p = np.pad(a, ((1, 1), (1, 1), (0, 0)), mode="reflect")
+    h, w = a.shape[:2]
+    out = sum(kernel[i, j] * p[i : i + h, j : j + w] for i in range(3) for j in range(3))
+    return Image.fromarray(_u8(out))
+
+
+def _equalize(a: np.ndarray) -> np.ndarray:
+    """OpenCV's equalizeHist per channel (fn.equalize)."""
+    out = np.empty_like(a)
+    for c in range(a.shape[2]):
+        ch = a[..., c]
+        hist = np.bincount(ch.ravel(), minlength=256)
+        first = int(np.flatnonzero(hist)[0])
+        total = ch.size
+        if hist[first] == total:
+            out[..., c] = first
+            continue
+        scale = 255.0 / (total - hist[first])
+        lut = np.zeros(256, np.float64)
+        lut[first + 1 :] = np.cumsum(hist[first + 1 :]) * scale
+        out[..., c] = _u8(lut)[ch]
+    return out
+
+
+def apply_op(img: Image.Image, name: str, m: float) -> Image.Image:
+    """Operation ``name`` of data.auto_augment at parameter ``m`` (plan.augment_param)."""
+    w, h = img.size
+    affine = {  # DALI's matrices map source to destination; PIL's from destination to source: their inverses
+        "shear_x": (1, -m, 0, 0, 1, 0),
+        "shear_y": (1, 0, 0, -m, 1, 0),
+        "translate_x": (1, 0, -m * w, 0, 1, 0),
+        "translate_y": (1, 0, 0, 0, 1, -m * h),
+    }
+    if name in affine:
+        return img.transform(img.size, Image.Transform.AFFINE, affine[name], Image.Resampling.BILINEAR, fillcolor=FILL)
+    if name == "rotate":  # counter-clockwise for positive angles, about the centre, as fn.rotate
+        return img.rotate(m, Image.Resampling.BILINEAR, fillcolor=FILL)
+    if name in ("brightness", "contrast", "color", "sharpness"):
+        return _enhance(img, m, name)
+    a = np.asarray(img)
+    if name == "posterize":  # keep round(m) bits, at least 1
+        bits = min(8, max(1, int(np.round(np.float32(m)))))
+        a = a & np.uint8(255 ^ (2 ** (8 - bits) - 1))
+    elif name == "solarize":
+        a = np.where(a < m, a, 255 - a).astype(np.uint8)
+    elif name == "solarize_add":
+        a = np.where(a < 128, a + np.uint8(m), a).astype(np.uint8)
+    elif name == "invert":
+        a = 255 - a
+    elif name == "equalize":
+        a = _equalize(a)
+    elif name == "auto_contrast":
+        lo, hi = a.min(axis=(0, 1)).astype(np.float32), a.max(axis=(0, 1)).astype(np.float32)
+        scale = np.where(hi > lo, 255 / np.maximum(hi - lo, 1), 1)
+        a = _u8((a - np.where(hi > lo, lo, 0)) * scale)
+    elif name != "identity":
+        raise ValueError(f"unknown augmentation operation {name!r}")
+    return Image.fromarray(a)
 
 
 # DALI's color_twist: saturation scales I and Q in YIQ, i.e. x -> s x + (1 - s) Y with Y the luma below
@@ -96,10 +186,11 @@ class CenterCrop:
         return img.crop((left, top, left + self.size, top + self.size))
 
 
-def eval_transform(image_size: int, resize_ratio: float) -> T.Compose:
+def eval_transform(image_size: int, resize_ratio: float, interpolation: str = "bilinear") -> T.Compose:
+    mode = T.InterpolationMode.BICUBIC if interpolation == "bicubic" else T.InterpolationMode.BILINEAR
     return T.Compose(
         [
-            T.Resize(round(image_size / resize_ratio), antialias=True),
+            T.Resize(round(image_size / resize_ratio), interpolation=mode, antialias=True),
             CenterCrop(image_size),
             T.PILToTensor(),
         ]
@@ -124,9 +215,20 @@ def normalize(images: torch.Tensor, mean, std) -> torch.Tensor:
     return (images - m) / s
 
 
+def erase(images: torch.Tensor, boxes: torch.Tensor) -> torch.Tensor:
+    """Random erasing: each image's box (x, y, width, height; width 0: none) set to 0, the mean after normalisation,
+    by one mask over the batch (no per-image launches, nothing read back from the device)."""
+    n, _, h, w = images.shape
+    rows = torch.arange(h, device=images.device).view(1, h, 1)
+    cols = torch.arange(w, device=images.device).view(1, 1, w)
+    x0, y0, bw, bh = (boxes[:, k].view(n, 1, 1) for k in range(4))
+    inside = (rows >= y0) & (rows < y0 + bh) & (cols >= x0) & (cols < x0 + bw)
+    return images.masked_fill(inside.unsqueeze(1), 0)
+
+
 # -- the loader ----------------------------------------------------------------------------------------------
 
-NO_TWIST, NO_LIGHTING = torch.ones(3), torch.zeros(3)  # an evaluation image's: no colour jitter, no lighting
+NO_TWIST, NO_LIGHTING, NO_ERASE = torch.ones(3), torch.zeros(3), torch.zeros(4, dtype=torch.int64)  # evaluation's
 
 
 class ImageDataset(torch.utils.data.Dataset):
@@ -153,11 +255,11 @@ class ImageDataset(torch.utils.data.Dataset):
         for error in skipped:
             log.warning("skipping: %s", error)
         if epoch is None:
-            x, twist, alpha = self.transform(img), NO_TWIST, NO_LIGHTING
+            x, twist, alpha, erase = self.transform(img), NO_TWIST, NO_LIGHTING, NO_ERASE
         else:  # the draw of the planned index, applied to the image read (the next readable one, if skipped)
-            x, twist, alpha = self.crop(img, epoch, index)
+            x, twist, alpha, erase = self.crop(img, epoch, index)
         # A skipped bad image is replaced by the next readable one: counted, not silently used.
-        return x, images.samples[at][1], int(not skipped), twist, alpha
+        return x, images.samples[at][1], int(not skipped), twist, alpha, erase
 
     def decode(self, i: int):
         return load_rgb(self.images.samples[i][0], self.images.read(i))
@@ -194,12 +296,11 @@ class TorchLoader(PlannedLoader):
     def __init__(self, images: ImageList, cfg, env, train: bool):
         d = cfg.data
         if train:
-            crop = DrawnCrop(cfg.run.seed, train_sizes(cfg), d.min_crop_area, d.hflip, d.color_jitter)
+            crop = DrawnCrop(cfg.run.seed, train_sizes(cfg), train_augmentation(d))
             self.dataset = ImageDataset(images, d.skip_bad_images, crop=crop)
         else:
-            self.dataset = ImageDataset(
-                images, d.skip_bad_images, transform=eval_transform(val_size(d), d.val_resize_ratio)
-            )
+            transform = eval_transform(val_size(d), d.val_resize_ratio, d.val_interpolation)
+            self.dataset = ImageDataset(images, d.skip_bad_images, transform=transform)
         self.memory_format = torch.channels_last if cfg.model.channels_last else torch.contiguous_format
         self.dtype = torch.float16 if cfg.precision == "fp16" else torch.float32  # as DALI emits: half the bytes
         self.workers = dataloader_workers(cfg, env)
@@ -259,7 +360,8 @@ class TorchLoader(PlannedLoader):
         batch is pinned (copies are asynchronous), the bad-image count stays a CPU tensor until bad_images is
         read, and the constants are already on the device."""
         self._bad = torch.zeros((), dtype=torch.int64)
-        lighting_std, jitter = self.cfg.data.pca_lighting, self.cfg.data.color_jitter
+        d = self.cfg.data
+        lighting_std, jitter, erasing = d.pca_lighting, d.color_jitter, d.random_erasing
         if count == 0:
             self.stream_served()
         for k in itertools.count() if count is None else range(count):
@@ -271,7 +373,7 @@ class TorchLoader(PlannedLoader):
                 raise batch
             if count is not None and k == count - 1:  # the engine never asks past the last batch
                 self.stream_served()
-            images, labels, ok, twist, alpha = batch
+            images, labels, ok, twist, alpha, boxes = batch
             self._bad += (ok == 0).sum()
             x = images.to(self.device, non_blocking=True).float()
             if self.train and jitter > 0:
@@ -279,7 +381,10 @@ class TorchLoader(PlannedLoader):
             x = x.div_(255)
             if self.train and lighting_std > 0:
                 x = pca_lighting(x, alpha.to(self.device, non_blocking=True) * lighting_std, *self.pca)
-            x = normalize(x, self.mean, self.std).to(self.dtype)
+            x = normalize(x, self.mean, self.std)
+            if self.train and erasing:
+                x = erase(x, boxes.to(self.device, non_blocking=True))
+            x = x.to(self.dtype)
             x = x.contiguous(memory_format=self.memory_format)
             yield x, labels.to(self.device, non_blocking=True)
 

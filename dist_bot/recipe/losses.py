@@ -1,7 +1,9 @@
 """The paper's training refinements on the targets and the loss: label smoothing (5.2), knowledge distillation
 (5.3) and mixup (5.4), all on probability targets, so they compose: smooth, then mix, then the (distilled) loss.
 
-Mixup: x = lambda x_i + (1 - lambda) x_j, and the same for the targets, lambda ~ Beta(alpha, alpha).
+Mixup: x = lambda x_i + (1 - lambda) x_j, and the same for the targets, lambda ~ Beta(alpha, alpha). CutMix (Yun et
+al. 2019, not in the paper): x_i with a box of x_j pasted in, of area 1 - lambda, the targets mixed by the box's
+actual share (timm's Mixup with correct_lam); with both on, each micro-batch takes one of the two, with even odds.
 
 lambda is drawn on the host from a seeded generator (a scalar: it reaches the device as a kernel argument, not
 as a copy); the pairing j is made where the images are (a flip, or a permutation drawn by a device generator),
@@ -107,3 +109,48 @@ def mixup(
         other_images, other_targets = images[j], targets[j]
     mixed = images.mul(lam).add_(other_images, alpha=1.0 - lam)
     return mixed, targets * lam + other_targets * (1.0 - lam), lam
+
+
+def cut_box(height: int, width: int, lam: float, rng: np.random.Generator) -> tuple[int, int, int, int]:
+    """(y0, y1, x0, x1) of CutMix's box for lambda: sides sqrt(1 - lambda) of the image's, centred at a uniform
+    pixel, clipped to the image (timm's rand_bbox)."""
+    ratio = float(np.sqrt(1.0 - lam))
+    cut_h, cut_w = int(height * ratio), int(width * ratio)
+    cy, cx = int(rng.integers(0, height)), int(rng.integers(0, width))
+    y0, y1 = np.clip([cy - cut_h // 2, cy + cut_h // 2], 0, height)
+    x0, x1 = np.clip([cx - cut_w // 2, cx + cut_w // 2], 0, width)
+    return int(y0), int(y1), int(x0), int(x1)
+
+
+def cutmix(
+    images: torch.Tensor, targets: torch.Tensor, alpha: float, rng, pairing: str = "flip"
+) -> tuple[torch.Tensor, torch.Tensor, float]:
+    """Paste a box of each image's pair into it; the targets mix by the box's share of the image (so lambda is
+    the share kept). As ``mixup``: returns the images, the targets and lambda."""
+    if alpha <= 0:
+        return images, targets, 1.0
+    rng = np.random.default_rng(rng)
+    h, w = images.shape[-2:]
+    y0, y1, x0, x1 = cut_box(h, w, float(rng.beta(alpha, alpha)), rng)
+    if pairing == "flip":
+        other_images, other_targets = images.flip(0), targets.flip(0)
+    else:
+        j = mix_pairs(images.shape[0], pairing, rng, images.device)
+        other_images, other_targets = images[j], targets[j]
+    mixed = images.clone()
+    mixed[..., y0:y1, x0:x1] = other_images[..., y0:y1, x0:x1]
+    lam = 1.0 - (y1 - y0) * (x1 - x0) / (h * w)
+    return mixed, targets * lam + other_targets * (1.0 - lam), lam
+
+
+def mix(
+    images: torch.Tensor, targets: torch.Tensor, mixup_alpha: float, cutmix_alpha: float, seed, pairing: str = "flip"
+) -> tuple[torch.Tensor, torch.Tensor, float]:
+    """loss.mixup_alpha and loss.cutmix_alpha on a micro-batch, drawn from its ``seed``: mixup alone draws exactly
+    as before CutMix existed; with both, a coin picks one per micro-batch (timm's switch_prob 0.5)."""
+    if cutmix_alpha <= 0:
+        return mixup(images, targets, mixup_alpha, seed, pairing)
+    rng = np.random.default_rng(seed)
+    if mixup_alpha > 0 and rng.random() < 0.5:
+        return mixup(images, targets, mixup_alpha, rng, pairing)
+    return cutmix(images, targets, cutmix_alpha, rng, pairing)

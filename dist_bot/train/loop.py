@@ -38,7 +38,7 @@ from ..distributed.watchdog import HEARTBEAT
 from ..errors import RunError
 from ..profiling import StepProfiler
 from ..provenance import config_header, source_info
-from ..recipe.losses import mixup, smooth_targets
+from ..recipe.losses import mix, smooth_targets
 from ..signals import PREEMPTION
 from ..tracking import Progress, Tracker, updated_summary
 from .build import (
@@ -156,7 +156,9 @@ class Trainer:
         """Mean loss of one micro-batch: smoothed and mixed targets, forward under autocast, (distilled) loss."""
         c = self.cfg
         targets = smooth_targets(micro.labels, self.num_classes, c.loss.label_smoothing, c.loss.smoothing_form)
-        images, targets, _ = mixup(micro.images, targets, c.loss.mixup_alpha, micro.mix_seed, c.loss.mixup_pairing)
+        images, targets, _ = mix(
+            micro.images, targets, c.loss.mixup_alpha, c.loss.cutmix_alpha, micro.mix_seed, c.loss.mixup_pairing
+        )
         with autocast(c.precision, self.env.device):
             logits = self.strategy.model(images)
             if self.teacher is None:

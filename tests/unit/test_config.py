@@ -218,6 +218,44 @@ def test_lars_recipes_hold_mlperfs_numbers():
     assert lars.optim.name == "lars" and lars.optim.base_lr_per_256 * 2048 / 256 == pytest.approx(8.5)
 
 
+def test_todays_recipes_hold_their_sources_numbers():
+    """torchvision's new ResNet-50 recipe and an RSB-A3-style one, as their headers cite them."""
+    tv = load_config(REPO / "configs" / "resnet50_torchvision_new.yaml")
+    d, o, lo = tv.data, tv.optim, tv.loss
+    assert (tv.model.name, tv.schedule.epochs, tv.schedule.warmup_epochs, d.global_batch_size) == (
+        "resnet50",
+        600,
+        5,
+        1024,
+    )
+    assert o.base_lr_per_256 * 1024 / o.ref_batch == pytest.approx(0.5) and o.weight_decay == 2e-5
+    assert (d.image_size, d.val_image_size, round(d.val_image_size / d.val_resize_ratio)) == (176, 224, 232)
+    assert (d.auto_augment, d.random_erasing, d.repeated_aug, d.color_jitter, d.pca_lighting) == (
+        "trivial",
+        0.1,
+        4,
+        0,
+        0,
+    )
+    assert (lo.label_smoothing, lo.smoothing_form, lo.mixup_alpha, lo.cutmix_alpha) == (0.1, "torch", 0.2, 1.0)
+    a3 = load_config(REPO / "configs" / "resnet50_rsb_a3.yaml")
+    d = a3.data
+    assert (a3.schedule.epochs, d.global_batch_size, d.image_size, d.val_image_size, d.val_resize_ratio) == (
+        100,
+        2048,
+        160,
+        224,
+        0.95,
+    )
+    assert (d.auto_augment, d.auto_augment_ops, d.auto_augment_magnitude, d.repeated_aug) == ("rand", 2, 18, 1)
+    assert (a3.loss.mixup_alpha, a3.loss.cutmix_alpha, d.interpolation, d.val_interpolation) == (
+        0.1,
+        1.0,
+        "random",
+        "bicubic",
+    )
+
+
 def test_imagenette_ladder_adds_one_trick_per_rung():
     rungs = [load_config(p) for p in sorted((REPO / "configs" / "imagenette").glob("[0-9]_*.yaml"))]
     assert len(rungs) == 6
@@ -318,6 +356,10 @@ EXPECTED_RANGES = {
     "data.min_crop_area": "(0, 1]",
     "data.color_jitter": "[0, 1]",
     "data.pca_lighting": "[0, inf)",
+    "data.auto_augment_ops": "[1, inf)",
+    "data.auto_augment_magnitude": "[0, 30]",
+    "data.random_erasing": "[0, 1]",
+    "data.repeated_aug": "[1, inf)",
     "data.progressive.min_size": "[1, inf)",
     "data.progressive.start_epoch": "[0, inf)",
     "data.progressive.end_epoch": "[1, inf)",
@@ -338,6 +380,7 @@ EXPECTED_RANGES = {
     "schedule.end_lr": "[0, inf)",
     "loss.label_smoothing": "[0, 1)",
     "loss.mixup_alpha": "[0, inf)",
+    "loss.cutmix_alpha": "[0, inf)",
     "loss.distill.temperature": "(0, inf)",
     "loss.distill.hard_weight": "[0, inf)",
     "loss.distill.soft_weight": "[0, inf)",
@@ -359,6 +402,7 @@ EXPECTED_RESUMABLE = {
     "data.path",
     "data.val_image_size",  # validation only: evaluate a run at another crop when it resumes
     "data.val_resize_ratio",
+    "data.val_interpolation",
     "data.workers",
     "data.dali_py_workers",
     "data.dali_hw_decoder_load",

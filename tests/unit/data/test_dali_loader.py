@@ -21,7 +21,7 @@ from PIL import Image
 
 from dist_bot.config import load_config
 from dist_bot.data.dali_loader import PIPELINE_PREFETCH
-from dist_bot.data.loader import micro_batches
+from dist_bot.data.loader import micro_batches, train_augmentation
 from dist_bot.data.plan import draw, lighting_rgb
 from dist_bot.data.source import FileList, ImageList
 from dist_bot.distributed.env import DistEnv
@@ -153,7 +153,7 @@ def test_pca_lighting_shifts_each_image_by_the_draw_of_its_own_seed(tiny_digits)
     for index in lit.train_batches()[0]:
         with Image.open(lit.images.samples[index][0]) as im:
             width, height = im.size
-        drawn = draw(lit.cfg.run.seed, 0, index, width, height, d.min_crop_area, d.hflip, d.color_jitter)
+        drawn = draw(lit.cfg.run.seed, 0, index, width, height, train_augmentation(d), d.image_size)
         alpha = np.array(drawn.alpha) * d.pca_lighting
         expected.append(lighting_rgb(alpha) / np.array(d.std))
     assert torch.allclose(per_channel, torch.tensor(np.array(expected), dtype=torch.float32), atol=1e-4)
