@@ -149,6 +149,9 @@ def straight_run(first_launch, loader) -> Path:
 
 # log (and agree on a stop) every 2 steps: a signal then stops the run mid-epoch, not at the end of one
 RESUME_ARGS = [*TINY_MODEL, "precision=fp32", "schedule.epochs=2", "run.log_every_steps=2", "model.ema_decay=0.9998"]
+# and every augmentation beyond the paper's on: each must resume exactly too
+RESUME_ARGS += ["data.auto_augment=rand", "data.random_erasing=0.25", "data.interpolation=random"]
+RESUME_ARGS += ["data.repeated_aug=2", "loss.mixup_alpha=0.2", "loss.cutmix_alpha=1.0"]
 
 
 def resume_args(data: Path, loader: str, out_dir: Path) -> list[str]:
