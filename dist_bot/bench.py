@@ -321,8 +321,9 @@ def bench_train(
     times: dict[str, list[float]] = {side: [] for side in runs}
     data_s: list[float] = []
     peak = dict.fromkeys(runs, 0.0)
+    warmup_s = {}  # the untimed steps' seconds: torch.compile's compilation and cuDNN's autotuning are in them
     for side, run in runs.items():
-        timer(run, warm.get(side, warmup))
+        warmup_s[side] = timer(run, warm.get(side, warmup))[0]
     for _ in range(repeats):
         for side, run in runs.items():
             trainer.interval.data_s = 0.0
@@ -358,7 +359,7 @@ def bench_train(
         mem = {"max_gpu_mem_mb": round(peak[side], 1)} if env.device.type == "cuda" else {}
         mem["max_rss_mb"] = round(local_peak_memory_mb(env)[0], 1)
         rec = {"bench": "train", "impl": side, "loader": loaders[side], "img_per_s": rate[side], "step_s": med}
-        rec |= {"steps": len(t) * steps, "warmup_steps": warm.get(side, warmup)}
+        rec |= {"steps": len(t) * steps, "warmup_steps": warm.get(side, warmup), "warmup_s": round(warmup_s[side], 2)}
         if side.startswith("dist_bot+"):
             rec["data_s"] = statistics.median(data_s)
         yield rec | {"block_step_s": [round(x, 5) for x in t]} | mem | common
