@@ -169,6 +169,9 @@ class ScheduleConfig:
     # over the T steps after warmup (MLPerf's LARS recipe: 2)
     end_lr: float = param(0.0, range="[0, inf)")  # poly decay: the absolute lr it ends at, whatever the batch (MLPerf:
     # 1e-4); at most the peak lr (checked when the run starts)
+    stepping: Literal["iteration", "epoch"] = "iteration"  # iteration: the lr changes every step (the paper); epoch:
+    # once per epoch, as timm's train.py steps its schedulers (warmup from warmup_lr, the decay over all epochs)
+    warmup_lr: float = param(0.0, range="[0, inf)")  # stepping=epoch: the first warmup epoch's lr (timm's 1e-5)
 
 
 @dataclass

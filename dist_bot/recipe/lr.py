@@ -2,7 +2,11 @@
 polynomial decay that large-batch LARS training uses (You et al. 2017; the MLPerf ResNet-50 reference: power 2).
 
 The schedule is a pure function of the optimizer step, so a resumed run continues exactly where it
-stopped, and the lr is set before every step, never once per epoch.
+stopped, and the lr is set before every step. ``schedule.stepping=epoch`` instead holds it for a whole epoch, as
+timm's train.py steps its schedulers by default (CosineLRScheduler and friends with warmup_prefix=False): epoch e
+warms up as warmup_lr + e (eta - warmup_lr) / W for e < W, then decays at t = e of T = the run's epochs, warmup
+included (step decay stays at its milestones; timm's multistep decays an epoch earlier); for comparing with timm
+runs (it is not the paper's).
 """
 
 from __future__ import annotations
@@ -28,6 +32,8 @@ class LRSchedule:
     gamma: float = 0.1
     power: float = 2.0  # poly decay: the exponent ...
     end_lr: float = 0.0  # ... and the lr it decays to
+    epoch_steps: int = 0  # stepping per epoch (timm's): optimizer steps per epoch; 0: per iteration (the paper's)
+    warmup_lr: float = 0.0  # stepping per epoch: the lr of the first warmup epoch (timm's warmup_lr)
 
     def __call__(self, step: int) -> float:
         """lr of 0-based optimizer step ``step``.
@@ -36,6 +42,8 @@ class LRSchedule:
         and the last warmup step reaches eta. Cosine: eta_t = 1/2 (1 + cos(t pi / T)) eta with t = s - m
         the step after warmup and T = total - m. Poly: eta_t = (eta - end) (1 - t / T)^power + end.
         """
+        if self.epoch_steps:
+            return self.per_epoch(step // self.epoch_steps)
         if step < self.warmup_steps:
             return (step + 1) * self.peak_lr / self.warmup_steps
         if self.decay == "cosine":
@@ -49,6 +57,20 @@ class LRSchedule:
         if self.decay == "constant":
             return self.peak_lr
         raise ValueError(f"unknown lr decay {self.decay!r}: use cosine, step, poly or constant")
+
+    def per_epoch(self, epoch: int) -> float:
+        """timm's epoch-stepped schedule (warmup_prefix=False): the lr of every step of ``epoch``."""
+        warmup, epochs = self.warmup_steps / self.epoch_steps, self.total_steps // self.epoch_steps
+        if epoch < warmup:
+            return self.warmup_lr + epoch * (self.peak_lr - self.warmup_lr) / warmup
+        t = min(epoch, epochs) / max(1, epochs)
+        if self.decay == "cosine":
+            return 0.5 * (1 + math.cos(math.pi * t)) * self.peak_lr
+        if self.decay == "poly":
+            return (self.peak_lr - self.end_lr) * (1 - t) ** self.power + self.end_lr
+        return LRSchedule(self.peak_lr, self.total_steps, 0, self.decay, self.milestones, self.gamma)(
+            epoch * self.epoch_steps
+        )
 
 
 def build_schedule(sched_cfg, base_lr_per_256: float, ref_batch: int, global_batch: int, steps_per_epoch: int):
@@ -68,4 +90,6 @@ def build_schedule(sched_cfg, base_lr_per_256: float, ref_batch: int, global_bat
         gamma=sched_cfg.step_gamma,
         power=sched_cfg.poly_power,
         end_lr=sched_cfg.end_lr,
+        epoch_steps=steps_per_epoch if sched_cfg.stepping == "epoch" else 0,
+        warmup_lr=sched_cfg.warmup_lr,
     )

@@ -378,6 +378,7 @@ EXPECTED_RANGES = {
     "schedule.step_gamma": "(0, 1]",
     "schedule.poly_power": "(0, inf)",
     "schedule.end_lr": "[0, inf)",
+    "schedule.warmup_lr": "[0, inf)",
     "loss.label_smoothing": "[0, 1)",
     "loss.mixup_alpha": "[0, inf)",
     "loss.cutmix_alpha": "[0, inf)",

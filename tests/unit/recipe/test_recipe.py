@@ -47,6 +47,26 @@ def test_cosine_decay_after_warmup():
     assert s(1100) == pytest.approx(0.0, abs=1e-12)
 
 
+@pytest.mark.parametrize(("epochs", "warmup", "decay"), [(5, 1, "cosine"), (12, 3, "cosine"), (12, 0, "cosine")])
+def test_stepping_per_epoch_is_timms_train_py_schedule(epochs, warmup, decay):
+    """schedule.stepping=epoch reproduces timm's cosine schedule as train.py drives it (create_scheduler_v2,
+    step(epoch) at every epoch's start, warmup_prefix False, warmup from warmup_lr): one lr per epoch, held over
+    its steps. (Step decay stays at its milestones: timm's multistep decays one epoch before them.)"""
+    timm_scheduler = pytest.importorskip("timm.scheduler", reason="timm is not installed (pip install -e '.[dev]')")
+    over = [f"schedule.epochs={epochs}", f"schedule.warmup_epochs={warmup}", "schedule.stepping=epoch"]
+    over += ["schedule.warmup_lr=1e-5", "schedule.step_milestones=[4,8]"]
+    cfg = load_config(None, over)
+    ours = build_schedule(cfg.schedule, 0.1, 256, global_batch=64, steps_per_epoch=7)
+    opt = torch.optim.SGD([nn.Parameter(torch.zeros(1))], lr=0.025)
+    theirs, _ = timm_scheduler.create_scheduler_v2(
+        opt, sched=decay, num_epochs=epochs, warmup_epochs=warmup, warmup_lr=1e-5, decay_milestones=[4, 8]
+    )
+    for epoch in range(epochs):
+        theirs.step(epoch)
+        want = opt.param_groups[0]["lr"]
+        assert [ours(epoch * 7 + k) for k in (0, 3, 6)] == pytest.approx([want] * 3, rel=1e-9, abs=1e-12), epoch
+
+
 def test_step_decay_of_the_baseline():
     cfg = load_config(None, ["schedule.decay=step", "schedule.warmup_epochs=0", "schedule.epochs=120"])
     s = build_schedule(cfg.schedule, 0.1, 256, global_batch=256, steps_per_epoch=10)
