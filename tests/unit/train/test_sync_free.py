@@ -56,8 +56,11 @@ def loader_for(precision: str) -> str:
 
 @pytest.mark.parametrize(
     ("precision", "extra"),
-    [("bf16", ["optim.grad_clip_norm=1.0", "loss.mixup_pairing=permute"]), ("fp16", [])],
-    ids=["bf16-clip-permute", "fp16"],
+    [
+        ("bf16", ["optim.grad_clip_norm=1.0", "loss.mixup_pairing=permute", "loss.cutmix_alpha=1.0"]),
+        ("fp16", ["data.random_erasing=0.5", "data.auto_augment=trivial"]),
+    ],
+    ids=["bf16-clip-permute-cutmix", "fp16-erasing-trivialaugment"],
 )
 @pytest.mark.slow
 def test_two_processes_train_with_every_trick_and_never_wait_between_log_steps(
