@@ -99,7 +99,28 @@ def dali_suite(name: str) -> list:
     else:
         suite = [*auto_augment.get_image_net_policy(use_shape=True).augmentations.values(), augmentations.identity]
     by_name = {aug.name: aug for aug in suite}
-    return [by_name[op[0]] for op in AUGMENT_SUITES[name]]
+    return [current_ops(by_name[op[0]]) for op in AUGMENT_SUITES[name]]
+
+
+def _filter(data, kernel):
+    from nvidia.dali import fn
+
+    return fn.filter(data, kernel)
+
+
+def _equalize(data, _):
+    from nvidia.dali import fn
+
+    return fn.equalize(data)
+
+
+def current_ops(aug):
+    """DALI 2.4's sharpness and equalize call fn.experimental.filter and fn.experimental.equalize, which warn that
+    they moved (once per process, in every training log): the same augmentation on fn.filter and fn.equalize."""
+    from nvidia.dali.auto_aug.core._augmentation import Augmentation
+
+    op = {"sharpness": _filter, "equalize": _equalize}.get(aug.name)
+    return aug if op is None else Augmentation(op, **(aug._get_config() | {"name": aug.name}))
 
 
 class ValFeeder:
@@ -313,7 +334,6 @@ def auto_augment(images, x: dict, data):
     augmentations and its select(), which splits the batch by operation (DALI's conditionals)."""
     from nvidia.dali.auto_aug.core import _select, signed_bin
 
-    # (DALI 2.4's suites call fn.experimental.filter and equalize, and warn once per process that those moved)
     suite, shape = dali_suite(data.auto_augment), images.shape()
     for k in range(augment_slots(train_augmentation(data))):
         magnitude = signed_bin(x["aa_bin"][k], random_sign=x["aa_sign"][k])
