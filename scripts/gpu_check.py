@@ -152,15 +152,7 @@ def run(out: Path, mode: str, seconds_left: float) -> None:
         )
     # 2. images to decode: ImageNet's spread of sizes and modes, out of the page cache
     data = out / "data"
-    size = ["--images", "2000"] if mode == "gpu" else ["--images", "20", "--size", "48x40", "--classes", "4"]
-    res = parts.run("data", [py, "-m", "dist_bot", "data", "fake", str(data), "--imagenet-sizes", *size], cap_s=120)
-    if res is not None:
-        ok = res.returncode == 0
-        parts.record(
-            {"part": "data", "status": "ok" if ok else "failed", "seconds": res.seconds}
-            | ({"dataset": json.loads(res.stdout)} if ok else {"why": res.stderr[-500:]})
-        )
-    have_data = (data / "train").is_dir()
+    have_data = make_images(parts, py, mode, data)
     if not have_data:
         parts.record({"part": "data-fed runs", "status": "not measured", "why": "no images were made"})
     # 3. the bench matrix, and the loaders alone
@@ -172,25 +164,62 @@ def run(out: Path, mode: str, seconds_left: float) -> None:
         if any(o.startswith("data.path") for o in overrides) and not have_data:
             continue
         start = torchrun if launcher == "torchrun" else [py, "-m", "dist_bot"]
-        res = parts.run(f"bench-{name}", [*start, "bench", "train", *overrides, *flags], cap_s=300)
-        if res is not None:
-            records = [json.loads(x) for x in res.stdout.splitlines() if x.startswith("{")]
-            ok = res.returncode == 0 and records
-            entry = {"part": f"bench-{name}", "status": "ok" if ok else "failed", "seconds": res.seconds}
-            parts.record(entry | ({"records": records} if ok else {"why": res.stderr[-800:]}))
+        record_bench(
+            parts, f"bench-{name}", parts.run(f"bench-{name}", [*start, "bench", "train", *overrides, *flags], 300)
+        )
         if i == 2 and have_data:  # after the runs the marks need most: the loaders alone
             bench_data(parts, py, mode, data)
     if have_data and not any(json.loads(x)["part"] == "bench-data" for x in parts.log.read_text().splitlines()):
         bench_data(parts, py, mode, data)
 
 
-def bench_data(parts: Parts, py: str, mode: str, data: Path) -> None:
-    res = parts.run("bench-data", [py, "-m", "dist_bot", "bench", "data", *bench_data_args(mode, data)], cap_s=180)
+def bench_data(parts: Parts, py: str, mode: str, data: Path, args=bench_data_args) -> None:
+    """`dist-bot bench data` with ``args(mode, data)``, recorded as the part bench-data."""
+    res = parts.run("bench-data", [py, "-m", "dist_bot", "bench", "data", *args(mode, data)], cap_s=180)
+    record_bench(parts, "bench-data", res)
+
+
+def record_bench(parts: Parts, name: str, res) -> None:
+    """A bench command's JSON lines as part ``name``'s records, or why it failed (nothing if it did not run)."""
+    if res is None:
+        return
+    records = [json.loads(x) for x in res.stdout.splitlines() if x.startswith("{")]
+    ok = res.returncode == 0 and bool(records)
+    entry = {"part": name, "status": "ok" if ok else "failed", "seconds": res.seconds}
+    parts.record(entry | ({"records": records} if ok else {"why": res.stderr[-800:]}))
+
+
+def make_images(parts: Parts, py: str, mode: str, data: Path) -> bool:
+    """~2,000 fake JPEGs of ImageNet's spread of sizes and modes (a few tiny ones when rehearsing) in ``data``, out
+    of the page cache: whether there are images to decode."""
+    size = ["--images", "2000"] if mode == "gpu" else ["--images", "20", "--size", "48x40", "--classes", "4"]
+    res = parts.run("data", [py, "-m", "dist_bot", "data", "fake", str(data), "--imagenet-sizes", *size], cap_s=120)
     if res is not None:
-        records = [json.loads(x) for x in res.stdout.splitlines() if x.startswith("{")]
-        ok = res.returncode == 0 and records
-        entry = {"part": "bench-data", "status": "ok" if ok else "failed", "seconds": res.seconds}
-        parts.record(entry | ({"records": records} if ok else {"why": res.stderr[-800:]}))
+        ok = res.returncode == 0
+        parts.record(
+            {"part": "data", "status": "ok" if ok else "failed", "seconds": res.seconds}
+            | ({"dataset": json.loads(res.stdout)} if ok else {"why": res.stderr[-500:]})
+        )
+    return (data / "train").is_dir()
+
+
+def read_parts(out: Path, ended: str) -> dict[str, dict]:
+    """OUT/parts.jsonl as {part: its last entry}; a part still "started" is not measured, for ``ended``."""
+    parts: dict[str, dict] = {}
+    log = out / "parts.jsonl"
+    for line in log.read_text().splitlines() if log.exists() else []:
+        entry = json.loads(line)
+        parts[entry.pop("part")] = entry
+    for entry in parts.values():
+        if entry["status"] == "started":
+            entry.update(status="not measured", why=ended)
+    return parts
+
+
+def main(run, summarize) -> None:
+    """`run OUT MODE SECONDS_LEFT` or `summarize OUT MODE ELAPSED_S`, the two commands of the shell script."""
+    command, out, mode, number = sys.argv[1], Path(sys.argv[2]), sys.argv[3], float(sys.argv[4])
+    (run if command == "run" else summarize)(out, mode, number)
 
 
 def junit_cases(xml: Path) -> dict[str, dict]:
@@ -226,14 +255,7 @@ def host() -> dict:
 
 
 def summarize(out: Path, mode: str, elapsed_s: float) -> dict:
-    parts: dict[str, dict] = {}
-    log = out / "parts.jsonl"
-    for line in log.read_text().splitlines() if log.exists() else []:
-        entry = json.loads(line)
-        parts[entry.pop("part")] = entry
-    for entry in parts.values():
-        if entry["status"] == "started":  # the check was killed while this part ran
-            entry.update(status="not measured", why="the check ended while this part ran")
+    parts = read_parts(out, "the check ended while this part ran")
     table, ratios, sides_skipped, loaders = [], {}, {}, []
     for name, entry in parts.items():
         for r in entry.get("records", []):
@@ -311,8 +333,4 @@ def summarize(out: Path, mode: str, elapsed_s: float) -> dict:
 
 
 if __name__ == "__main__":
-    command, out, mode, number = sys.argv[1], Path(sys.argv[2]), sys.argv[3], float(sys.argv[4])
-    if command == "run":
-        run(out, mode, number)
-    else:
-        summarize(out, mode, number)
+    main(run, summarize)

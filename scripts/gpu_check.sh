@@ -47,16 +47,6 @@ finish() {
 }
 trap finish EXIT
 
-if compgen -G ".whl/*.whl" > /dev/null; then  # carried wheels (e.g. DALI): installed beside the host's torch
-    "$PY" -m pip install -q --no-index --no-deps --no-compile --target /tmp/gpu_check_site .whl/*.whl &&
-        export PYTHONPATH="/tmp/gpu_check_site${PYTHONPATH:+:$PYTHONPATH}"
-fi
-if ! "$PY" -c "import torch, sys; sys.exit(tuple(map(int, torch.__version__.split('.')[:2])) < (2, 4))" 2> "$OUT/python.log"; then
-    echo "{\"part\": \"setup\", \"status\": \"failed\", \"why\": \"$PY has no torch >= 2.4 (see python.log)\"}" >> "$OUT/parts.jsonl"
-    exit 1
-fi
-if ! "$PY" -c "import dist_bot" 2> /dev/null; then  # install it alone: the host's torch stays as it is
-    "$PY" -m pip install -q --no-deps --no-build-isolation -e . >> "$OUT/python.log" 2>&1 ||
-        export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
-fi
+source scripts/gpu_host.sh
+prepare_host /tmp/gpu_check_site || exit 1
 "$PY" scripts/gpu_check.py run "$OUT" "$MODE" "$((DEADLINE_S - (SECONDS - START)))"

@@ -19,7 +19,7 @@ import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).parent))
-from gpu_check import Parts, host, importable
+from gpu_check import Parts, bench_data, host, importable, main, make_images, read_parts, record_bench
 
 # the mark: NVIDIA's MLPerf Training v4.0 ResNet-50 on H200 (~7,950 img/s per GPU) less ResNet-D's extra cost;
 # on an H100 the same stack is 1.11x slower (MLPerf's H100/H200 ratio)
@@ -85,31 +85,10 @@ def run(out: Path, mode: str, seconds_left: float) -> None:
         if name.endswith("-dali"):  # the decoder settings first, on images of ImageNet's spread of sizes
             if not make_images(parts, py, mode, data):
                 continue
-            res = parts.run("bench-data", [py, "-m", "dist_bot", "bench", "data", *bench_data_args(mode, data)], 180)
-            record(parts, "bench-data", res)
+            bench_data(parts, py, mode, data, bench_data_args)
         start = torchrun if launcher == "torchrun" else [py, "-m", "dist_bot"]
-        record(parts, f"bench-{name}", parts.run(f"bench-{name}", [*start, "bench", "train", *overrides, *flags], 240))
-
-
-def make_images(parts: Parts, py: str, mode: str, data: Path) -> bool:
-    size = ["--images", "2000"] if mode == "gpu" else ["--images", "20", "--size", "48x40", "--classes", "4"]
-    res = parts.run("data", [py, "-m", "dist_bot", "data", "fake", str(data), "--imagenet-sizes", *size], cap_s=120)
-    if res is not None:
-        ok = res.returncode == 0
-        parts.record(
-            {"part": "data", "status": "ok" if ok else "failed", "seconds": res.seconds}
-            | ({} if ok else {"why": res.stderr[-500:]})
-        )
-    return (data / "train").is_dir()
-
-
-def record(parts: Parts, name: str, res) -> None:
-    if res is None:
-        return
-    records = [json.loads(x) for x in res.stdout.splitlines() if x.startswith("{")]
-    ok = res.returncode == 0 and bool(records)
-    entry = {"part": name, "status": "ok" if ok else "failed", "seconds": res.seconds}
-    parts.record(entry | ({"records": records} if ok else {"why": res.stderr[-800:]}))
+        cmd = [*start, "bench", "train", *overrides, *flags]
+        record_bench(parts, f"bench-{name}", parts.run(f"bench-{name}", cmd, 240))
 
 
 def mark_for(device: str) -> float:
@@ -118,14 +97,7 @@ def mark_for(device: str) -> float:
 
 
 def summarize(out: Path, mode: str, elapsed_s: float) -> dict:
-    parts: dict[str, dict] = {}
-    log = out / "parts.jsonl"
-    for line in log.read_text().splitlines() if log.exists() else []:
-        entry = json.loads(line)
-        parts[entry.pop("part")] = entry
-    for entry in parts.values():
-        if entry["status"] == "started":
-            entry.update(status="not measured", why="the sweep ended while this case ran")
+    parts = read_parts(out, "the sweep ended while this case ran")
     table, ratios, decoders = [], {}, []
     for name, entry in parts.items():
         for r in entry.get("records", []):
@@ -197,8 +169,4 @@ def summarize(out: Path, mode: str, elapsed_s: float) -> dict:
 
 
 if __name__ == "__main__":
-    command, out, mode, number = sys.argv[1], Path(sys.argv[2]), sys.argv[3], float(sys.argv[4])
-    if command == "run":
-        run(out, mode, number)
-    else:
-        summarize(out, mode, number)
+    main(run, summarize)
