@@ -92,6 +92,17 @@ def mix_pairs(batch_size: int, pairing: str, rng: np.random.Generator, device=No
     raise ValueError(f"unknown mixup pairing {pairing!r}: use flip or permute")
 
 
+def partners(
+    images: torch.Tensor, targets: torch.Tensor, pairing: str, rng: np.random.Generator
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Each image's and target's pair j, for mixup and CutMix alike: ``flip`` reverses the batch where it is (a
+    view, no index tensor); ``permute`` gathers by ``mix_pairs``'s permutation."""
+    if pairing == "flip":
+        return images.flip(0), targets.flip(0)
+    j = mix_pairs(images.shape[0], pairing, rng, images.device)
+    return images[j], targets[j]
+
+
 def mixup(
     images: torch.Tensor, targets: torch.Tensor, alpha: float, rng, pairing: str = "flip"
 ) -> tuple[torch.Tensor, torch.Tensor, float]:
@@ -102,11 +113,7 @@ def mixup(
         return images, targets, 1.0
     rng = np.random.default_rng(rng)
     lam = float(rng.beta(alpha, alpha))
-    if pairing == "flip":  # a view-free reversal on the device, no index tensor
-        other_images, other_targets = images.flip(0), targets.flip(0)
-    else:
-        j = mix_pairs(images.shape[0], pairing, rng, images.device)
-        other_images, other_targets = images[j], targets[j]
+    other_images, other_targets = partners(images, targets, pairing, rng)
     mixed = images.mul(lam).add_(other_images, alpha=1.0 - lam)
     return mixed, targets * lam + other_targets * (1.0 - lam), lam
 
@@ -132,11 +139,7 @@ def cutmix(
     rng = np.random.default_rng(rng)
     h, w = images.shape[-2:]
     y0, y1, x0, x1 = cut_box(h, w, float(rng.beta(alpha, alpha)), rng)
-    if pairing == "flip":
-        other_images, other_targets = images.flip(0), targets.flip(0)
-    else:
-        j = mix_pairs(images.shape[0], pairing, rng, images.device)
-        other_images, other_targets = images[j], targets[j]
+    other_images, other_targets = partners(images, targets, pairing, rng)
     mixed = images.clone()
     mixed[..., y0:y1, x0:x1] = other_images[..., y0:y1, x0:x1]
     lam = 1.0 - (y1 - y0) * (x1 - x0) / (h * w)
