@@ -20,7 +20,7 @@ from ..checkpoint import (
 )
 from ..errors import CheckpointError
 from .env import DistEnv, average_buffers
-from .strategy import ScaledOptimizer
+from .strategy import ScaledOptimizer, device_lr
 
 
 class DDPStrategy(ScaledOptimizer):
@@ -68,5 +68,6 @@ class DDPStrategy(ScaledOptimizer):
     def apply(self, state: dict) -> None:
         self.module.load_state_dict(state["model"])
         self.optimizer.load_state_dict(state["optimizer"])
+        device_lr(self.optimizer)  # the loaded lr (a float in checkpoints before it was a tensor) back on the device
         if state["scaler"]:
             self.scaler.load_state_dict(state["scaler"])

@@ -126,9 +126,29 @@ def make_grad_scaler(precision: str, device: torch.device, cfg) -> torch.amp.Gra
 
 
 def set_lr(param_groups: list[dict], lr: float) -> None:
-    """The step's lr into every group, times the group's "lr_scale" where it has one (optim.backbone_lr_scale)."""
+    """The step's lr into every group, times the group's "lr_scale" where it has one (optim.backbone_lr_scale).
+    A group whose lr is a device tensor (``device_lr``) is written in place: one asynchronous fill, and a step
+    captured in a CUDA graph reads the new value from the same memory."""
     for group in param_groups:
-        group["lr"] = lr * group.get("lr_scale", 1.0)
+        value = lr * group.get("lr_scale", 1.0)
+        if isinstance(group["lr"], torch.Tensor):
+            group["lr"].fill_(value)
+        else:
+            group["lr"] = value
+
+
+def device_lr(optimizer: torch.optim.Optimizer) -> None:
+    """Keep a fused optimizer's lr as a 0-dim float32 tensor on its parameters' device (the form torch's fused
+    SGD reads from memory), so no step bakes the lr into a kernel's arguments: a step is then capturable in a
+    CUDA graph, the lr, the loss scale and the skip flag all on the device. Only fused groups: the multi-tensor
+    form would read a tensor lr back to the host (``alpha=-lr``) every step. Idempotent; called again after a
+    checkpoint's optimizer state (whose lr may be a float, or on another device) is loaded."""
+    for group in optimizer.param_groups:
+        if not group.get("fused"):
+            continue
+        lr, device = group["lr"], group["params"][0].device
+        if not (isinstance(lr, torch.Tensor) and lr.device == device and lr.dtype == torch.float32):
+            group["lr"] = torch.tensor(float(lr), dtype=torch.float32, device=device)
 
 
 def zero_momentum(optimizer: torch.optim.Optimizer) -> None:
@@ -210,6 +230,7 @@ class ScaledOptimizer:
         self.grad_clip_norm = cfg.optim.grad_clip_norm
         self.scaler = make_grad_scaler(cfg.precision, env.device, cfg.loss_scale)
         zero_momentum(optimizer)
+        device_lr(optimizer)
 
     def backward(self, loss: torch.Tensor) -> None:
         self.scaler.scale(loss).backward()

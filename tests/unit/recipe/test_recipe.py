@@ -261,6 +261,52 @@ def test_scaled_gradients_are_unscaled_before_the_update():
     torch.testing.assert_close(m16.weight, m32.weight)
 
 
+def test_the_step_reads_lr_loss_scale_and_skip_flag_from_device_memory_that_stays_in_place():
+    """A step capturable in a CUDA graph (issue 26): the fused SGD's lr is a 0-dim float32 tensor written in place
+    by set_lr, the fp16 loss scale a tensor GradScaler updates in place, the skip flag decided on the device. So a
+    graph captured once reads each step's lr and scale from the same memory. The weights equal those of the same
+    steps with a host float lr exactly, through a skipped (overflow) step; a checkpoint whose lr is a float (one
+    written before) is restored with its lr back on the device."""
+    from dist_bot.recipe.sgd import make_sgd
+
+    def build():
+        torch.manual_seed(0)
+        cfg = load_config(None, ["precision=fp16", "loss_scale.init_scale=1024", "loss_scale.growth_interval=2"])
+        model = nn.Sequential(nn.Linear(6, 5), nn.ReLU(), nn.Linear(5, 3))
+        groups = param_groups(model, 1e-4, True)
+        return DDPStrategy(model, lambda m: make_sgd(groups, 0.9, True), DistEnv(), cfg), model
+
+    dev, m_dev = build()
+    host, m_host = build()
+    for group in host.optimizer.param_groups:
+        group["lr"] = 0.0  # the host-float form, the reference
+    lrs = [g["lr"] for g in dev.optimizer.param_groups]
+    assert all(isinstance(lr, torch.Tensor) and lr.dim() == 0 and lr.dtype == torch.float32 for lr in lrs)
+    addresses = None
+    torch.manual_seed(1)
+    for step, lr in enumerate([0.05, 0.1, 0.2, 0.15, 0.1]):
+        x = torch.randn(4, 6)
+        for s, m in ((dev, m_dev), (host, m_host)):
+            s.set_lr(lr)
+            s.backward(m(x).square().mean())
+            if step == 2:
+                m[0].weight.grad[0, 0] = float("inf")  # an overflow: skipped, the scale halved
+            s.step()
+        assert all(g["lr"] is lr for g, lr in zip(dev.optimizer.param_groups, lrs, strict=True))  # written in place
+        assert [lr.item() for lr in lrs] == [torch.tensor(lr).item()] * len(lrs)
+        now = [lr.data_ptr() for lr in lrs] + [dev.scaler._scale.data_ptr()]  # GradScaler makes it at step 1
+        assert now == (addresses := addresses or now)
+    assert dev.loss_scale == host.loss_scale == 2048  # 1024, x2 after 2 clean steps, /2 on the overflow, x2
+    for a, b in zip(m_dev.parameters(), m_host.parameters(), strict=True):
+        assert torch.equal(a, b)
+    state = {"model": m_host.state_dict(), "optimizer": host.optimizer.state_dict(), "scaler": host.scaler.state_dict()}
+    assert isinstance(state["optimizer"]["param_groups"][0]["lr"], float)
+    dev.apply(state)
+    restored = [g["lr"] for g in dev.optimizer.param_groups]
+    assert all(isinstance(lr, torch.Tensor) for lr in restored)
+    assert [lr.item() for lr in restored] == [torch.tensor(0.1).item()] * len(restored)
+
+
 def test_loss_scale_collapse_stops_with_a_clear_error():
     """update() only does arithmetic on the step's (device) values; check() reads them (at log steps)."""
     guard = LossScaleGuard(min_scale=1.0, max_steps_at_min=3)
