@@ -148,7 +148,7 @@ def device_lr(optimizer: torch.optim.Optimizer) -> None:
             continue
         lr, device = group["lr"], group["params"][0].device
         if not (isinstance(lr, torch.Tensor) and lr.device == device and lr.dtype == torch.float32):
-            group["lr"] = torch.tensor(float(lr), dtype=torch.float32, device=device)
+            group["lr"] = torch.full((), float(lr), dtype=torch.float32, device=device)  # a fill, no host copy
 
 
 def zero_momentum(optimizer: torch.optim.Optimizer) -> None:
