@@ -145,7 +145,7 @@ def by_hand_section() -> str:
 )
 def test_unchecked_command_is_listed_as_run_by_hand(page, command):
     """A command no test parses is listed, with the date it was last run (or read) by hand."""
-    command = re.split(r"\s+#\s", command)[0]  # without its trailing comment
+    command = " ".join(re.split(r"\s+#\s", command)[0].split())  # without its comment; spaced as the list items
     items = [" ".join(item.split()) for item in by_hand_section().split("\n- ")[1:]]  # one list item each
     listed = [item for item in items if f"`{command}`" in item]
     assert listed, f"{page}: `{command}` is neither checked here nor listed in {BY_HAND.name}, {BY_HAND_HEADING!r}"
