@@ -13,7 +13,7 @@ from collections.abc import Callable, Iterator
 import numpy as np
 import torch
 
-from .config import Config
+from .config import Config, compile_options
 from .data import make_loaders
 from .data.loader import over_epochs
 from .data.synthetic import SyntheticLoader
@@ -177,7 +177,7 @@ def _bare_loop(cfg: Config, env: DistEnv, model: torch.nn.Module | None = None) 
     fmt = torch.channels_last if cfg.model.channels_last else torch.contiguous_format
     model = model.to(memory_format=fmt)
     if cfg.model.compile:
-        model.compile(mode=cfg.model.compile_mode)
+        model.compile(**compile_options(cfg.model))
     ddp = None
     if torch.distributed.is_initialized():  # as the Trainer: DDP whenever there is a process group
         ddp = model = torch.nn.parallel.DistributedDataParallel(model, device_ids=[dev] if dev.type == "cuda" else None)
@@ -348,7 +348,8 @@ def bench_train(
         "precision": cfg.precision,
         "channels_last": m.channels_last,
         "compile": m.compile,
-        "compile_mode": m.compile_mode if m.compile else None,
+        "compile_mode": compile_options(m).get("mode") if m.compile else None,
+        "compile_backend": m.compile_backend if m.compile else None,
         "cudnn_benchmark": m.cudnn_benchmark if env.device.type == "cuda" else None,
         "strategy": cfg.strategy,
     } | versions(env.device)

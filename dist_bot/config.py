@@ -36,6 +36,7 @@ Precision = Literal["fp32", "fp16", "bf16"]
 Strategy = Literal["ddp", "fsdp", "deepspeed"]
 WandbMode = Literal["auto", "online", "offline", "disabled"]
 CompileMode = Literal["default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs"]
+CompileBackend = Literal["inductor", "aot_eager", "cudagraphs"]
 
 
 def param(default: Any, *, range: str | None = None, resumable: bool = False) -> Any:
@@ -64,6 +65,10 @@ class ModelConfig:
     compile: bool = param(False, resumable=True)  # torch.compile the model (slow first steps, faster after)
     compile_mode: CompileMode = param("default", resumable=True)  # torch.compile's mode (reduce-overhead: CUDA graphs;
     # max-autotune: tuned)
+    compile_backend: CompileBackend = param("inductor", resumable=True)  # torch.compile's backend: inductor (generated
+    # kernels; the only one with modes), cudagraphs (CUDA graphs of the traced graphs, no generated kernels),
+    # aot_eager (the same tracing, forward and backward, run eagerly: for finding a compile problem, and a CPU
+    # rehearsal without minutes of C++ compilation)
     cudnn_benchmark: bool = param(True, resumable=True)  # CUDA: cuDNN times its convolution algorithms on the first
     # steps, keeps the fastest
     sync_bn: bool = False  # SyncBatchNorm across processes (GPU only; the paper uses per-device BN)
@@ -307,6 +312,11 @@ def check_ranges(cfg: Config) -> None:
             "or raise the second"
         )
     check_progressive(cfg)
+    if cfg.model.compile_mode != "default" and cfg.model.compile_backend != "inductor":
+        raise ConfigError(
+            f"model.compile_mode={cfg.model.compile_mode} is one of inductor's modes, but model.compile_backend="
+            f"{cfg.model.compile_backend}: set model.compile_backend=inductor, or model.compile_mode=default"
+        )
     if cfg.model.init_from_ema and not cfg.model.init_from:
         raise ConfigError("model.init_from_ema=true needs model.init_from (a dist_bot run or checkpoint folder)")
     if len(cfg.data.mean) != 3 or len(cfg.data.std) != 3:
@@ -334,6 +344,13 @@ def check_progressive(cfg: Config) -> None:
         )
     if problem:
         raise ConfigError(problem)
+
+
+def compile_options(m: ModelConfig) -> dict[str, str]:
+    """torch.compile's keyword arguments for ``m`` (the model, its loss, a teacher, the bench's loops alike)."""
+    if m.compile_backend != "inductor":
+        return {"backend": m.compile_backend}  # modes are inductor's (another backend would ignore one, warning)
+    return {"backend": m.compile_backend, "mode": m.compile_mode}
 
 
 def profile_window(value: str | None) -> tuple[int, int] | None:

@@ -11,7 +11,7 @@ from pathlib import Path
 import torch
 
 from ..checkpoint import EMA_FILE, load_checkpoint, read_file, resolve_checkpoint
-from ..config import Config, from_dict
+from ..config import Config, compile_options, from_dict
 from ..distributed import build_strategy
 from ..distributed.env import DistEnv
 from ..distributed.strategy import LossScaleGuard, Strategy
@@ -135,7 +135,7 @@ def create_strategy(cfg: Config, env: DistEnv, num_classes: int, fresh: bool = T
     if m.channels_last:
         model = model.to(memory_format=torch.channels_last)
     if m.compile:
-        model.compile(mode=m.compile_mode)  # in place: state_dict keys stay those of the plain model
+        model.compile(**compile_options(m))  # in place: state_dict keys stay those of the plain model
 
     def make_optimizer(module: torch.nn.Module) -> torch.optim.Optimizer:  # the lr is set before every step
         groups = param_groups(module, o.weight_decay, o.no_bias_decay, o.backbone_lr_scale, module.fc)
@@ -163,7 +163,7 @@ def create_ema(
 def create_loss(cfg: Config):
     """The loss on (logits, soft targets[, teacher logits]): compiled with the model when model.compile is on."""
     loss = make_loss(cfg.loss.distill)
-    return torch.compile(loss, mode=cfg.model.compile_mode) if cfg.model.compile else loss
+    return torch.compile(loss, **compile_options(cfg.model)) if cfg.model.compile else loss
 
 
 def create_teacher(cfg: Config, env: DistEnv, num_classes: int) -> torch.nn.Module | None:
@@ -172,7 +172,7 @@ def create_teacher(cfg: Config, env: DistEnv, num_classes: int) -> torch.nn.Modu
         return None
     teacher = load_teacher(d.teacher, num_classes, env, m.channels_last, d.teacher_weights)
     if m.compile:
-        teacher.compile(mode=m.compile_mode)
+        teacher.compile(**compile_options(m))
     return teacher
 
 

@@ -61,7 +61,11 @@ def test_rehearsal_runs_every_part_of_the_matrix(tmp_path):
     for r in records:  # each names what it measured
         assert r["launcher"] in ("process", "torchrun") and r["strategy"] == "ddp", r
         assert r["loader"] in ("synthetic", "dali", "torch") and r["compile_mode"] in (None, "default"), r
-    assert {r["compile_mode"] for r in records if r["compile"]} == {"default"}
+    compiled = [r for r in records if r["compile"]]
+    assert {r["compile_backend"] for r in compiled} == {"inductor", "aot_eager"}  # inductor for one case here
+    assert all((r["compile_mode"] == "default") == (r["compile_backend"] == "inductor") for r in compiled)
+    by_run = {t["run"]: t["compile_backend"] for t in table}
+    assert by_run["bf16-compiled"] == by_run["bf16-compiled-dali"] == "inductor" and by_run["bf16-eager"] is None
     fed = [r for r in records if r["loader"] != "synthetic"]
     assert fed and all(r["warmup_steps"] >= 2 * 2 for r in fed)  # at least twice a loader's prefetch depth
     variants = [x["variant"] for x in summary["loaders"]]

@@ -109,6 +109,15 @@ def test_bad_overrides_fail_with_a_message_that_names_the_fix(override, message)
         load_config(None, [override])
 
 
+def test_a_compile_mode_is_inductors_and_reaches_torch_compile_with_it_only():
+    inductor = load_config(None, ["model.compile_mode=max-autotune"]).model
+    assert config_module.compile_options(inductor) == {"backend": "inductor", "mode": "max-autotune"}
+    traced = load_config(None, ["model.compile_backend=aot_eager"]).model
+    assert config_module.compile_options(traced) == {"backend": "aot_eager"}
+    with pytest.raises(ConfigError, match=r"compile_mode=max-autotune is one of inductor's .* set model\.compile_b"):
+        load_config(None, ["model.compile_backend=cudagraphs", "model.compile_mode=max-autotune"])
+
+
 def test_misspelt_key_in_a_recipe_is_an_error(tmp_path):
     recipe = write(tmp_path / "r.yaml", "schedule:\n  epoch: 90\n")
     with pytest.raises(ConfigError, match=r"unknown config key 'schedule.epoch'\. Did you mean schedule.epochs"):
@@ -419,6 +428,7 @@ EXPECTED_RESUMABLE = {
     "dist.timeout_min",
     "dist.hang_timeout_min",
     "model.compile",
+    "model.compile_backend",
     "model.compile_mode",
     "model.cudnn_benchmark",
     "model.init_from",  # read only when a run starts fresh
