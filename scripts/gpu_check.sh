@@ -3,7 +3,8 @@
 #   1. the tests marked `gpu` (tests/system/test_gpu.py: init_distributed with NCCL and the Trainer under DDP on CUDA,
 #      fp16 loss scaling with fused SGD, checkpoint round trips under DDP, FSDP2 and ZeRO-1 fp16, a resume of
 #      a checkpoint whose RNG came from more GPUs, the step free of host-device syncs under CUDA's sync debug
-#      mode, DALI "mixed" decoding);
+#      mode, a run compiled with CUDA graphs (reduce-overhead) evaluated, checkpointed and resumed, DALI "mixed"
+#      decoding);
 #   2. ~2,000 fake JPEGs with ImageNet's spread of sizes (most 300-500 px a side, a tail to 2,500 px, a few
 #      grayscale and CMYK), dropped from the page cache once written;
 #   3. `dist-bot bench train` for resnet50d, 224 px, batch 256, channels_last: bf16 and fp16, eager and

@@ -172,6 +172,25 @@ def test_lars_with_an_ema_in_bf16_trains_and_resumes_on_the_gpu(tmp_path):
     assert val and all("ema_top1" in x and x["samples"] == 64 for x in val)
 
 
+def test_a_run_compiled_with_cuda_graphs_evaluates_checkpoints_and_resumes(tmp_path):
+    """model.compile_mode=reduce-overhead (inductor's CUDA graphs of the forward and backward, the sweep's
+    candidate for the fastest step) through a whole run under torchrun: the step's outputs read before the next
+    replay overwrites them, evaluation (the model and its EMA, no grad) between training steps, a checkpoint, and
+    a resume that compiles again."""
+    common = ["train", "configs/demo.yaml", *SMALL, "precision=bf16", "model.compile=true"]
+    common += ["model.compile_mode=reduce-overhead", "model.ema_decay=0.99", "schedule.epochs=2"]
+    common += ["run.log_every_steps=4", f"run.out_dir={tmp_path}", "run.name=graphs"]
+    first = run_cmd(torchrun_cmd(1, *common, "run.stop_after_steps=4"))
+    assert "exiting with status 75" in first.stdout, first.stderr[-3000:]
+    second = run_cmd(torchrun_cmd(1, *common))
+    assert second.returncode == 0 and "resumed from" in second.stderr, second.stderr[-3000:]
+    lines = [json.loads(x) for x in (tmp_path / "graphs" / "metrics.jsonl").read_text().splitlines()]
+    train = [x for x in lines if x["split"] == "train"]
+    assert train and all(x["loss"] == x["loss"] and 0 < x["loss"] < 10 for x in train)  # finite, not garbage
+    val = [x for x in lines if x["split"] == "val"]
+    assert [x["samples"] for x in val] == [64, 64] and all("ema_top1" in x for x in val)
+
+
 @pytest.mark.parametrize("layout", ["folder", "pack"])
 def test_dali_mixed_decoding_on_the_gpu(fake_jpegs, tmp_path, layout):
     pytest.importorskip("nvidia.dali", reason="DALI is not installed here (its wheel did not travel)")
