@@ -5,6 +5,7 @@ and loaded back, the step free of host-device synchronisation under CUDA's sync 
 
 import json
 import socket
+import subprocess
 import sys
 
 import pytest
@@ -25,6 +26,19 @@ def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
+
+
+def stop_and_resume(out, name: str, *args: str) -> tuple[subprocess.CompletedProcess, list[dict], list[dict]]:
+    """demo.yaml on SMALL with ``args`` for 2 epochs under torchrun (one process): stopped for requeue after 4 steps,
+    then resumed to its end. Returns the first launch and the run's train and val lines."""
+    common = ["train", "configs/demo.yaml", *SMALL, *args, "schedule.epochs=2", "run.log_every_steps=4"]
+    common += [f"run.out_dir={out}", f"run.name={name}"]
+    first = run_cmd(torchrun_cmd(1, *common, "run.stop_after_steps=4"))
+    assert "exiting with status 75" in first.stdout, first.stderr[-3000:]
+    second = run_cmd(torchrun_cmd(1, *common))
+    assert second.returncode == 0 and "resumed from" in second.stderr, second.stderr[-3000:]
+    lines = [json.loads(x) for x in (out / name / "metrics.jsonl").read_text().splitlines()]
+    return first, [x for x in lines if x["split"] == "train"], [x for x in lines if x["split"] == "val"]
 
 
 def test_torchrun_trains_with_nccl_ddp_fp16_and_resumes_from_its_checkpoint(tmp_path):
@@ -157,18 +171,9 @@ def test_lars_with_an_ema_in_bf16_trains_and_resumes_on_the_gpu(tmp_path):
     """LARS (its foreach norms and trust ratios on CUDA tensors) with the EMA in bf16: a run stopped for requeue
     resumes from its checkpoint (model, optimizer, EMA) and finishes with EMA metrics. (FSDP2 and ZeRO need two
     GPUs: NCCL takes one process per GPU; their LARS and EMA are checked against DDP on CPU.)"""
-    common = ["train", "configs/demo.yaml", *SMALL, "precision=bf16", "optim.name=lars"]
-    common += ["model.ema_decay=0.99", "schedule.epochs=2", "run.log_every_steps=4", f"run.out_dir={tmp_path}"]
-    common += ["run.name=lars"]
-    first = run_cmd(torchrun_cmd(1, *common, "run.stop_after_steps=4"))
-    assert "exiting with status 75" in first.stdout, first.stderr[-3000:]
+    first, train, val = stop_and_resume(tmp_path, "lars", "precision=bf16", "optim.name=lars", "model.ema_decay=0.99")
     assert "ddp over nccl on cuda:0, bf16" in first.stderr
-    second = run_cmd(torchrun_cmd(1, *common))
-    assert second.returncode == 0 and "resumed from" in second.stderr, second.stderr[-3000:]
-    lines = [json.loads(x) for x in (tmp_path / "lars" / "metrics.jsonl").read_text().splitlines()]
-    train = [x for x in lines if x["split"] == "train"]
     assert train and all(x["max_gpu_mem_mb"] > 0 and x["loss"] == x["loss"] for x in train)
-    val = [x for x in lines if x["split"] == "val"]
     assert val and all("ema_top1" in x and x["samples"] == 64 for x in val)
 
 
@@ -177,17 +182,9 @@ def test_a_run_compiled_with_cuda_graphs_evaluates_checkpoints_and_resumes(tmp_p
     candidate for the fastest step) through a whole run under torchrun: the step's outputs read before the next
     replay overwrites them, evaluation (the model and its EMA, no grad) between training steps, a checkpoint, and
     a resume that compiles again."""
-    common = ["train", "configs/demo.yaml", *SMALL, "precision=bf16", "model.compile=true"]
-    common += ["model.compile_mode=reduce-overhead", "model.ema_decay=0.99", "schedule.epochs=2"]
-    common += ["run.log_every_steps=4", f"run.out_dir={tmp_path}", "run.name=graphs"]
-    first = run_cmd(torchrun_cmd(1, *common, "run.stop_after_steps=4"))
-    assert "exiting with status 75" in first.stdout, first.stderr[-3000:]
-    second = run_cmd(torchrun_cmd(1, *common))
-    assert second.returncode == 0 and "resumed from" in second.stderr, second.stderr[-3000:]
-    lines = [json.loads(x) for x in (tmp_path / "graphs" / "metrics.jsonl").read_text().splitlines()]
-    train = [x for x in lines if x["split"] == "train"]
+    graphs = ["precision=bf16", "model.compile=true", "model.compile_mode=reduce-overhead", "model.ema_decay=0.99"]
+    _, train, val = stop_and_resume(tmp_path, "graphs", *graphs)
     assert train and all(x["loss"] == x["loss"] and 0 < x["loss"] < 10 for x in train)  # finite, not garbage
-    val = [x for x in lines if x["split"] == "val"]
     assert [x["samples"] for x in val] == [64, 64] and all("ema_top1" in x for x in val)
 
 
@@ -245,16 +242,9 @@ def test_sharded_strategies_train_fp16_and_round_trip_a_checkpoint_at_world_size
     stopped for requeue resumes from its checkpoint and finishes, with loss scales logged throughout."""
     if "strategy=deepspeed" in strategy:
         pytest.importorskip("deepspeed", reason="ZeRO needs DeepSpeed (pip install -e '.[deepspeed]')")
-    common = ["train", "configs/demo.yaml", *SMALL, "precision=fp16", *strategy, "schedule.epochs=2"]
-    common += ["run.log_every_steps=4", f"run.out_dir={tmp_path}", "run.name=sharded"]
-    first = run_cmd(torchrun_cmd(1, *common, "run.stop_after_steps=4"))
-    assert "exiting with status 75" in first.stdout, first.stderr[-3000:]
-    second = run_cmd(torchrun_cmd(1, *common))
-    assert second.returncode == 0 and "resumed from" in second.stderr, second.stderr[-3000:]
-    lines = [json.loads(x) for x in (tmp_path / "sharded" / "metrics.jsonl").read_text().splitlines()]
-    train = [x for x in lines if x["split"] == "train"]
+    _, train, val = stop_and_resume(tmp_path, "sharded", "precision=fp16", *strategy)
     assert train and all(x["loss_scale"] > 0 and x["loss"] == x["loss"] for x in train)
-    assert [x["samples"] for x in lines if x["split"] == "val"] == [64, 64]
+    assert [x["samples"] for x in val] == [64, 64]
 
 
 def test_a_checkpoint_whose_rng_state_came_from_more_gpus_resumes_here(tmp_path):
