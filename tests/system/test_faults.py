@@ -238,6 +238,7 @@ def first_launches(tiny_digits, tmp_path_factory) -> Path:
 # -- preemption ----------------------------------------------------------------------------------------------
 
 
+@pytest.mark.slow
 def test_a_signal_during_start_up_exits_75_and_writes_nothing(tiny_digits, tmp_path):
     res = run_cmd(probe_cmd(2, "startup-signal:SIGUSR1", *train_args(tiny_digits, tmp_path)))
     assert "stopped during start-up at step 0, nothing written (SIGUSR1)" in res.stdout, res.stderr[-3000:]

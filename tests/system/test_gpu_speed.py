@@ -1,13 +1,16 @@
 """scripts/gpu_speed.sh, the sweep for the fastest setting on one GPU: its matrix, its summary and its mark, and
 its rehearsal on CPU (the cases a CI deadline reaches measured, the rest named as cut off)."""
 
+import importlib.util
 import json
 import os
+import platform
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
+import torch
 from conftest import REPO
 
 sys.path.insert(0, str(REPO / "scripts"))
@@ -57,6 +60,7 @@ def bench_record(impl: str, img_per_s: float, batch: int = 256, mode=None, **ext
     } | extra
 
 
+@pytest.mark.slow  # the host's record: a fresh interpreter importing torch, DALI and timm (~6 s)
 def test_the_summary_picks_the_fastest_case_and_judges_it_against_the_devices_mark(tmp_path):
     parts = [
         {"part": "bench-bf16-b256-eager", "status": "ok", "records": [bench_record("dist_bot", 3800.0)]},
@@ -88,6 +92,12 @@ def test_the_summary_picks_the_fastest_case_and_judges_it_against_the_devices_ma
     assert json.loads((tmp_path / "gpu_speed.json").read_text())["best"] == summary["best"]
     assert gpu_speed.mark_for("NVIDIA H100 80GB HBM3") == pytest.approx(7500 / 1.11, abs=0.1)
     assert gpu_speed.mark_for("NVIDIA H200") == 7500
+    host = summary["host"]  # this interpreter's versions, and what imports, from one fresh interpreter
+    assert (host["python"], host["torch"]) == (platform.python_version(), torch.__version__)
+    assert host["device"] == (torch.cuda.get_device_name(0) if torch.cuda.is_available() else "cpu")
+    for module in ("nvidia.dali", "timm"):
+        found = importlib.util.find_spec(module) is not None
+        assert (host[module.split(".")[-1]] == "importable") == found, host
 
 
 @pytest.mark.slow

@@ -218,6 +218,7 @@ def test_an_offline_run_ends_without_waiting_for_a_server_that_never_answers(wan
     assert ended - float(closed) < 5, f"the process took {ended - float(closed):.1f} s to end after the run closed"
 
 
+@pytest.mark.slow
 def test_offline_run_is_resumed_under_the_same_id(wandb_env, tiny_digits, tmp_path):
     wandb_env.setenv("WANDB_SILENT", "true")
     args = [
@@ -352,6 +353,7 @@ def test_summary_keeps_the_best_and_the_final_of_each_top1():
     }
 
 
+@pytest.mark.slow
 def test_summary_survives_a_resume_in_summary_json_and_w_and_b_with_version_and_commit(
     wandb_env, tiny_digits, tmp_path, monkeypatch
 ):
